@@ -1,0 +1,34 @@
+# One command sets up and runs the demo (make demo), one runs the tests (make test).
+# Both create .venv on first use and re-install when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mmcrf-installed
+PIP_FLAGS ?= --only-binary :all:
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install $(PIP_FLAGS) -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/mmcrf demo --output demo_output
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/bench_crf.py
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache .ruff_cache *.egg-info
