@@ -1,0 +1,53 @@
+"""The binary grid CRF: features, graph-cut inference, max-margin learning and its loss.
+
+This package is the method on its own: it imports neither the data code nor the engines, and
+only ``MaxMarginLoss`` needs torch (imported on first use, so graph-cut worker processes stay
+light).
+"""
+
+from __future__ import annotations
+
+from pipeline.crf.features import (
+    CONNECTIVITIES,
+    CRFWeights,
+    GridCRF,
+    data_driven_beta,
+    energy,
+    hamming_loss,
+)
+from pipeline.crf.inference import (
+    GraphCutPool,
+    graph_cut,
+    loss_augmented_labelling,
+    map_labelling,
+)
+from pipeline.crf.learning import LearningResult, cutting_plane, envelope_gradient, learn_weights
+from pipeline.crf.qp import MarginQP, QPSolution
+
+__all__ = [
+    "CONNECTIVITIES",
+    "CRFWeights",
+    "GraphCutPool",
+    "GridCRF",
+    "LearningResult",
+    "MarginQP",
+    "MaxMarginLoss",
+    "QPSolution",
+    "cutting_plane",
+    "data_driven_beta",
+    "energy",
+    "envelope_gradient",
+    "graph_cut",
+    "hamming_loss",
+    "learn_weights",
+    "loss_augmented_labelling",
+    "map_labelling",
+]
+
+
+def __getattr__(name: str):
+    if name == "MaxMarginLoss":
+        from pipeline.crf.loss import MaxMarginLoss
+
+        return MaxMarginLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

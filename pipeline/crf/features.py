@@ -1,0 +1,314 @@
+"""The binary grid CRF of one image: weights, unary costs, contrast edges, features and energy.
+
+Conventions (see ``DESIGN.md``):
+
+* ``y`` is an H×W labelling in {0, 1}; 1 is foreground.
+* ψ1(y) = Σ_i −log z_i(y_i), ψ2(y) = Σ_(i,j)∈E [y_i≠y_j],
+  ψ3(y) = Σ_(i,j)∈E [y_i≠y_j]·exp(−β‖x_i−x_j‖²).
+* Every feature and the Hamming loss are divided by the pixel count P, so that the slack
+  penalty C does not depend on image size. ``energy`` therefore returns E(y)/P.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "CONNECTIVITIES",
+    "CRFWeights",
+    "GridCRF",
+    "energy",
+    "hamming_loss",
+]
+
+# Edge offsets (drow, dcol); each undirected edge appears once.
+CONNECTIVITIES: dict[int, tuple[tuple[int, int], ...]] = {
+    4: ((0, 1), (1, 0)),
+    8: ((0, 1), (1, 0), (1, 1), (1, -1)),
+}
+
+#: Probabilities are clamped to [EPS, 1 − EPS] before taking logarithms.
+EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class CRFWeights:
+    """Weights of the CRF energy E(y) = w1·ψ1 + w2·ψ2 + w3·ψ3, all non-negative.
+
+    Attributes:
+        w1: unary weight (negative log-probabilities of the CNN).
+        w2: constant (Potts) pairwise weight.
+        w3: contrast-sensitive pairwise weight.
+
+    Raises:
+        ValueError: a weight is negative or not finite (a negative pairwise weight would make
+            the energy non-submodular, and graph cuts would no longer be exact).
+    """
+
+    w1: float = 1.0
+    w2: float = 0.0
+    w3: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("w1", "w2", "w3"):
+            value = getattr(self, name)
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"CRF weight {name} must be finite and >= 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+    def as_array(self) -> np.ndarray:
+        """The weights as a float64 vector (w1, w2, w3)."""
+        return np.array([self.w1, self.w2, self.w3], dtype=np.float64)
+
+    @classmethod
+    def from_array(cls, values: Sequence[float] | np.ndarray, *, clip: float = 0.0) -> CRFWeights:
+        """Builds weights from a vector; entries in [−clip, 0) are set to 0 (solver round-off)."""
+        arr = np.asarray(values, dtype=np.float64).reshape(-1)
+        if arr.shape != (3,):
+            raise ValueError(f"CRF weights need 3 values (w1, w2, w3), got shape {arr.shape}")
+        arr = np.where((arr < 0) & (arr >= -clip), 0.0, arr)
+        return cls(*arr.tolist())
+
+
+@dataclass(frozen=True)
+class _Edges:
+    """One edge direction of the grid: node (r, c) is joined to (r + dr, c + dc)."""
+
+    offset: tuple[int, int]
+    src: tuple[slice, slice]
+    dst: tuple[slice, slice]
+    contrast: np.ndarray  # H×W, exp(−β‖x_i−x_j‖²) at the source node, 0 where no edge starts
+
+    @property
+    def structure(self) -> np.ndarray:
+        """The 3×3 PyMaxflow structure that selects this single offset."""
+        structure = np.zeros((3, 3), dtype=np.float64)
+        structure[1 + self.offset[0], 1 + self.offset[1]] = 1.0
+        return structure
+
+
+def _edge_slices(shape: tuple[int, int], offset: tuple[int, int]) -> tuple[tuple, tuple]:
+    height, width = shape
+    dr, dc = offset
+    rows_src, rows_dst = slice(0, height - dr), slice(dr, height)
+    if dc >= 0:
+        cols_src, cols_dst = slice(0, width - dc), slice(dc, width)
+    else:
+        cols_src, cols_dst = slice(-dc, width), slice(0, width + dc)
+    return (rows_src, cols_src), (rows_dst, cols_dst)
+
+
+def _as_channels(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Returns the image as C×H×W float64; raises ValueError if it does not match ``shape``."""
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[None]
+    if img.ndim != 3 or img.shape[1:] != shape:
+        raise ValueError(
+            f"image must be H×W or C×H×W with H×W = {shape}, got shape {np.shape(image)}"
+        )
+    if not np.issubdtype(img.dtype, np.number) or np.issubdtype(img.dtype, np.complexfloating):
+        raise ValueError(f"image must be real-valued, got dtype {img.dtype}")
+    img = img.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(img)):
+        raise ValueError("image contains NaN or infinite values")
+    return img
+
+
+def _check_connectivity(connectivity: int) -> tuple[tuple[int, int], ...]:
+    if connectivity not in CONNECTIVITIES:
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    return CONNECTIVITIES[connectivity]
+
+
+def _squared_differences(image: np.ndarray, offsets) -> list[tuple[np.ndarray, tuple, tuple]]:
+    shape = image.shape[1:]
+    out = []
+    for offset in offsets:
+        src, dst = _edge_slices(shape, offset)
+        diff = image[(slice(None), *src)] - image[(slice(None), *dst)]
+        out.append((np.einsum("chw,chw->hw", diff, diff), src, dst))
+    return out
+
+
+def data_driven_beta(image: np.ndarray, *, connectivity: int = 4) -> float:
+    """GrabCut's β = 1 / (2·mean‖x_i − x_j‖²) over the grid's edges (0 for a constant image).
+
+    Args:
+        image: H×W or C×H×W image.
+        connectivity: 4 or 8, the edges the mean is taken over.
+
+    Returns:
+        β ≥ 0.
+    """
+    offsets = _check_connectivity(connectivity)
+    img = _as_channels(image, np.shape(image)[-2:])
+    sq = _squared_differences(img, offsets)
+    total = sum(float(d.sum()) for d, _, _ in sq)
+    count = sum(d.size for d, _, _ in sq)
+    mean = total / count if count else 0.0
+    return 0.0 if mean <= 0 else 1.0 / (2.0 * mean)
+
+
+def _check_labelling(y: np.ndarray, shape: tuple[int, int], name: str) -> np.ndarray:
+    arr = np.asarray(y)
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if not np.issubdtype(arr.dtype, np.number) or not np.all((arr == 0) | (arr == 1)):
+        raise ValueError(f"{name} must be binary (values 0 and 1 only)")
+    return arr.astype(np.uint8)
+
+
+class GridCRF:
+    """One image's CRF, prepared once and reused by every graph cut on it.
+
+    Holds the unary costs −log z_i(0), −log z_i(1) and, per edge direction, the contrast term
+    exp(−β‖x_i − x_j‖²). Build it with :meth:`from_probabilities` or :meth:`from_logits`.
+
+    Attributes:
+        shape: (H, W).
+        cost0, cost1: H×W float64 unary costs of labels 0 and 1 (unnormalised).
+        unary_difference: cost1 − cost0, all that graph cuts need of the unaries.
+        edges: one entry per edge direction of the chosen connectivity.
+        beta: the β used for the contrast term.
+        connectivity: 4 or 8.
+    """
+
+    def __init__(self, cost0: np.ndarray, cost1: np.ndarray, image: np.ndarray, *,
+                 connectivity: int = 4, beta: float | None = None) -> None:
+        offsets = _check_connectivity(connectivity)
+        self.shape: tuple[int, int] = tuple(cost0.shape)  # type: ignore[assignment]
+        img = _as_channels(image, self.shape)
+        if beta is None:
+            beta_value = data_driven_beta(img, connectivity=connectivity)
+        else:
+            beta_value = float(beta)
+            if not np.isfinite(beta_value) or beta_value < 0:
+                raise ValueError(f"beta must be None (data-driven) or a finite value >= 0, "
+                                 f"got {beta!r}")
+        self.beta = beta_value
+        self.connectivity = connectivity
+        self.cost0 = cost0
+        self.cost1 = cost1
+        self.unary_difference = cost1 - cost0
+        edges = []
+        for sq, src, dst in _squared_differences(img, offsets):
+            contrast = np.zeros(self.shape, dtype=np.float64)
+            contrast[src] = np.exp(-beta_value * sq)
+            edges.append(_Edges(offsets[len(edges)], src, dst, contrast))
+        self.edges: tuple[_Edges, ...] = tuple(edges)
+
+    @property
+    def n_pixels(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @classmethod
+    def from_probabilities(cls, prob: np.ndarray, image: np.ndarray, *, connectivity: int = 4,
+                           beta: float | None = None) -> GridCRF:
+        """Builds the CRF from foreground probabilities z in [0, 1] (clamped to [EPS, 1−EPS]).
+
+        Args:
+            prob: H×W foreground probabilities.
+            image: H×W or C×H×W image for the contrast term.
+            connectivity: 4 or 8.
+            beta: contrast β; None for the data-driven GrabCut choice per image.
+
+        Raises:
+            ValueError: prob is not a finite H×W array in [0, 1], or the image does not match.
+        """
+        z = np.asarray(prob)
+        if z.ndim != 2 or min(z.shape) < 1:
+            raise ValueError(f"prob must be a non-empty H×W array, got shape {z.shape}")
+        if not np.issubdtype(z.dtype, np.floating) and not np.issubdtype(z.dtype, np.integer):
+            raise ValueError(f"prob must be numeric, got dtype {z.dtype}")
+        z = z.astype(np.float64)
+        if not np.all(np.isfinite(z)):
+            raise ValueError("prob contains NaN or infinite values")
+        if z.min() < 0 or z.max() > 1:
+            raise ValueError(f"prob must lie in [0, 1], got range [{z.min():g}, {z.max():g}]")
+        z = np.clip(z, EPS, 1 - EPS)
+        return cls(-np.log1p(-z), -np.log(z), image, connectivity=connectivity, beta=beta)
+
+    @classmethod
+    def from_logits(cls, logit: np.ndarray, image: np.ndarray, *, connectivity: int = 4,
+                    beta: float | None = None) -> GridCRF:
+        """Builds the CRF from foreground logits a (z = sigmoid(a)), without clamping.
+
+        −log z = softplus(−a) and −log(1 − z) = softplus(a), computed stably.
+
+        Raises:
+            ValueError: logit is not a finite H×W array, or the image does not match.
+        """
+        a = np.asarray(logit, dtype=np.float64)
+        if a.ndim != 2 or min(a.shape) < 1:
+            raise ValueError(f"logits must be a non-empty H×W array, got shape {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError("logits contain NaN or infinite values")
+        return cls(np.logaddexp(0.0, a), np.logaddexp(0.0, -a), image,
+                   connectivity=connectivity, beta=beta)
+
+    def check_labelling(self, y: np.ndarray, name: str = "labelling") -> np.ndarray:
+        """Returns y as uint8 after checking it is a binary H×W array of this CRF's shape."""
+        return _check_labelling(y, self.shape, name)
+
+    def features(self, y: np.ndarray) -> np.ndarray:
+        """ψ(y)/P = (ψ1, ψ2, ψ3)/P as a float64 vector."""
+        y = self.check_labelling(y)
+        psi = np.empty(3, dtype=np.float64)
+        psi[0] = np.where(y == 1, self.cost1, self.cost0).sum()
+        cut = 0.0
+        contrast = 0.0
+        for edge in self.edges:
+            differ = y[edge.src] != y[edge.dst]
+            cut += np.count_nonzero(differ)
+            contrast += edge.contrast[edge.src][differ].sum()
+        psi[1] = cut
+        psi[2] = contrast
+        return psi / self.n_pixels
+
+    def energy(self, y: np.ndarray, weights: CRFWeights) -> float:
+        """E(y)/P = w·ψ(y)/P."""
+        return float(weights.as_array() @ self.features(y))
+
+
+def hamming_loss(truth: np.ndarray, y: np.ndarray) -> float:
+    """Δ(truth, y)/P: the fraction of pixels whose labels differ."""
+    t = np.asarray(truth)
+    yy = np.asarray(y)
+    if t.shape != yy.shape:
+        raise ValueError(f"truth and labelling shapes differ: {t.shape} vs {yy.shape}")
+    return float(np.count_nonzero(t != yy)) / t.size
+
+
+def energy(labelling: np.ndarray, prob: np.ndarray, image: np.ndarray, weights: CRFWeights, *,
+           connectivity: int = 4, beta: float | None = None) -> float:
+    """E(y) = w·ψ(y) of a labelling, divided by the pixel count P.
+
+    Args:
+        labelling: H×W binary labelling.
+        prob: H×W foreground probabilities in [0, 1].
+        image: H×W or C×H×W image (colour contrast uses squared Euclidean distance).
+        weights: CRF weights.
+        connectivity: 4 or 8.
+        beta: contrast β; None for the data-driven choice per image.
+
+    Returns:
+        E(y)/P.
+
+    Raises:
+        ValueError: shapes mismatch, prob out of range, non-binary labelling, bad settings.
+    """
+    _require_weights(weights)
+    crf = GridCRF.from_probabilities(prob, image, connectivity=connectivity, beta=beta)
+    return crf.energy(labelling, weights)
+
+
+def _require_weights(weights: object) -> CRFWeights:
+    if not isinstance(weights, CRFWeights):
+        raise ValueError(f"weights must be a CRFWeights, got {type(weights).__name__}")
+    return weights

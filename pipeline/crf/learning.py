@@ -1,0 +1,262 @@
+"""Max-margin learning of the CRF weights (Algorithm 1, n-slack cutting plane) and the exact
+envelope-theorem gradient of its optimum γ with respect to the CNN's logits."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.crf.features import CRFWeights, GridCRF, hamming_loss
+from pipeline.crf.inference import GraphCutPool, graph_cut
+from pipeline.crf.qp import MarginQP
+
+__all__ = ["LearningResult", "cutting_plane", "envelope_gradient", "learn_weights"]
+
+#: Default violation threshold ε on the normalised loss scale (a fraction of the pixels).
+DEFAULT_TOL = 1e-4
+
+
+@dataclass
+class LearningResult:
+    """Outcome of the cutting-plane learner.
+
+    Attributes:
+        weights: learned CRF weights w*.
+        gamma: optimum γ of the QP over the final working sets.
+        working_sets: per sample n, the labellings S_n (H×W uint8 arrays).
+        duals: per sample, the multipliers λ_k of S_n's margin constraints.
+        slacks: ξ* per sample.
+        iterations: inference passes over the samples.
+        converged: True when the last pass added no constraint.
+        dpsi: per sample, the K_n×3 feature differences ψ(y_k) − ψ(yₙ) (normalised).
+        losses: per sample, the K_n normalised Hamming losses Δ(yₙ, y_k).
+    """
+
+    weights: CRFWeights
+    gamma: float
+    working_sets: list[list[np.ndarray]]
+    duals: list[np.ndarray]
+    slacks: np.ndarray
+    iterations: int
+    converged: bool
+    dpsi: list[np.ndarray] = field(repr=False)
+    losses: list[np.ndarray] = field(repr=False)
+
+
+def _key(y: np.ndarray) -> bytes:
+    return np.packbits(y, axis=None).tobytes()
+
+
+def cutting_plane(crfs: Sequence[GridCRF], truths: Sequence[np.ndarray], *, C: float = 1.0,
+                  tol: float = DEFAULT_TOL, max_iterations: int = 100,
+                  initial_weights: CRFWeights | None = None,
+                  working_sets: Sequence[Sequence[np.ndarray]] | None = None,
+                  qp: MarginQP | None = None,
+                  pool: GraphCutPool | None = None) -> LearningResult:
+    """Algorithm 1 on prepared CRFs.
+
+    Each pass finds, for every sample n, the most violating labelling y* = argmin E(y) − Δ(yₙ, y)
+    and adds it to S_n only if its violation Δ − w·Δψ exceeds ξ_n + tol; the QP is then
+    re-solved. The loop ends when a pass adds nothing (``converged``) or after
+    ``max_iterations`` passes. ``max_iterations=0`` just solves the QP on the given sets.
+
+    Args:
+        crfs: one prepared CRF per sample.
+        truths: the ground-truth labellings yₙ.
+        C: slack penalty (> 0).
+        tol: violation threshold ε (normalised loss units).
+        max_iterations: cap on inference passes.
+        initial_weights: w used for the first pass when no working set is given
+            (default w = (1, 0, 0)).
+        working_sets: warm-start S_n per sample; their features are recomputed on ``crfs``.
+        qp: a compiled QP to reuse (must be sized for this many samples and this C).
+        pool: worker processes for the graph cuts of each pass (None: in this process).
+
+    Returns:
+        The learning result.
+
+    Raises:
+        ValueError: empty batch, mismatched lengths or shapes, bad C or tol.
+    """
+    n_samples = len(crfs)
+    if n_samples == 0:
+        raise ValueError("empty batch: the cutting plane needs at least one sample")
+    if len(truths) != n_samples:
+        raise ValueError(f"got {n_samples} CRFs but {len(truths)} truths")
+    if not np.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be a finite value >= 0, got {tol!r}")
+    if working_sets is not None and len(working_sets) != n_samples:
+        raise ValueError(f"got {n_samples} samples but {len(working_sets)} working sets")
+    if qp is None:
+        qp = MarginQP(n_samples, C)
+    elif qp.n_samples != n_samples or qp.C != float(C):
+        raise ValueError("the given MarginQP was compiled for another batch size or C")
+
+    ys = [crf.check_labelling(t, f"truth {n}") for n, (crf, t) in enumerate(zip(crfs, truths,
+                                                                                 strict=True))]
+    psi_truth = [crf.features(y) for crf, y in zip(crfs, ys, strict=True)]
+    sets: list[list[np.ndarray]] = [[] for _ in range(n_samples)]
+    keys: list[set[bytes]] = [set() for _ in range(n_samples)]
+    dpsi: list[list[np.ndarray]] = [[] for _ in range(n_samples)]
+    losses: list[list[float]] = [[] for _ in range(n_samples)]
+
+    def add(n: int, y: np.ndarray, phi: np.ndarray | None = None) -> None:
+        sets[n].append(y)
+        keys[n].add(_key(y))
+        dpsi[n].append((crfs[n].features(y) if phi is None else phi) - psi_truth[n])
+        losses[n].append(hamming_loss(ys[n], y))
+
+    def solve():
+        return qp.solve([np.array(b).reshape(-1, 3) for b in dpsi],
+                        [np.array(b) for b in losses])
+
+    if working_sets is not None:
+        for n, ws in enumerate(working_sets):
+            for y in ws:
+                y = crfs[n].check_labelling(y, f"working-set labelling of sample {n}")
+                if _key(y) not in keys[n] and not np.array_equal(y, ys[n]):
+                    add(n, y)
+    if any(sets):
+        solution = solve()
+        w, xi = solution.w, solution.xi
+    else:
+        w = (initial_weights or CRFWeights()).as_array()
+        xi = np.zeros(n_samples)
+        solution = None
+
+    iterations = 0
+    converged = False
+    while iterations < max_iterations:
+        iterations += 1
+        weights = CRFWeights.from_array(w)
+        added = 0
+        if pool is None:
+            candidates = [graph_cut(crf, weights, y) for crf, y in zip(crfs, ys, strict=True)]
+        else:
+            candidates = pool.cut_all(crfs, weights, ys)
+        for n, (crf, y) in enumerate(zip(crfs, candidates, strict=True)):
+            key = _key(y)
+            if key in keys[n]:
+                continue
+            phi = crf.features(y)
+            violation = hamming_loss(ys[n], y) - float(w @ (phi - psi_truth[n]))
+            if violation > xi[n] + tol:
+                add(n, y, phi)
+                added += 1
+        if added == 0 and solution is not None:
+            converged = True
+            break
+        # A pass that adds nothing before any QP was solved only shows that w0 separates the
+        # data; the optimum over the (empty) sets is w = 0, from which the loop continues.
+        solution = solve()
+        w, xi = solution.w, solution.xi
+    if max_iterations > 0 and not converged:
+        warnings.warn(f"cutting plane stopped after {max_iterations} passes without converging",
+                      RuntimeWarning, stacklevel=2)
+    if solution is None:  # max_iterations == 0 and no working set: the QP over no constraint
+        solution = solve()
+    return LearningResult(
+        weights=CRFWeights.from_array(solution.w),
+        gamma=solution.gamma,
+        working_sets=sets,
+        duals=solution.duals,
+        slacks=solution.xi,
+        iterations=iterations,
+        converged=converged,
+        dpsi=[np.array(b).reshape(-1, 3) for b in dpsi],
+        losses=[np.array(b) for b in losses],
+    )
+
+
+def envelope_gradient(result: LearningResult, truths: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """∂γ/∂a for each sample's foreground logits a, by the envelope theorem.
+
+    ∂γ/∂a_i = −w1*·(2yₙ_i − 1)·Σ_{k∈S_n: y_k,i ≠ yₙ_i} λ_k / P. It is exact wherever γ is
+    differentiable and needs no linear system; pixels where no labelling of S_n differs from
+    the truth get exactly 0. (With respect to probabilities z, divide by z(1 − z).)
+
+    Args:
+        result: the learner's result (working sets, multipliers, weights).
+        truths: the ground-truth labellings, in the same order.
+
+    Returns:
+        One H×W float64 gradient per sample.
+    """
+    if len(truths) != len(result.working_sets):
+        raise ValueError(f"got {len(truths)} truths for {len(result.working_sets)} working sets")
+    w1 = result.weights.w1
+    grads = []
+    for truth, ws, lam in zip(truths, result.working_sets, result.duals, strict=True):
+        t = np.asarray(truth).astype(np.uint8)
+        grad = np.zeros(t.shape, dtype=np.float64)
+        if ws:
+            mismatch = np.stack(ws) != t  # K×H×W
+            weighted = np.tensordot(lam, mismatch, axes=1)
+            grad = -w1 * (2.0 * t - 1.0) * weighted / t.size
+        grads.append(grad)
+    return grads
+
+
+def _as_list(arrays, name: str) -> list[np.ndarray]:
+    if isinstance(arrays, np.ndarray):
+        if arrays.ndim < 3:
+            raise ValueError(f"{name} must be a sequence of images (N×H×W array or list), "
+                             f"got a {arrays.ndim}-D array")
+        return list(arrays)
+    return [np.asarray(a) for a in arrays]
+
+
+def learn_weights(probs, images, truths, *, C: float = 1.0, connectivity: int = 4,
+                  beta: float | None = None, tol: float = DEFAULT_TOL, max_iterations: int = 100,
+                  initial_weights: CRFWeights | None = None,
+                  working_sets: Sequence[Sequence[np.ndarray]] | None = None,
+                  solver_options: dict | None = None, workers: int = 0) -> LearningResult:
+    """Learns CRF weights from CNN probabilities by the n-slack cutting plane (Algorithm 1).
+
+    Args:
+        probs: N foreground-probability maps (H×W each; sizes may differ between samples).
+        images: N images (H×W or C×H×W) for the contrast term.
+        truths: N binary ground-truth masks.
+        C: slack penalty on the normalised scale (C_raw = C·P).
+        connectivity: 4 or 8.
+        beta: contrast β; None for the data-driven choice per image.
+        tol: violation threshold ε.
+        max_iterations: cap on inference passes.
+        initial_weights: w for the first pass (default (1, 0, 0)).
+        working_sets: warm-start S_n per sample.
+        solver_options: Clarabel settings.
+        workers: graph-cut worker processes for this call (0: in this process).
+
+    Returns:
+        The learning result (``.weights``, ``.gamma``, ``.working_sets``, ``.duals``,
+        ``.iterations``, ...).
+
+    Raises:
+        ValueError: empty batch, mismatched lengths or shapes, invalid probabilities or truths.
+    """
+    probs_l = _as_list(probs, "probs")
+    images_l = _as_list(images, "images")
+    truths_l = _as_list(truths, "truths")
+    if not probs_l:
+        raise ValueError("empty batch: learn_weights needs at least one sample")
+    if not len(probs_l) == len(images_l) == len(truths_l):
+        raise ValueError(f"probs, images and truths differ in length: "
+                         f"{len(probs_l)}, {len(images_l)}, {len(truths_l)}")
+    crfs = []
+    for n, (p, img) in enumerate(zip(probs_l, images_l, strict=True)):
+        try:
+            crfs.append(GridCRF.from_probabilities(p, img, connectivity=connectivity, beta=beta))
+        except ValueError as err:
+            raise ValueError(f"sample {n}: {err}") from None
+    qp = MarginQP(len(crfs), C, solver_options=solver_options)
+    pool = GraphCutPool(workers) if workers > 0 else None
+    try:
+        return cutting_plane(crfs, truths_l, C=C, tol=tol, max_iterations=max_iterations,
+                             initial_weights=initial_weights, working_sets=working_sets, qp=qp,
+                             pool=pool)
+    finally:
+        if pool is not None:
+            pool.close()

@@ -1,0 +1,161 @@
+"""``MaxMarginLoss``: the CRF's max-margin objective γ as a differentiable loss of CNN logits."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.crf.features import CRFWeights, GridCRF
+from pipeline.crf.inference import GraphCutPool
+from pipeline.crf.learning import DEFAULT_TOL, LearningResult, cutting_plane, envelope_gradient
+from pipeline.crf.qp import MarginQP
+
+__all__ = ["MaxMarginLoss"]
+
+
+class _MarginObjective(torch.autograd.Function):
+    """γ(a) with the precomputed envelope gradient as its backward."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, gamma: torch.Tensor, grad: torch.Tensor):
+        ctx.save_for_backward(grad)
+        return gamma.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad_output * grad, None, None
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float64).numpy()
+
+
+class MaxMarginLoss(torch.nn.Module):
+    """Runs Algorithm 1 on a batch and returns γ, differentiable w.r.t. the CNN's logits.
+
+    The gradient is the envelope-theorem formula of ``DESIGN.md`` (exact where γ is
+    differentiable): descent on γ moves the probabilities toward the ground truth. The module
+    keeps the learned weights (warm start for the next batch) and, when ``forward`` gets sample
+    ids, each sample's working set, which is re-evaluated on the new logits next time.
+
+    Args:
+        C: slack penalty on the normalised scale.
+        connectivity: 4 or 8.
+        beta: contrast β; None for the data-driven choice per image.
+        tol: violation threshold ε of the cutting plane.
+        max_iterations: cap on cutting-plane passes per batch.
+        initial_weights: CRF weights for the first batch.
+        solver_options: Clarabel settings.
+        workers: graph-cut worker processes, started on the first batch (0: in this process).
+
+    Attributes:
+        weights: the CRF weights learned on the last batch.
+        working_sets: sample id → list of labellings, for samples seen with ids.
+        last_result: the full :class:`LearningResult` of the last batch.
+    """
+
+    def __init__(self, C: float = 1.0, *, connectivity: int = 4, beta: float | None = None,
+                 tol: float = DEFAULT_TOL, max_iterations: int = 100,
+                 initial_weights: CRFWeights | None = None,
+                 solver_options: dict | None = None, workers: int = 0) -> None:
+        super().__init__()
+        if not np.isfinite(C) or C <= 0:
+            raise ValueError(f"C must be a positive finite number, got {C!r}")
+        if connectivity not in (4, 8):
+            raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+        self.C = float(C)
+        self.connectivity = connectivity
+        self.beta = beta
+        self.tol = tol
+        self.max_iterations = max_iterations
+        self.solver_options = solver_options
+        self.weights = initial_weights or CRFWeights()
+        self.working_sets: dict[Hashable, list[np.ndarray]] = {}
+        self.last_result: LearningResult | None = None
+        self._qp: MarginQP | None = None
+        self.workers = int(workers)
+        self._pool: GraphCutPool | None = None
+
+    @staticmethod
+    def foreground_logits(logits: torch.Tensor) -> torch.Tensor:
+        """B×H×W foreground logits from B×1×H×W, or B×2×H×W (a = l1 − l0, softmax ≡ sigmoid)."""
+        if logits.ndim != 4 or logits.shape[1] not in (1, 2):
+            raise ValueError(f"logits must be B×1×H×W or B×2×H×W, got shape {tuple(logits.shape)}")
+        if logits.shape[1] == 2:
+            return logits[:, 1] - logits[:, 0]
+        return logits[:, 0]
+
+    def _qp_for(self, n_samples: int) -> MarginQP:
+        if self._qp is None or self._qp.n_samples != n_samples:
+            self._qp = MarginQP(n_samples, self.C, solver_options=self.solver_options)
+        return self._qp
+
+    def _get_pool(self) -> GraphCutPool | None:
+        if self.workers > 0 and self._pool is None:
+            self._pool = GraphCutPool(self.workers)
+        return self._pool
+
+    def close(self) -> None:
+        """Stops the graph-cut workers, if any."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def forward(self, logits: torch.Tensor, images: torch.Tensor, truths: torch.Tensor,
+                ids: Sequence[Hashable] | None = None) -> torch.Tensor:
+        """Runs the cutting plane on the batch and returns γ.
+
+        Args:
+            logits: B×1×H×W foreground logits or B×2×H×W two-class logits.
+            images: B×C×H×W images (contrast term).
+            truths: B×1×H×W (or B×H×W) ground truth in {0, 1}.
+            ids: optional hashable sample ids; working sets of known ids warm-start the
+                cutting plane and are updated afterwards.
+
+        Returns:
+            γ as a 0-d tensor of the logits' dtype and device.
+
+        Raises:
+            ValueError: empty batch, shape mismatch, non-finite logits, non-binary truths.
+        """
+        a = self.foreground_logits(logits)
+        batch, height, width = a.shape
+        if batch == 0:
+            raise ValueError("empty batch: MaxMarginLoss needs at least one sample")
+        if images.ndim != 4 or images.shape[0] != batch or tuple(images.shape[2:]) != (height,
+                                                                                      width):
+            raise ValueError(f"images must be B×C×H×W = {batch}×C×{height}×{width}, "
+                             f"got shape {tuple(images.shape)}")
+        t = truths[:, 0] if truths.ndim == 4 and truths.shape[1] == 1 else truths
+        if tuple(t.shape) != (batch, height, width):
+            raise ValueError(f"truths must be B×1×H×W = {batch}×1×{height}×{width}, "
+                             f"got shape {tuple(truths.shape)}")
+        if ids is not None and len(ids) != batch:
+            raise ValueError(f"got {len(ids)} ids for a batch of {batch}")
+        a_np, img_np, t_np = _to_numpy(a), _to_numpy(images), _to_numpy(t)
+        if not np.all((t_np == 0) | (t_np == 1)):
+            raise ValueError("truths must be binary (values 0 and 1 only)")
+        crfs = []
+        for n in range(batch):
+            try:
+                crfs.append(GridCRF.from_logits(a_np[n], img_np[n],
+                                                connectivity=self.connectivity, beta=self.beta))
+            except ValueError as err:
+                raise ValueError(f"batch sample {n}: {err}") from None
+        truth_list = [t_np[n].astype(np.uint8) for n in range(batch)]
+        warm = None if ids is None else [self.working_sets.get(i, []) for i in ids]
+        result = cutting_plane(crfs, truth_list, C=self.C, tol=self.tol,
+                               max_iterations=self.max_iterations, initial_weights=self.weights,
+                               working_sets=warm, qp=self._qp_for(batch), pool=self._get_pool())
+        self.weights = result.weights
+        self.last_result = result
+        if ids is not None:
+            for i, ws in zip(ids, result.working_sets, strict=True):
+                self.working_sets[i] = ws
+        grad = np.stack(envelope_gradient(result, truth_list))
+        grad_t = torch.as_tensor(grad, dtype=a.dtype, device=a.device)
+        gamma = torch.tensor(result.gamma, dtype=a.dtype, device=a.device)
+        return _MarginObjective.apply(a, gamma, grad_t)

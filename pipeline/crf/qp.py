@@ -1,0 +1,140 @@
+"""The n-slack max-margin QP, compiled once with cvxpy Parameters and solved by Clarabel.
+
+γ = min_{w,ξ} ½‖w‖² + (C/N) Σ_n ξ_n
+    s.t. w·Δψ_k + ξ_n(k) ≥ Δ_k for every constraint k of sample n(k);  ξ ≥ 0;  w ≥ 0,
+
+with Δψ_k = ψ(y_k) − ψ(yₙ) and Δ_k = Δ(yₙ, y_k), both normalised by the pixel count.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cvxpy as cp
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = ["DEFAULT_SOLVER_OPTIONS", "MarginQP", "QPSolution"]
+
+#: Clarabel settings: tight enough that multipliers and γ are accurate to ~1e-9.
+DEFAULT_SOLVER_OPTIONS: dict[str, float | int] = {
+    "tol_gap_abs": 1e-10,
+    "tol_gap_rel": 1e-10,
+    "tol_feas": 1e-10,
+    "max_iter": 500,
+}
+
+_N_FEATURES = 3
+
+
+@dataclass
+class QPSolution:
+    """Optimum of the margin QP.
+
+    Attributes:
+        w: optimal weights (3,), clipped at 0 against solver round-off.
+        xi: optimal slacks (N,).
+        gamma: objective value ½‖w‖² + (C/N)Σξ.
+        duals: per sample, the multipliers λ_k ≥ 0 of its margin constraints.
+    """
+
+    w: np.ndarray
+    xi: np.ndarray
+    gamma: float
+    duals: list[np.ndarray]
+
+
+class MarginQP:
+    """The margin QP for N samples with up to ``capacity`` constraints each.
+
+    The problem is compiled once; re-solving with new constraints only changes parameter
+    values (unused rows are ``0·w + ξ ≥ −1``, never active). When a sample outgrows the
+    capacity the problem is rebuilt with the capacity doubled.
+
+    Args:
+        n_samples: N.
+        C: slack penalty (> 0); the objective uses C/N.
+        capacity: initial number of constraint rows reserved per sample.
+        solver_options: Clarabel settings overriding :data:`DEFAULT_SOLVER_OPTIONS`.
+
+    Raises:
+        ValueError: N < 1 or C not a positive finite number.
+    """
+
+    def __init__(self, n_samples: int, C: float, *, capacity: int = 8,
+                 solver_options: dict | None = None) -> None:
+        if n_samples < 1:
+            raise ValueError(f"the margin QP needs at least one sample, got {n_samples}")
+        if not np.isfinite(C) or C <= 0:
+            raise ValueError(f"C must be a positive finite number, got {C!r}")
+        self.n_samples = int(n_samples)
+        self.C = float(C)
+        self.solver_options = {**DEFAULT_SOLVER_OPTIONS, **(solver_options or {})}
+        self._build(max(1, int(capacity)))
+
+    def _build(self, capacity: int) -> None:
+        n, m = self.n_samples, capacity
+        self.capacity = m
+        self._w = cp.Variable(_N_FEATURES, nonneg=True)
+        self._xi = cp.Variable(n, nonneg=True)
+        self._G = cp.Parameter((n * m, _N_FEATURES))
+        self._d = cp.Parameter(n * m)
+        owner = sp.kron(sp.eye(n, format="csr"), np.ones((m, 1)), format="csr")
+        self._margin = self._G @ self._w + owner @ self._xi >= self._d
+        objective = 0.5 * cp.sum_squares(self._w) + (self.C / n) * cp.sum(self._xi)
+        self._problem = cp.Problem(cp.Minimize(objective), [self._margin])
+
+    def solve(self, dpsi: Sequence[np.ndarray], losses: Sequence[np.ndarray]) -> QPSolution:
+        """Solves the QP for the given constraints.
+
+        Args:
+            dpsi: per sample, a K_n×3 array of Δψ_k.
+            losses: per sample, the K_n losses Δ_k.
+
+        Returns:
+            The optimum with per-sample multipliers.
+
+        Raises:
+            ValueError: the number of samples or the shapes are wrong.
+            RuntimeError: Clarabel did not reach an optimal solution.
+        """
+        if len(dpsi) != self.n_samples or len(losses) != self.n_samples:
+            raise ValueError(f"expected constraints for {self.n_samples} samples, "
+                             f"got {len(dpsi)} feature blocks and {len(losses)} loss blocks")
+        counts = [len(block) for block in losses]
+        if sum(counts) == 0:
+            zeros = np.zeros(self.n_samples)
+            return QPSolution(np.zeros(_N_FEATURES), zeros, 0.0,
+                              [np.zeros(0) for _ in range(self.n_samples)])
+        if max(counts) > self.capacity:
+            capacity = self.capacity
+            while capacity < max(counts):
+                capacity *= 2
+            self._build(capacity)
+        m = self.capacity
+        G = np.zeros((self.n_samples * m, _N_FEATURES))
+        d = np.full(self.n_samples * m, -1.0)
+        for n, (block, loss) in enumerate(zip(dpsi, losses, strict=True)):
+            block = np.asarray(block, dtype=np.float64).reshape(-1, _N_FEATURES)
+            loss = np.asarray(loss, dtype=np.float64).reshape(-1)
+            if len(block) != len(loss):
+                raise ValueError(f"sample {n}: {len(block)} feature rows but {len(loss)} losses")
+            G[n * m:n * m + len(block)] = block
+            d[n * m:n * m + len(loss)] = loss
+        self._G.value = G
+        self._d.value = d
+        self._problem.solve(solver=cp.CLARABEL, **self.solver_options)
+        status = self._problem.status
+        if status == cp.OPTIMAL_INACCURATE:
+            warnings.warn("Clarabel reached only an inaccurate optimum of the margin QP",
+                          RuntimeWarning, stacklevel=2)
+        elif status != cp.OPTIMAL:
+            raise RuntimeError(f"the margin QP was not solved: Clarabel status {status!r}")
+        w = np.maximum(np.asarray(self._w.value, dtype=np.float64), 0.0)
+        xi = np.maximum(np.asarray(self._xi.value, dtype=np.float64), 0.0)
+        lam = np.maximum(np.asarray(self._margin.dual_value, dtype=np.float64), 0.0)
+        duals = [lam[n * m:n * m + k].copy() for n, k in enumerate(counts)]
+        gamma = 0.5 * float(w @ w) + self.C / self.n_samples * float(xi.sum())
+        return QPSolution(w, xi, gamma, duals)

@@ -1,0 +1,22 @@
+"""Shared fixtures: seeded generators and small CRF problems."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261125)
+
+
+def block_problem(rng: np.random.Generator, batch: int = 3, size: int = 6, strength: float = 1.0):
+    """Logits that favour a square's mask under noise, a noisy image of it, and the mask."""
+    truth = np.zeros((batch, size, size), dtype=np.uint8)
+    for n in range(batch):
+        r, c = rng.integers(0, size // 2, size=2)
+        truth[n, r:r + size // 2, c:c + size // 2] = 1
+    logits = rng.normal(0.0, 1.5, truth.shape) + strength * (2.0 * truth - 1.0)
+    images = truth[:, None] + 0.3 * rng.random((batch, 1, size, size))
+    return logits, images, truth

@@ -1,0 +1,57 @@
+"""Brute-force oracle: the CRF energy written with plain loops, and exhaustive minimisation."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def neighbours(height: int, width: int, connectivity: int) -> list[tuple[tuple, tuple]]:
+    """Every unordered pair of grid neighbours, found by distance (not by the project's offsets)."""
+    max_d2 = 1 if connectivity == 4 else 2
+    pixels = [(r, c) for r in range(height) for c in range(width)]
+    pairs = []
+    for p, q in itertools.combinations(pixels, 2):
+        d2 = (p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2
+        if d2 <= max_d2:
+            pairs.append((p, q))
+    return pairs
+
+
+def beta_loop(image: np.ndarray, connectivity: int) -> float:
+    img = image if image.ndim == 3 else image[None]
+    pairs = neighbours(img.shape[1], img.shape[2], connectivity)
+    sq = [float(np.sum((img[:, p[0], p[1]] - img[:, q[0], q[1]]) ** 2)) for p, q in pairs]
+    mean = sum(sq) / len(sq)
+    return 0.0 if mean == 0 else 1.0 / (2.0 * mean)
+
+
+def features_loop(cost0, cost1, image, y, connectivity: int, beta: float) -> np.ndarray:
+    """(ψ1, ψ2, ψ3) / P by loops over pixels and neighbour pairs."""
+    img = image if image.ndim == 3 else image[None]
+    height, width = y.shape
+    psi1 = sum(cost1[r, c] if y[r, c] else cost0[r, c]
+               for r in range(height) for c in range(width))
+    psi2 = psi3 = 0.0
+    for p, q in neighbours(height, width, connectivity):
+        if y[p] != y[q]:
+            psi2 += 1.0
+            psi3 += np.exp(-beta * np.sum((img[:, p[0], p[1]] - img[:, q[0], q[1]]) ** 2))
+    return np.array([psi1, psi2, psi3]) / y.size
+
+
+def all_labellings(shape):
+    for bits in itertools.product((0, 1), repeat=shape[0] * shape[1]):
+        yield np.array(bits, dtype=np.uint8).reshape(shape)
+
+
+def brute_minimum(cost0, cost1, image, weights, connectivity, beta, truth=None) -> float:
+    """min_y w·ψ(y) − [truth given] Δ(truth, y)/P over all labellings."""
+    best = np.inf
+    for y in all_labellings(cost0.shape):
+        value = weights @ features_loop(cost0, cost1, image, y, connectivity, beta)
+        if truth is not None:
+            value -= np.count_nonzero(y != truth) / y.size
+        best = min(best, value)
+    return best

@@ -1,0 +1,86 @@
+"""Graph-cut MAP and loss-augmented inference against exhaustive search on 3×3 grids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.crf import (
+    CRFWeights,
+    GridCRF,
+    data_driven_beta,
+    energy,
+    loss_augmented_labelling,
+    map_labelling,
+)
+from tests.oracles.brute import beta_loop, brute_minimum, features_loop
+
+
+def _random_case(rng, channels):
+    prob = rng.uniform(0.02, 0.98, (3, 3))
+    image = rng.random((3, 3)) if channels == 0 else rng.random((channels, 3, 3))
+    weights = CRFWeights(*rng.uniform(0.0, 2.0, 3))
+    truth = (rng.random((3, 3)) < 0.5).astype(np.uint8)
+    return prob, image, weights, truth
+
+
+def _costs(prob):
+    return -np.log1p(-prob), -np.log(prob)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("channels", [0, 3])
+def test_map_labelling_matches_brute_force(rng, connectivity, channels):
+    for _ in range(12):
+        prob, image, weights, _ = _random_case(rng, channels)
+        beta = float(rng.uniform(0.1, 5.0))
+        y = map_labelling(prob, image, weights, connectivity=connectivity, beta=beta)
+        assert y.dtype == np.uint8 and y.shape == (3, 3)
+        found = weights.as_array() @ features_loop(*_costs(prob), image, y, connectivity, beta)
+        best = brute_minimum(*_costs(prob), image, weights.as_array(), connectivity, beta)
+        assert found == pytest.approx(best, abs=1e-12)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("channels", [0, 3])
+def test_loss_augmented_labelling_matches_brute_force(rng, connectivity, channels):
+    for _ in range(12):
+        prob, image, weights, truth = _random_case(rng, channels)
+        y = loss_augmented_labelling(prob, image, weights, truth, connectivity=connectivity)
+        beta = beta_loop(image, connectivity)
+        value = weights.as_array() @ features_loop(*_costs(prob), image, y, connectivity, beta)
+        value -= np.count_nonzero(y != truth) / 9
+        best = brute_minimum(*_costs(prob), image, weights.as_array(), connectivity, beta, truth)
+        assert value == pytest.approx(best, abs=1e-12)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_energy_and_beta_match_loop_implementation(rng, connectivity):
+    weights = CRFWeights(*rng.uniform(0.0, 2.0, 3))
+    image = rng.random((3, 5, 4))
+    prob = rng.uniform(0.01, 0.99, (5, 4))
+    y = (rng.random((5, 4)) < 0.5).astype(np.uint8)
+    beta = beta_loop(image, connectivity)
+    assert data_driven_beta(image, connectivity=connectivity) == pytest.approx(beta, rel=1e-12)
+    expected = weights.as_array() @ features_loop(*_costs(prob), image, y, connectivity, beta)
+    assert energy(y, prob, image, weights, connectivity=connectivity) == pytest.approx(
+        expected, rel=1e-12)
+
+
+def test_from_logits_equals_from_probabilities(rng):
+    logits = rng.normal(0, 3, (7, 5))
+    image = rng.random((7, 5))
+    a = GridCRF.from_logits(logits, image)
+    b = GridCRF.from_probabilities(1 / (1 + np.exp(-logits)), image)
+    np.testing.assert_allclose(a.cost0, b.cost0, rtol=1e-9)
+    np.testing.assert_allclose(a.cost1, b.cost1, rtol=1e-9)
+
+
+def test_pairwise_weights_smooth_a_speckled_labelling(rng):
+    truth = np.zeros((32, 32), dtype=np.uint8)
+    truth[8:24, 8:24] = 1
+    prob = 1 / (1 + np.exp(-(2.0 * (2.0 * truth - 1) + 2.0 * rng.standard_normal(truth.shape))))
+    unary_only = map_labelling(prob, truth, CRFWeights(1, 0, 0))
+    np.testing.assert_array_equal(unary_only, (prob > 0.5).astype(np.uint8))
+    smooth = map_labelling(prob, truth.astype(float), CRFWeights(1, 0.5, 1.0))
+    assert np.count_nonzero(smooth != truth) < np.count_nonzero(unary_only != truth) / 4

@@ -1,0 +1,144 @@
+"""Cutting-plane learner: KKT conditions of its QP, convergence, warm start, learning quality."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.crf import (
+    CRFWeights,
+    GridCRF,
+    MarginQP,
+    cutting_plane,
+    graph_cut,
+    hamming_loss,
+    learn_weights,
+    map_labelling,
+)
+from pipeline.data import noisy_blocks
+from tests.conftest import block_problem
+from tests.oracles.kkt import reference_qp
+
+
+def _blocks(n, size=32, seed=0, **kw):
+    samples = [noisy_blocks((size, size), rng=seed + i, **kw) for i in range(n)]
+    return ([s.prob for s in samples], [s.image for s in samples], [s.truth for s in samples])
+
+
+def _jaccard(a, b):
+    return np.count_nonzero(a & b) / np.count_nonzero(a | b)
+
+
+@pytest.mark.parametrize("C", [0.3, 1.0, 30.0])
+def test_qp_solution_satisfies_kkt(C):
+    probs, images, truths = _blocks(4, seed=10)
+    result = learn_weights(probs, images, truths, C=C)
+    assert result.converged
+    w = result.weights.as_array()
+    n = len(truths)
+    stationary = np.zeros(3)
+    for dpsi, loss, lam, xi in zip(result.dpsi, result.losses, result.duals, result.slacks,
+                                   strict=True):
+        assert np.all(lam >= 0)
+        assert lam.sum() <= C / n + 1e-7
+        margins = dpsi @ w + xi - loss
+        assert np.all(margins >= -1e-7)  # primal feasibility
+        np.testing.assert_allclose(lam * margins, 0, atol=1e-7)  # complementary slackness
+        if xi > 1e-6:  # ξ_n > 0 forces the slack bound inactive: Σλ = C/N
+            assert lam.sum() == pytest.approx(C / n, rel=1e-6)
+        stationary += lam @ dpsi
+    # w = Σ λ_k Δψ_k + ν with ν ≥ 0 the multiplier of w ≥ 0, ν_j w_j = 0
+    nu = w - stationary
+    assert np.all(nu >= -1e-7)
+    np.testing.assert_allclose(nu * w, 0, atol=1e-7)
+    assert result.gamma == pytest.approx(0.5 * w @ w + C / n * result.slacks.sum(), rel=1e-9)
+
+
+def test_qp_matches_reference_formulation():
+    probs, images, truths = _blocks(3, seed=3)
+    result = learn_weights(probs, images, truths, C=5.0)
+    w, _, lam, _, _, gamma = reference_qp(result.dpsi, result.losses, 5.0)
+    np.testing.assert_allclose(result.weights.as_array(), w, atol=1e-7)
+    assert result.gamma == pytest.approx(gamma, rel=1e-8)
+    for ours, theirs in zip(result.duals, lam, strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+def test_qp_grows_capacity_and_reuses_compiled_problem():
+    qp = MarginQP(2, 1.0, capacity=1)
+    rng = np.random.default_rng(0)
+    dpsi = [rng.random((5, 3)), rng.random((2, 3))]
+    losses = [rng.random(5), rng.random(2)]
+    solution = qp.solve(dpsi, losses)
+    assert qp.capacity >= 5
+    w, _, lam, _, _, gamma = reference_qp(dpsi, losses, 1.0)
+    np.testing.assert_allclose(solution.w, w, atol=1e-7)
+    assert solution.gamma == pytest.approx(gamma, rel=1e-8)
+    assert [len(d) for d in solution.duals] == [5, 2]
+    for ours, theirs in zip(solution.duals, lam, strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+def test_learned_crf_beats_thresholding_and_pairwise_weights_are_positive():
+    probs, images, truths = _blocks(6, seed=0)
+    result = learn_weights(probs, images, truths, C=10.0)
+    assert result.converged
+    assert result.weights.w2 + result.weights.w3 > 0.05 * result.weights.w1 > 0
+    test = [noisy_blocks((32, 32), rng=1000 + i) for i in range(6)]
+    crf = np.mean([_jaccard(map_labelling(s.prob, s.image, result.weights), s.truth)
+                   for s in test])
+    threshold = np.mean([_jaccard((s.prob > 0.5).astype(np.uint8), s.truth) for s in test])
+    assert crf > threshold + 0.1, (crf, threshold)
+
+
+def test_violation_threshold_stops_and_no_duplicate_constraints():
+    probs, images, truths = _blocks(4, seed=5)
+    result = learn_weights(probs, images, truths, C=10.0, tol=0.0)
+    assert result.converged
+    for ws in result.working_sets:
+        keys = {y.tobytes() for y in ws}
+        assert len(keys) == len(ws)
+    # after convergence no labelling violates its constraint by more than the threshold
+    crfs = [GridCRF.from_probabilities(p, i) for p, i in zip(probs, images, strict=True)]
+    for crf, truth, xi in zip(crfs, truths, result.slacks, strict=True):
+        y = graph_cut(crf, result.weights, truth)
+        violation = hamming_loss(truth, y) - result.weights.as_array() @ (
+            crf.features(y) - crf.features(truth))
+        assert violation <= xi + 1e-6
+
+
+def test_warm_start_reaches_same_optimum_in_fewer_passes():
+    probs, images, truths = _blocks(4, seed=7)
+    cold = learn_weights(probs, images, truths, C=10.0)
+    warm = learn_weights(probs, images, truths, C=10.0, working_sets=cold.working_sets,
+                         initial_weights=cold.weights)
+    assert warm.iterations == 1 < cold.iterations
+    assert warm.gamma == pytest.approx(cold.gamma, rel=1e-6)
+    np.testing.assert_allclose(warm.weights.as_array(), cold.weights.as_array(), atol=1e-6)
+
+
+def test_max_iterations_zero_solves_given_sets_only(rng):
+    logits, images, truths = block_problem(rng)
+    crfs = [GridCRF.from_logits(a, i) for a, i in zip(logits, images, strict=True)]
+    full = cutting_plane(crfs, list(truths), C=3.0)
+    fixed = cutting_plane(crfs, list(truths), C=3.0, working_sets=full.working_sets,
+                          max_iterations=0)
+    assert fixed.iterations == 0
+    assert fixed.gamma == pytest.approx(full.gamma, rel=1e-7)
+
+
+def test_cutting_plane_warns_when_it_runs_out_of_passes():
+    probs, images, truths = _blocks(3, seed=1)
+    with pytest.warns(RuntimeWarning, match="without converging"):
+        result = learn_weights(probs, images, truths, C=10.0, max_iterations=1)
+    assert not result.converged and result.iterations == 1
+
+
+def test_perfect_unaries_still_learn_a_valid_crf():
+    truth = np.zeros((8, 8), dtype=np.uint8)
+    truth[2:6, 2:6] = 1
+    prob = np.where(truth == 1, 0.999, 0.001)
+    result = learn_weights([prob], [truth.astype(float)], [truth], C=1.0)
+    assert result.converged
+    np.testing.assert_array_equal(map_labelling(prob, truth.astype(float), result.weights), truth)
+    assert isinstance(result.weights, CRFWeights)
