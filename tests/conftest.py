@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -20,3 +23,16 @@ def block_problem(rng: np.random.Generator, batch: int = 3, size: int = 6, stren
     logits = rng.normal(0.0, 1.5, truth.shape) + strength * (2.0 * truth - 1.0)
     images = truth[:, None] + 0.3 * rng.random((batch, 1, size, size))
     return logits, images, truth
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` beside the checkout (or $MMCRF_SHARED_DATA); skips with a message
+    where it is absent, since a fresh clone has no shared data."""
+    root = Path(os.environ.get("MMCRF_SHARED_DATA", SHARED_DATA))
+    if not root.is_dir():
+        pytest.skip(f"real data not found at {root} (set MMCRF_SHARED_DATA)")
+    return root

@@ -1,4 +1,4 @@
-"""Synthetic images with known masks, for the demo and for tests that must not need real data."""
+"""Noisy rectangles with simulated CNN probabilities: the smallest CRF learning problem."""
 
 from __future__ import annotations
 
