@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from pipeline.data.phantoms.blocks import NoisyBlocks, noisy_blocks
+from pipeline.data.phantoms.cta import CTAPhantom, cta_phantom, write_cta_phantom
 
-__all__ = ["NoisyBlocks", "noisy_blocks"]
+__all__ = ["CTAPhantom", "NoisyBlocks", "cta_phantom", "noisy_blocks", "write_cta_phantom"]

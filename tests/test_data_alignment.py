@@ -1,0 +1,82 @@
+"""Label alignment through two affines: shifted, flipped and finer grids, and loud failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from pipeline.data import AlignLabel, align_label_to_image, cta_phantom
+
+
+def _mt(array, affine):
+    return MetaTensor(torch.as_tensor(array), affine=torch.as_tensor(affine, dtype=torch.float64))
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return cta_phantom(shape=(32, 28, 20), rng=5)
+
+
+def test_label_on_larger_shifted_grid_lands_exactly(phantom):
+    # like ../shared/data/ct_heart: the mask lives on a bigger grid with another origin
+    pad = (7, 4, 5)
+    big = np.zeros(tuple(n + 2 * p for n, p in zip(phantom.label.shape, pad, strict=True)),
+                   np.uint8)
+    big[pad[0]:pad[0] + 32, pad[1]:pad[1] + 28, pad[2]:pad[2] + 20] = phantom.label
+    big_affine = phantom.affine.copy()
+    big_affine[:3, 3] -= phantom.affine[:3, :3] @ np.array(pad)
+    aligned = AlignLabel()(_mt(big, big_affine), _mt(phantom.image, phantom.affine))
+    np.testing.assert_array_equal(aligned.numpy(), phantom.label)
+    np.testing.assert_allclose(aligned.affine.numpy(), phantom.affine)
+
+
+def test_label_with_flipped_axis_is_unflipped(phantom):
+    # same grid stored with the y axis reversed (LAS vs LPS, as the shared DICOM seg)
+    flipped_affine = phantom.affine.copy()
+    flipped_affine[:3, 1] *= -1
+    flipped_affine[:3, 3] = phantom.affine[:3, :3] @ [0, 27, 0] + phantom.affine[:3, 3]
+    flipped = phantom.label[:, ::-1, :].copy()
+    aligned = align_label_to_image(_mt(flipped, flipped_affine), _mt(phantom.image,
+                                                                     phantom.affine))
+    np.testing.assert_array_equal(aligned.numpy(), phantom.label)
+
+
+def test_label_on_twice_finer_grid_is_resampled_by_nearest_neighbour(phantom):
+    fine = phantom.label.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    fine_affine = phantom.affine.copy()
+    fine_affine[:3, :3] /= 2
+    # fine voxel centres sit at −¼ and +¼ of a coarse voxel: shift so coarse centres hit fine ones
+    fine_affine[:3, 3] -= phantom.affine[:3, :3] @ np.full(3, 0.25)
+    aligned = align_label_to_image(_mt(fine, fine_affine), _mt(phantom.image, phantom.affine))
+    np.testing.assert_array_equal(aligned.numpy(), phantom.label)
+
+
+def test_channel_first_label_keeps_its_channel(phantom):
+    aligned = AlignLabel()(_mt(phantom.label[None], phantom.affine),
+                           _mt(phantom.image[None], phantom.affine))
+    assert aligned.shape == (1, 32, 28, 20)
+
+
+def test_disjoint_or_cut_labels_are_errors(phantom):
+    far = phantom.affine.copy()
+    far[:3, 3] += 1000.0
+    with pytest.raises(ValueError, match="does not overlap its image"):
+        align_label_to_image(_mt(phantom.label, far), _mt(phantom.image, phantom.affine))
+    shifted = phantom.affine.copy()
+    shifted[:3, 3] += phantom.affine[:3, :3] @ np.array([12.0, 0, 0])
+    with pytest.raises(ValueError, match=r"\d+ of \d+ foreground voxels fall outside"):
+        align_label_to_image(_mt(phantom.label, shifted), _mt(phantom.image, phantom.affine))
+    cut = align_label_to_image(_mt(phantom.label, shifted), _mt(phantom.image, phantom.affine),
+                               allow_crop=True)
+    assert 0 < cut.numpy().sum() < phantom.label.sum()
+
+
+def test_non_binary_labels_need_a_value(phantom):
+    multi = phantom.label * 3 + (phantom.image > 500)
+    with pytest.raises(ValueError, match="label is not binary"):
+        AlignLabel()(_mt(multi, phantom.affine), _mt(phantom.image, phantom.affine))
+    picked = AlignLabel(label_value=3)(_mt(multi, phantom.affine), _mt(phantom.image,
+                                                                       phantom.affine))
+    np.testing.assert_array_equal(picked.numpy(), (multi == 3).astype(np.uint8))
