@@ -1,7 +1,76 @@
-"""Data entry: phantoms now; readers, label alignment, view slicing and manifests to come."""
+"""Where data enters: readers, label alignment, view slicing, manifests and phantoms."""
 
 from __future__ import annotations
 
-from pipeline.data.phantoms import NoisyBlocks, noisy_blocks
+from pipeline.data.alignment import AlignLabel, AlignLabeld, align_label_to_image, binarize_label
+from pipeline.data.cta import (
+    CTA_HU_WINDOW,
+    LoadVolumed,
+    cta_slice_transforms,
+    cta_volume_transforms,
+    slice_datalist,
+)
+from pipeline.data.horse import (
+    BrokenImageError,
+    LoadHorsed,
+    horse_datalist,
+    horse_split,
+    load_horse,
+    load_horse_manifest,
+    scan_horse_folder,
+    write_horse_manifest,
+)
+from pipeline.data.phantoms import (
+    CTAPhantom,
+    NoisyBlocks,
+    cta_phantom,
+    noisy_blocks,
+    write_cta_phantom,
+)
+from pipeline.data.readers import DicomSeriesReader, find_dicom_series, is_nifti, read_volume
+from pipeline.data.views import (
+    VIEWS,
+    SliceView,
+    SliceViewsd,
+    restack_slices,
+    slice_affine,
+    slice_volume,
+)
+from pipeline.data.writers import write_dicom_series, write_nifti
 
-__all__ = ["NoisyBlocks", "noisy_blocks"]
+__all__ = [
+    "CTA_HU_WINDOW",
+    "VIEWS",
+    "AlignLabel",
+    "AlignLabeld",
+    "BrokenImageError",
+    "CTAPhantom",
+    "DicomSeriesReader",
+    "LoadHorsed",
+    "LoadVolumed",
+    "NoisyBlocks",
+    "SliceView",
+    "SliceViewsd",
+    "align_label_to_image",
+    "binarize_label",
+    "cta_phantom",
+    "cta_slice_transforms",
+    "cta_volume_transforms",
+    "find_dicom_series",
+    "horse_datalist",
+    "horse_split",
+    "is_nifti",
+    "load_horse",
+    "load_horse_manifest",
+    "noisy_blocks",
+    "read_volume",
+    "restack_slices",
+    "scan_horse_folder",
+    "slice_affine",
+    "slice_datalist",
+    "slice_volume",
+    "write_cta_phantom",
+    "write_dicom_series",
+    "write_horse_manifest",
+    "write_nifti",
+]
