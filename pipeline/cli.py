@@ -30,6 +30,64 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_manifest_build(args: argparse.Namespace) -> int:
+    from pipeline.data.manifests import build_manifest, write_manifest
+
+    manifest = build_manifest(args.root, fractions=args.fractions, seed=args.seed,
+                              group_pattern=args.group_pattern, name=args.name)
+    out = write_manifest(manifest, args.out)
+    counts = ", ".join(f"{s} {len(manifest[s])}" for s in ("training", "validation", "test"))
+    print(f"wrote {out}: {counts} (split by {manifest['split_by']}, seed {args.seed})")
+    return 0
+
+
+def _cmd_manifest_check(args: argparse.Namespace) -> int:
+    from pipeline.data.manifests import SPLITS, check_manifest, load_manifest
+
+    manifest = load_manifest(args.manifest)
+    problems = check_manifest(manifest, args.root)
+    total = sum(len(manifest.get(s, []) or []) for s in SPLITS)
+    bad = {(p.split, p.index) for p in problems}
+    for split in SPLITS:
+        for i, entry in enumerate(manifest.get(split, []) or []):
+            status = "PROBLEM" if (split, i) in bad else "ok"
+            print(f"{status:8s} {split}[{i}] {entry['image']}")
+            for p in problems:
+                if (p.split, p.index) == (split, i):
+                    print(f"         {p.key} {p.path}: {p.message}")
+    print(f"{total - len(bad)} of {total} entries ok, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def _cmd_slices(args: argparse.Namespace) -> int:
+    from pipeline.data.export import export_slices
+    from pipeline.data.manifests import load_manifest, manifest_entries
+
+    if args.manifest:
+        if not args.root:
+            raise ValueError("--manifest needs --root (the data root its paths refer to)")
+        cases = manifest_entries(load_manifest(args.manifest), args.root)
+    elif args.image:
+        cases = [{"image": args.image, **({"label": args.label} if args.label else {})}]
+    else:
+        raise ValueError("give an IMAGE (NIfTI file or DICOM series folder) or --manifest")
+    spacing = args.spacing
+    index = export_slices(cases, args.out, views=args.views, fmt=args.format,
+                          hu_window=tuple(args.hu_window), spacing=spacing,
+                          label_value=args.label_value)
+    print(f"wrote {index} ({len(cases)} volume(s), views {', '.join(args.views)})")
+    return 0
+
+
+def _cmd_phantoms(args: argparse.Namespace) -> int:
+    from pipeline.data.phantoms import write_cta_cohort
+
+    cases = write_cta_cohort(args.out, dicom=args.dicom)
+    print(f"wrote {len(cases)} CTA phantom cases to {args.out} "
+          f"(manifest: data_manifests/cta_phantom.json with --root {args.out})")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     from pipeline import __version__
 
@@ -45,6 +103,45 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--output", default=None, help="folder for crf_demo.json")
     demo.set_defaults(func=_cmd_demo)
+
+    manifest = sub.add_parser("manifest", help="build or check decathlon-style data manifests")
+    msub = manifest.add_subparsers(dest="manifest_command", required=True)
+    build = msub.add_parser("build", help="manifest from a folder convention, split by patient")
+    build.add_argument("root", help="data root (imagesTr/+labelsTr/, or one folder per case)")
+    build.add_argument("--out", required=True, help="manifest JSON to write")
+    build.add_argument("--fractions", type=float, nargs=3, default=(0.7, 0.15, 0.15),
+                       metavar=("TRAIN", "VAL", "TEST"))
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--group-pattern", default=None,
+                       help="regex giving the patient id from a case id (first group)")
+    build.add_argument("--name", default=None)
+    build.set_defaults(func=_cmd_manifest_build)
+    check = msub.add_parser("check", help="check every entry; exit 1 on any problem")
+    check.add_argument("manifest")
+    check.add_argument("--root", required=True, help="data root the manifest's paths refer to")
+    check.set_defaults(func=_cmd_manifest_check)
+
+    slices = sub.add_parser("slices", help="export the axial/coronal/sagittal 2-D sets")
+    slices.add_argument("image", nargs="?", help="NIfTI file or DICOM series folder")
+    slices.add_argument("--label", default=None, help="label volume (any grid; aligned)")
+    slices.add_argument("--manifest", default=None, help="export every volume of a manifest")
+    slices.add_argument("--root", default=None, help="data root of --manifest")
+    slices.add_argument("--out", required=True, help="output folder")
+    slices.add_argument("--views", nargs="+", default=["axial", "coronal", "sagittal"],
+                        choices=["axial", "coronal", "sagittal"])
+    slices.add_argument("--format", choices=["png", "nii"], default="png")
+    slices.add_argument("--hu-window", type=float, nargs=2, default=(-200.0, 800.0),
+                        metavar=("LOW", "HIGH"))
+    slices.add_argument("--spacing", type=float, default=None,
+                        help="resample to this isotropic voxel size (mm) first")
+    slices.add_argument("--label-value", type=int, default=None,
+                        help="foreground value in a multi-label map")
+    slices.set_defaults(func=_cmd_slices)
+
+    phantoms = sub.add_parser("phantoms", help="write the demo cohort of CTA phantoms")
+    phantoms.add_argument("--out", required=True, help="folder to write the cases to")
+    phantoms.add_argument("--dicom", action="store_true", help="also write DICOM series")
+    phantoms.set_defaults(func=_cmd_phantoms)
     return parser
 
 
@@ -54,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"mmcrf {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ from pipeline.data.cta import (
     LoadVolumed,
     cta_slice_transforms,
     cta_volume_transforms,
+    run_transforms,
     slice_datalist,
 )
 from pipeline.data.horse import (
@@ -65,6 +66,7 @@ __all__ = [
     "noisy_blocks",
     "read_volume",
     "restack_slices",
+    "run_transforms",
     "scan_horse_folder",
     "slice_affine",
     "slice_datalist",

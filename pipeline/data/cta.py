@@ -24,6 +24,7 @@ __all__ = [
     "LoadVolumed",
     "cta_slice_transforms",
     "cta_volume_transforms",
+    "run_transforms",
     "slice_datalist",
 ]
 
@@ -111,6 +112,20 @@ def cta_slice_transforms(views: Sequence[str] = VIEWS, **kwargs) -> Compose:
                     SliceViewsd(keys, views=views, label_key=keys[1])])
 
 
+def run_transforms(transform, data):
+    """Applies a MONAI transform, re-raising the ValueError/FileNotFoundError that MONAI wraps
+    in ``RuntimeError("applying transform ...")``, so users see which file is wrong and why."""
+    try:
+        return transform(data)
+    except RuntimeError as err:
+        cause: BaseException = err
+        while isinstance(cause, RuntimeError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            raise cause from None
+        raise
+
+
 def slice_datalist(datalist: Sequence[Mapping], views: Sequence[str] = VIEWS, **kwargs
                    ) -> list[dict]:
     """Runs :func:`cta_slice_transforms` over a datalist of volumes and flattens the slices.
@@ -126,5 +141,5 @@ def slice_datalist(datalist: Sequence[Mapping], views: Sequence[str] = VIEWS, **
     pipeline = cta_slice_transforms(views, **kwargs)
     out: list[dict] = []
     for entry in datalist:
-        out.extend(pipeline(dict(entry)))
+        out.extend(run_transforms(pipeline, dict(entry)))
     return out

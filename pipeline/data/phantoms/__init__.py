@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 from pipeline.data.phantoms.blocks import NoisyBlocks, noisy_blocks
-from pipeline.data.phantoms.cta import CTAPhantom, cta_phantom, write_cta_phantom
+from pipeline.data.phantoms.cta import (
+    DEMO_COHORT,
+    CTAPhantom,
+    cta_phantom,
+    write_cta_cohort,
+    write_cta_phantom,
+)
 
-__all__ = ["CTAPhantom", "NoisyBlocks", "cta_phantom", "noisy_blocks", "write_cta_phantom"]
+__all__ = [
+    "DEMO_COHORT",
+    "CTAPhantom",
+    "NoisyBlocks",
+    "cta_phantom",
+    "noisy_blocks",
+    "write_cta_cohort",
+    "write_cta_phantom",
+]

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from pipeline.data.writers import write_dicom_series, write_nifti
 
-__all__ = ["CTAPhantom", "cta_phantom", "write_cta_phantom"]
+__all__ = ["DEMO_COHORT", "CTAPhantom", "cta_phantom", "write_cta_cohort", "write_cta_phantom"]
 
 
 @dataclass
@@ -126,3 +126,25 @@ def write_cta_phantom(folder: str | os.PathLike, case: str = "case000", *,
         paths["dicom"] = write_dicom_series(phantom.image, phantom.affine, root / "dicom",
                                             patient_id=case, series_description="CTA phantom")
     return paths
+
+
+#: The demo cohort: case names and generator seeds; ``data_manifests/cta_phantom.json`` lists
+#: these cases with paths relative to the folder :func:`write_cta_cohort` writes.
+DEMO_COHORT: tuple[tuple[str, int], ...] = tuple((f"phantom{i:02d}", 1000 + i) for i in range(6))
+
+
+def write_cta_cohort(folder: str | os.PathLike, *, dicom: bool = False, **kwargs
+                     ) -> list[dict[str, Path]]:
+    """Writes the demo cohort (:data:`DEMO_COHORT`) of CTA phantoms under ``folder``.
+
+    Args:
+        folder: destination root; each case gets ``<folder>/<case>/image.nii.gz`` and
+            ``label.nii.gz`` (and ``dicom/`` with ``dicom``).
+        dicom: also write each image as a DICOM series.
+        **kwargs: passed to :func:`cta_phantom`.
+
+    Returns:
+        The written paths per case.
+    """
+    return [write_cta_phantom(folder, case, dicom=dicom, rng=seed, **kwargs)
+            for case, seed in DEMO_COHORT]
