@@ -1,0 +1,426 @@
+"""FCN-8s (Long, Shelhamer & Darrell) on a VGG16 backbone, at any width, in plain torch."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "MIN_INPUT_SIZE",
+    "FCN8s",
+    "bilinear_kernel",
+    "count_parameters",
+    "load_vgg16_weights",
+    "min_padding",
+]
+
+#: Smallest input height and width accepted: one cell of the network's stride-32 output grid.
+MIN_INPUT_SIZE = 32
+
+#: The paper's first-convolution padding (the "pad 100" trick of the Caffe reference model).
+PAPER_PADDING = 100
+
+_VGG16_CHANNELS = (64, 128, 256, 512, 512)
+_VGG16_CONVS_PER_BLOCK = (2, 2, 3, 3, 3)
+_VGG16_FC_CHANNELS = 4096
+#: Indices of the 13 convolutions inside torchvision's ``vgg16().features``.
+_VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+
+
+def _scaled(channels: int, width: float) -> int:
+    """Channel count ``channels·width`` rounded half up, at least 1."""
+    return max(1, math.floor(channels * width + 0.5))
+
+
+def min_padding(fc_kernel: int) -> int:
+    """Smallest first-convolution padding for which every input of at least 32×32 works.
+
+    With ``fc_kernel`` = 2e+1 the last crop offset is ``padding + 27 − 32e``, so the padding must
+    be at least 32e − 27; 32e − 14 also leaves the upsampled map large enough to cover every
+    input size (checked exhaustively for sizes 32 to 3000, and periodic beyond).
+
+    Args:
+        fc_kernel: odd spatial size (≥ 3) of the fc6 convolution.
+
+    Returns:
+        16·(fc_kernel − 1) − 14, e.g. 18 for fc_kernel 3 and 82 for fc_kernel 7.
+
+    Raises:
+        ValueError: fc_kernel is even or smaller than 3.
+    """
+    _check_fc_kernel(fc_kernel)
+    return 16 * (fc_kernel - 1) - 14
+
+
+def _check_fc_kernel(fc_kernel: int) -> None:
+    if fc_kernel < 3 or fc_kernel % 2 == 0:
+        raise ValueError(f"fc_kernel must be odd and at least 3, got {fc_kernel}")
+
+
+def _crop_offsets(padding: int, fc_kernel: int) -> tuple[int, int, int]:
+    """Crop offsets of score_pool4, score_pool3 and the final output, from the geometry.
+
+    Index j of a feature map of stride s sits at input coordinate ``s·j + origin`` (the centre of
+    its receptive field). A 3×3 convolution with padding 1 keeps the origin, a 2×2 stride-2 pool
+    moves it by s/2, the unpadded fc6 by s·(fc_kernel − 1)/2, and a bilinear ConvTranspose2d of
+    kernel 2f and stride f maps output index i to input index (i − (2f − 1)/2)/f. Each offset is
+    the whole number of cells between the origin of the upsampled map and that of its partner.
+
+    Args:
+        padding: padding of the first 3×3 convolution.
+        fc_kernel: spatial size of fc6.
+
+    Returns:
+        (pool4 offset, pool3 offset, output offset), all ≥ 0.
+
+    Raises:
+        ValueError: the padding is too small for the crops to be defined.
+    """
+    stride, origin = 1, 1.0 - padding  # conv1_1: 3×3 with the big padding
+    pool_origins = []
+    for _ in range(5):  # pool1..pool5, each 2×2 stride 2
+        origin += 0.5 * stride
+        stride *= 2
+        pool_origins.append(origin)
+    origin += stride * (fc_kernel - 1) / 2  # fc6, unpadded; fc7 and score_fr are 1×1
+
+    offsets = []
+    # The skip maps are cropped to the upsampled map (partner index = own index + offset); the
+    # last upsampled map is cropped to the input (own index = input index + offset).
+    for factor, partner, sign in ((2, pool_origins[3], 1), (2, pool_origins[2], 1), (8, 0.0, -1)):
+        origin -= stride * (2 * factor - 1) / (2 * factor)
+        stride //= factor
+        cells = sign * (origin - partner) / stride
+        if cells < 0 or cells != int(cells):
+            raise ValueError(f"padding {padding} is too small for fc_kernel {fc_kernel} "
+                             f"(at least {min_padding(fc_kernel)})")
+        offsets.append(int(cells))
+    return offsets[0], offsets[1], offsets[2]
+
+
+def bilinear_kernel(channels: int, kernel_size: int) -> Tensor:
+    """ConvTranspose2d weight that upsamples each channel by bilinear interpolation.
+
+    Args:
+        channels: number of input (= output) channels; channels are not mixed.
+        kernel_size: spatial size, twice the upsampling factor.
+
+    Returns:
+        channels×channels×kernel_size×kernel_size float tensor, diagonal over channels.
+    """
+    factor = (kernel_size + 1) // 2
+    centre = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    taps = 1.0 - (torch.arange(kernel_size, dtype=torch.float64) - centre).abs() / factor
+    weight = torch.zeros(channels, channels, kernel_size, kernel_size, dtype=torch.float64)
+    weight[range(channels), range(channels)] = torch.outer(taps, taps)
+    return weight.float()
+
+
+def _conv_block(in_ch: int, out_ch: int, kernel: int, padding: int,
+                batch_norm: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, kernel, padding=padding)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(out_ch))
+    layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
+def _min_size(a: int, b: int) -> int:
+    """min(a, b) as arithmetic, which torch.jit.trace records instead of baking in."""
+    return (a + b - abs(a - b)) // 2
+
+
+def _fuse(upsampled: Tensor, skip: Tensor, offset: int) -> Tensor:
+    """Sum an upsampled score map and a skip score map cropped from ``offset``.
+
+    Where pooling in ceil mode gave the upsampled map cells beyond the skip map's end, those
+    (which lie outside the padded input) are dropped, so both maps share one aligned extent.
+    """
+    h = _min_size(upsampled.shape[2], skip.shape[2] - offset)
+    w = _min_size(upsampled.shape[3], skip.shape[3] - offset)
+    return upsampled[:, :, :h, :w] + skip[:, :, offset:offset + h, offset:offset + w]
+
+
+class FCN8s(nn.Module):
+    """FCN-8s: VGG16 features, fc6/fc7 as convolutions, skips from pool3 and pool4.
+
+    Pooling uses ceil mode and the first convolution is padded by ``padding`` (the paper's
+    "pad 100" trick), fc6 is unpadded, and every score map is cropped at an offset computed from
+    the receptive-field geometry, so an output pixel lies exactly over its input pixel for any
+    height and width of at least 32 (odd or even, independently).
+
+    Args:
+        in_channels: image channels (1 for grey/medical images, 3 for RGB).
+        out_channels: score channels; 1 (default) is a single foreground logit, as the CRF
+            consumes, 2 gives two-class logits.
+        width: multiplier of the VGG16 channel counts (1.0 is the paper's network); each count
+            is rounded half up and kept at least 1.
+        batch_norm: add BatchNorm after every convolution of the backbone and fc6/fc7.
+        fc_kernel: odd spatial size of fc6 (7 in the paper; 3 suits small inputs).
+        dropout: dropout probability after fc6 and after fc7.
+        fc_channels: channels of fc6/fc7; default 4096·width.
+        padding: padding of the first convolution; default 100 (the paper's) for fc_kernel 7,
+            else :func:`min_padding` (18 for fc_kernel 3).
+        pretrained_path: optional local torchvision VGG16 state-dict file to initialise the
+            backbone and fc6/fc7 from (see :func:`load_vgg16_weights`); never downloaded.
+
+    Raises:
+        ValueError: an argument is out of range, or the pretrained file does not fit.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 1,
+        width: float = 1.0,
+        batch_norm: bool = False,
+        fc_kernel: int = 7,
+        dropout: float = 0.5,
+        fc_channels: int | None = None,
+        padding: int | None = None,
+        pretrained_path: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError(f"in_channels and out_channels must be ≥ 1, "
+                             f"got {in_channels} and {out_channels}")
+        if not width > 0:
+            raise ValueError(f"width must be positive, got {width}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        _check_fc_kernel(fc_kernel)
+        if padding is None:
+            padding = PAPER_PADDING if fc_kernel == 7 else min_padding(fc_kernel)
+        if padding < min_padding(fc_kernel):
+            raise ValueError(f"padding {padding} leaves some inputs ≥ {MIN_INPUT_SIZE} without a "
+                             f"well-defined crop; use at least {min_padding(fc_kernel)} for "
+                             f"fc_kernel {fc_kernel}")
+        fc_channels = _scaled(_VGG16_FC_CHANNELS, width) if fc_channels is None else fc_channels
+        if fc_channels < 1:
+            raise ValueError(f"fc_channels must be ≥ 1, got {fc_channels}")
+
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.width = float(width)
+        self.batch_norm = batch_norm
+        self.fc_kernel = fc_kernel
+        self.fc_channels = fc_channels
+        self.padding = padding
+        self.min_input_size = MIN_INPUT_SIZE
+        self.offset_pool4, self.offset_pool3, self.offset_out = _crop_offsets(padding, fc_kernel)
+
+        blocks: list[nn.Sequential] = []
+        ch = in_channels
+        for i, (base, n_convs) in enumerate(zip(_VGG16_CHANNELS, _VGG16_CONVS_PER_BLOCK,
+                                                strict=True)):
+            out = _scaled(base, width)
+            layers: list[nn.Module] = []
+            for j in range(n_convs):
+                pad = padding if i == 0 and j == 0 else 1
+                layers += _conv_block(ch, out, 3, pad, batch_norm)
+                ch = out
+            layers.append(nn.MaxPool2d(2, stride=2, ceil_mode=True))
+            blocks.append(nn.Sequential(*layers))
+        self.block1, self.block2, self.block3, self.block4, self.block5 = blocks
+        pool3_ch, pool4_ch = _scaled(_VGG16_CHANNELS[2], width), _scaled(_VGG16_CHANNELS[3], width)
+
+        self.fc6 = nn.Sequential(*_conv_block(ch, fc_channels, fc_kernel, 0, batch_norm),
+                                 nn.Dropout(dropout))
+        self.fc7 = nn.Sequential(*_conv_block(fc_channels, fc_channels, 1, 0, batch_norm),
+                                 nn.Dropout(dropout))
+        self.score_fr = nn.Conv2d(fc_channels, out_channels, 1)
+        self.score_pool4 = nn.Conv2d(pool4_ch, out_channels, 1)
+        self.score_pool3 = nn.Conv2d(pool3_ch, out_channels, 1)
+        self.upscore2 = nn.ConvTranspose2d(out_channels, out_channels, 4, stride=2, bias=False)
+        self.upscore_pool4 = nn.ConvTranspose2d(out_channels, out_channels, 4, stride=2,
+                                                bias=False)
+        self.upscore8 = nn.ConvTranspose2d(out_channels, out_channels, 16, stride=8, bias=False)
+        self._init_weights()
+        if pretrained_path is not None:
+            load_vgg16_weights(self, pretrained_path)
+
+    @classmethod
+    def paper(cls, in_channels: int = 3, out_channels: int = 1, **kwargs) -> FCN8s:
+        """The paper's network: full VGG16 widths, fc6 7×7×4096, pad 100, dropout 0.5 (134M).
+
+        Args:
+            in_channels: image channels.
+            out_channels: score channels.
+            **kwargs: other constructor arguments (e.g. ``pretrained_path``, ``dropout``).
+
+        Returns:
+            The model.
+        """
+        kwargs = {"width": 1.0, "batch_norm": False, "fc_kernel": 7, "dropout": 0.5,
+                  "padding": PAPER_PADDING, **kwargs}
+        return cls(in_channels, out_channels, **kwargs)
+
+    @classmethod
+    def lite(cls, in_channels: int = 3, out_channels: int = 1, **kwargs) -> FCN8s:
+        """The CPU calibration network: widths 16/32/64/128/128 + BatchNorm, fc6 3×3×256 (1.3M).
+
+        Args:
+            in_channels: image channels.
+            out_channels: score channels.
+            **kwargs: other constructor arguments (``dropout`` defaults to 0 here).
+
+        Returns:
+            The model.
+        """
+        kwargs = {"width": 0.25, "batch_norm": True, "fc_kernel": 3, "fc_channels": 256,
+                  "dropout": 0.0, **kwargs}
+        return cls(in_channels, out_channels, **kwargs)
+
+    def _init_weights(self) -> None:
+        """He initialisation for the backbone and fc6/fc7, small normal for the score layers
+        (not zero as in Caffe, so gradients reach the backbone from the first step), bilinear
+        for the upsampling layers."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        for score in (self.score_fr, self.score_pool4, self.score_pool3):
+            nn.init.normal_(score.weight, std=0.01)
+        with torch.no_grad():
+            for up in (self.upscore2, self.upscore_pool4, self.upscore8):
+                up.weight.copy_(bilinear_kernel(self.out_channels, up.kernel_size[0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Score every pixel.
+
+        Args:
+            x: B×in_channels×H×W images, H and W at least 32.
+
+        Returns:
+            B×out_channels×H×W logits, spatially aligned with ``x``.
+
+        Raises:
+            ValueError: the input is not 4-D or smaller than 32×32.
+        """
+        if not torch.jit.is_tracing():
+            if x.dim() != 4:
+                raise ValueError(f"FCN8s expects B×C×H×W input, got {x.dim()} dimensions")
+            least = self.min_input_size
+            if x.shape[2] < least or x.shape[3] < least:
+                raise ValueError(f"FCN8s needs inputs of at least {least}×{least} pixels "
+                                 f"(one stride-32 cell), got {x.shape[2]}×{x.shape[3]}")
+        h, w = x.shape[2], x.shape[3]
+        pool3 = self.block3(self.block2(self.block1(x)))
+        pool4 = self.block4(pool3)
+        scores = self.score_fr(self.fc7(self.fc6(self.block5(pool4))))
+        scores = _fuse(self.upscore2(scores), self.score_pool4(pool4), self.offset_pool4)
+        scores = _fuse(self.upscore_pool4(scores), self.score_pool3(pool3), self.offset_pool3)
+        scores = self.upscore8(scores)
+        o = self.offset_out
+        return scores[:, :, o:o + h, o:o + w]
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+                f"width={self.width}, batch_norm={self.batch_norm}, fc_kernel={self.fc_kernel}, "
+                f"fc_channels={self.fc_channels}, padding={self.padding}")
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of a model.
+
+    Args:
+        model: any module.
+        trainable_only: count only parameters with ``requires_grad``.
+
+    Returns:
+        The total number of scalar parameters.
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def load_vgg16_weights(model: FCN8s, path: str | os.PathLike) -> FCN8s:
+    """Initialise the backbone and fc6/fc7 from a local torchvision VGG16 state-dict file.
+
+    The file holds torchvision's keys (``features.{0,2,5,…,28}.weight/bias``,
+    ``classifier.0.*`` and ``classifier.3.*``; ``classifier.6.*``, the ImageNet classifier, is
+    ignored). fc6 gets ``classifier.0.weight`` reshaped 4096×25088 → 4096×512×7×7, fc7 gets
+    ``classifier.3.weight`` as a 1×1 convolution; for a one-channel model the first
+    convolution's weights are summed over RGB. The score and upsampling layers keep their
+    initialisation. Nothing is downloaded.
+
+    Args:
+        model: a paper-shaped FCN8s (width 1.0, no BatchNorm, fc_kernel 7, 4096 fc channels,
+            1 or 3 input channels).
+        path: the state-dict file, read with ``torch.load(..., weights_only=True)``.
+
+    Returns:
+        The same model, updated in place.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the model is not paper-shaped, or the file is unreadable, is not a state
+            dict, or has missing, unexpected or mis-shaped keys (the message names the file).
+    """
+    source = os.fspath(path)
+    problems = []
+    if model.width != 1.0 or model.fc_channels != _VGG16_FC_CHANNELS:
+        problems.append(f"width 1.0 with {_VGG16_FC_CHANNELS} fc channels "
+                        f"(got width {model.width}, {model.fc_channels} fc channels)")
+    if model.batch_norm:
+        problems.append("batch_norm=False")
+    if model.fc_kernel != 7:
+        problems.append(f"fc_kernel 7 (got {model.fc_kernel})")
+    if model.in_channels not in (1, 3):
+        problems.append(f"1 or 3 input channels (got {model.in_channels})")
+    if problems:
+        raise ValueError(f"cannot load VGG16 weights from {source}: the model must have "
+                         + "; ".join(problems))
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"VGG16 state-dict file not found: {source}")
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{source} cannot be read as a torch state dict: {exc}") from exc
+    return _load_vgg16_state_dict(model, state, source)
+
+
+def _load_vgg16_state_dict(model: FCN8s, state: object, source: str) -> FCN8s:
+    """Copy a torchvision-layout VGG16 state dict into ``model`` (any width; shapes must fit).
+
+    Expected shapes come from the model itself (3 input channels for the first convolution,
+    fc6 flattened as out×(C·k·k)), so this also serves narrower models of the same layout.
+    """
+    if not isinstance(state, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"{source} is not a state dict (a mapping of names to tensors)")
+    convs = [m for block in (model.block1, model.block2, model.block3, model.block4, model.block5)
+             for m in block if isinstance(m, nn.Conv2d)]
+    fc6, fc7 = model.fc6[0], model.fc7[0]
+    targets: dict[str, tuple[Tensor, tuple[int, ...]]] = {}
+    for index, conv in zip(_VGG16_CONV_INDICES, convs, strict=True):
+        w_shape = tuple(conv.weight.shape)
+        if index == 0:
+            w_shape = (w_shape[0], 3, *w_shape[2:])
+        targets[f"features.{index}.weight"] = (conv.weight, w_shape)
+        targets[f"features.{index}.bias"] = (conv.bias, tuple(conv.bias.shape))
+    for key, conv in (("classifier.0", fc6), ("classifier.3", fc7)):
+        targets[f"{key}.weight"] = (conv.weight, (conv.weight.shape[0], conv.weight[0].numel()))
+        targets[f"{key}.bias"] = (conv.bias, tuple(conv.bias.shape))
+
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(k for k in set(state) - set(targets) if not k.startswith("classifier.6."))
+    if missing or unexpected:
+        raise ValueError(f"{source} is not a torchvision VGG16 state dict: missing keys "
+                         f"{missing[:6]}{'…' if len(missing) > 6 else ''}, unexpected keys "
+                         f"{unexpected[:6]}{'…' if len(unexpected) > 6 else ''}")
+    wrong = [f"{k}: {tuple(state[k].shape)} instead of {shape}"
+             for k, (_, shape) in targets.items() if tuple(state[k].shape) != shape]
+    if wrong:
+        raise ValueError(f"{source} does not fit this model's VGG16 layout: " + "; ".join(wrong))
+
+    with torch.no_grad():
+        for key, (param, _) in targets.items():
+            value = state[key].to(param.dtype)
+            if key == "features.0.weight" and model.in_channels == 1:
+                value = value.sum(dim=1, keepdim=True)
+            param.copy_(value.reshape(param.shape))
+    return model
