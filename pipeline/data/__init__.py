@@ -29,6 +29,13 @@ from pipeline.data.phantoms import (
     write_cta_phantom,
 )
 from pipeline.data.readers import DicomSeriesReader, find_dicom_series, is_nifti, read_volume
+from pipeline.data.ultrasound import (
+    LoadUltrasoundFrames,
+    LoadUltrasoundFramesd,
+    UltrasoundFrame,
+    load_ultrasound,
+    load_ultrasound_frame,
+)
 from pipeline.data.views import (
     VIEWS,
     SliceView,
@@ -48,10 +55,13 @@ __all__ = [
     "CTAPhantom",
     "DicomSeriesReader",
     "LoadHorsed",
+    "LoadUltrasoundFrames",
+    "LoadUltrasoundFramesd",
     "LoadVolumed",
     "NoisyBlocks",
     "SliceView",
     "SliceViewsd",
+    "UltrasoundFrame",
     "align_label_to_image",
     "binarize_label",
     "cta_phantom",
@@ -63,6 +73,8 @@ __all__ = [
     "is_nifti",
     "load_horse",
     "load_horse_manifest",
+    "load_ultrasound",
+    "load_ultrasound_frame",
     "noisy_blocks",
     "read_volume",
     "restack_slices",

@@ -10,13 +10,23 @@ from pipeline.data.phantoms.cta import (
     write_cta_cohort,
     write_cta_phantom,
 )
+from pipeline.data.phantoms.echo import (
+    EchoPhantom,
+    echo_phantom,
+    write_echo_cine,
+    write_echo_phantom,
+)
 
 __all__ = [
     "DEMO_COHORT",
     "CTAPhantom",
+    "EchoPhantom",
     "NoisyBlocks",
     "cta_phantom",
+    "echo_phantom",
     "noisy_blocks",
     "write_cta_cohort",
     "write_cta_phantom",
+    "write_echo_cine",
+    "write_echo_phantom",
 ]
