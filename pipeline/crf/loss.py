@@ -75,7 +75,7 @@ class MaxMarginLoss(torch.nn.Module):
         self.weights = initial_weights or CRFWeights()
         self.working_sets: dict[Hashable, list[np.ndarray]] = {}
         self.last_result: LearningResult | None = None
-        self._qp: MarginQP | None = None
+        self._qps: dict[int, MarginQP] = {}
         self.workers = int(workers)
         self._pool: GraphCutPool | None = None
 
@@ -89,9 +89,9 @@ class MaxMarginLoss(torch.nn.Module):
         return logits[:, 0]
 
     def _qp_for(self, n_samples: int) -> MarginQP:
-        if self._qp is None or self._qp.n_samples != n_samples:
-            self._qp = MarginQP(n_samples, self.C, solver_options=self.solver_options)
-        return self._qp
+        if n_samples not in self._qps:  # one compiled QP per batch size (last batches differ)
+            self._qps[n_samples] = MarginQP(n_samples, self.C, solver_options=self.solver_options)
+        return self._qps[n_samples]
 
     def _get_pool(self) -> GraphCutPool | None:
         if self.workers > 0 and self._pool is None:

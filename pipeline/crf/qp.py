@@ -50,8 +50,10 @@ class MarginQP:
     """The margin QP for N samples with up to ``capacity`` constraints each.
 
     The problem is compiled once; re-solving with new constraints only changes parameter
-    values (unused rows are ``0·w + ξ ≥ −1``, never active). When a sample outgrows the
-    capacity the problem is rebuilt with the capacity doubled.
+    values (unused rows are ``0·w + ξ ≥ −1``, never active). The rows reserved per sample are
+    the smallest ``capacity·2^k`` that fits the largest working set, a function of the
+    constraints alone, so a resumed run solves exactly the problem an uninterrupted one does;
+    the problem is rebuilt when that size changes.
 
     Args:
         n_samples: N.
@@ -72,7 +74,8 @@ class MarginQP:
         self.n_samples = int(n_samples)
         self.C = float(C)
         self.solver_options = {**DEFAULT_SOLVER_OPTIONS, **(solver_options or {})}
-        self._build(max(1, int(capacity)))
+        self.initial_capacity = max(1, int(capacity))
+        self._build(self.initial_capacity)
 
     def _build(self, capacity: int) -> None:
         n, m = self.n_samples, capacity
@@ -108,10 +111,10 @@ class MarginQP:
             zeros = np.zeros(self.n_samples)
             return QPSolution(np.zeros(_N_FEATURES), zeros, 0.0,
                               [np.zeros(0) for _ in range(self.n_samples)])
-        if max(counts) > self.capacity:
-            capacity = self.capacity
-            while capacity < max(counts):
-                capacity *= 2
+        capacity = self.initial_capacity
+        while capacity < max(counts):
+            capacity *= 2
+        if capacity != self.capacity:
             self._build(capacity)
         m = self.capacity
         G = np.zeros((self.n_samples * m, _N_FEATURES))
@@ -125,7 +128,9 @@ class MarginQP:
             d[n * m:n * m + len(loss)] = loss
         self._G.value = G
         self._d.value = d
-        self._problem.solve(solver=cp.CLARABEL, **self.solver_options)
+        # warm_start=False: cvxpy would otherwise update the previous Clarabel solver in place,
+        # which makes the result depend on the solve history (and a resumed run drift).
+        self._problem.solve(solver=cp.CLARABEL, warm_start=False, **self.solver_options)
         status = self._problem.status
         if status == cp.OPTIMAL_INACCURATE:
             warnings.warn("Clarabel reached only an inaccurate optimum of the margin QP",
