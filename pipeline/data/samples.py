@@ -1,0 +1,118 @@
+"""Fixed-size 2-D training samples ``{"image", "label", "id"}`` from slices or horse images."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import Resized
+
+from pipeline.data.cta import slice_datalist
+from pipeline.data.horse import horse_datalist, load_horse
+
+__all__ = ["cta_samples", "horse_samples", "to_samples", "training_sets"]
+
+
+def to_samples(items: Iterable[Mapping], size: int | Sequence[int] | None = None,
+               keep: Sequence[str] = ("source", "view", "slice", "label_empty")) -> list[dict]:
+    """Normalises 2-D items to ``image`` (C×H×W float32), ``label`` (1×H×W float32 {0,1}) and
+    a string ``id``, resized to ``size`` (bilinear image, nearest label) when given.
+
+    Args:
+        items: dicts with ``image`` and ``label`` (C×H×W arrays/tensors) and optionally ``id``
+            or ``source``/``view``/``slice``.
+        size: output H×W (an int for square), or None to keep sizes.
+        keep: extra keys copied through.
+
+    Returns:
+        The samples.
+    """
+    resize = None
+    if size is not None:
+        spatial = (size, size) if isinstance(size, int) else tuple(size)
+        resize = Resized(("image", "label"), spatial_size=spatial, mode=("bilinear", "nearest"))
+    out = []
+    for i, item in enumerate(items):
+        sample = {"image": torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32),
+                  "label": (torch.as_tensor(np.asarray(item["label"])) > 0).float()}
+        if resize is not None:
+            sample = resize(sample)
+            sample = {k: torch.as_tensor(np.asarray(v)) for k, v in sample.items()}
+        if "id" in item:
+            sample["id"] = str(item["id"])
+        elif "view" in item:
+            sample["id"] = f"{item['source']}:{item['view']}:{item['slice']}"
+        else:
+            sample["id"] = str(i)
+        for key in keep:
+            if key in item:
+                sample[key] = item[key]
+        out.append(sample)
+    return out
+
+
+def cta_samples(datalist: Sequence[Mapping], view: str, *, size: int | None = None,
+                **transform_kwargs) -> list[dict]:
+    """2-D samples of one view of CTA volumes (see :func:`pipeline.data.slice_datalist`)."""
+    return to_samples(slice_datalist(datalist, views=(view,), **transform_kwargs), size)
+
+
+def horse_samples(root: str | os.PathLike, split: str | None, *, size: int | None = None,
+                  colour: str = "rgb") -> list[dict]:
+    """2-D samples of the Weizmann Horse set (broken images excluded and reported)."""
+    datalist, _report = horse_datalist(root, split, colour=colour)
+    items = []
+    for entry in datalist:
+        sample = load_horse(root, entry["name"], colour=colour)
+        items.append({"image": sample.image, "label": sample.mask[None], "id": entry["name"]})
+    return to_samples(items, size)
+
+
+def training_sets(kind: str, *, root: str | os.PathLike | None = None,
+                  manifest: str | os.PathLike | None = None, view: str = "axial",
+                  size: int = 64, colour: str = "rgb") -> tuple[list[dict], list[dict]]:
+    """Training and validation samples of one data kind.
+
+    Args:
+        kind: ``demo`` (the CTA phantom cohort, written to ``root`` if absent), ``cta`` (a
+            manifest of volumes, sliced along ``view``) or ``horse`` (the Weizmann Horse
+            folder ``root`` with its ``split.json``).
+        root: data root.
+        manifest: manifest path (``cta``).
+        view: CTA view.
+        size: side of the square training images.
+        colour: horse images in ``rgb`` or ``gray``.
+
+    Returns:
+        (training samples, validation samples).
+
+    Raises:
+        ValueError: unknown kind or missing arguments.
+    """
+    from pathlib import Path
+
+    from pipeline.data.manifests import build_manifest, load_manifest, manifest_entries
+    from pipeline.data.phantoms import DEMO_COHORT, write_cta_cohort
+
+    if kind == "horse":
+        if root is None:
+            raise ValueError("horse data needs --root (the weizmann_horse folder)")
+        return (horse_samples(root, "training", size=size, colour=colour),
+                horse_samples(root, "validation", size=size, colour=colour))
+    if kind == "demo":
+        if root is None:
+            raise ValueError("demo data needs a root folder to write the phantoms to")
+        base = Path(root)
+        if not all((base / case / "label.nii.gz").exists() for case, _ in DEMO_COHORT):
+            write_cta_cohort(base)
+        spec = build_manifest(base, fractions=(4, 1, 1), seed=0)
+    elif kind == "cta":
+        if root is None or manifest is None:
+            raise ValueError("cta data needs --manifest and --root")
+        spec = load_manifest(manifest)
+    else:
+        raise ValueError(f"data kind must be 'demo', 'cta' or 'horse', got {kind!r}")
+    return (cta_samples(manifest_entries(spec, root, ["training"]), view, size=size),
+            cta_samples(manifest_entries(spec, root, ["validation"]), view, size=size))

@@ -1,0 +1,510 @@
+"""One ignite training path, three modes: CNN only, piecewise CRF, joint max-margin (Alg. 2)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pipeline.crf import CRFWeights, GraphCutPool, MarginQP, MaxMarginLoss, learn_weights
+from pipeline.crf.inference import map_labelling
+from pipeline.engines import distributed as dist
+from pipeline.engines.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from pipeline.metrics import compute_jaccard
+from pipeline.networks import FCN8s
+
+__all__ = ["MODES", "TrainConfig", "TrainResult", "build_model", "predict_probabilities",
+           "train"]
+
+MODES: tuple[str, ...] = ("cnn", "piecewise", "joint")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a run (the paper's defaults; ``configs/`` holds presets).
+
+    Attributes:
+        mode: ``cnn`` (pixelwise cross-entropy), ``piecewise`` (CNN frozen, CRF learned by
+            Algorithm 1) or ``joint`` (Algorithm 2: γ back-propagated into the CNN).
+        epochs: epochs to train (piecewise always uses one pass).
+        batch_size: images per batch.
+        lr: learning rate.
+        optimizer: ``adam`` or ``sgd`` (momentum 0.9).
+        weight_decay: L2 penalty of the optimiser.
+        C: slack penalty of the margin QP (normalised: C_raw = C·P).
+        connectivity: 4 or 8.
+        beta: contrast β; None for the data-driven per-image choice.
+        tol: violation threshold of the cutting plane.
+        max_cp_iterations: cap on cutting-plane passes per batch.
+        ce_weight: joint mode: weight of an added pixelwise cross-entropy term (0 = paper).
+        val_interval: validate every N epochs.
+        patience: early stopping after N validations without improvement (None: off).
+        augment: random horizontal/vertical flips of training batches.
+        seed: seed of sampling, augmentation and initialisation.
+        graphcut_workers: processes for graph cuts (0: in the training process).
+        network: FCN8s arguments (``preset``: ``lite`` or ``paper``, plus keyword arguments).
+    """
+
+    mode: str = "cnn"
+    epochs: int = 10
+    batch_size: int = 10
+    lr: float = 1e-4
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    C: float = 1.0
+    connectivity: int = 4
+    beta: float | None = None
+    tol: float = 1e-4
+    max_cp_iterations: int = 100
+    ce_weight: float = 0.0
+    val_interval: int = 1
+    patience: int | None = None
+    augment: bool = False
+    seed: int = 0
+    graphcut_workers: int = 0
+    network: dict[str, Any] = field(default_factory=lambda: {"preset": "lite",
+                                                              "in_channels": 1})
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        for name in ("epochs", "batch_size", "val_interval"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.lr > 0 or not self.C > 0:
+            raise ValueError("lr and C must be > 0")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Builds a config from a dict, refusing unknown keys (typos)."""
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
+        """Reads a preset from ``configs/`` and applies overrides (None values ignored)."""
+        p = Path(path)
+        try:
+            values = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{p}: cannot read training config ({err})") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.from_dict(values)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{p}: {err}") from None
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    run_dir: Path
+    weights: CRFWeights | None
+    history: list[dict]
+    best_metric: float
+    best_epoch: int
+    last_checkpoint: Path
+    best_checkpoint: Path
+
+
+def build_model(network: dict[str, Any]) -> FCN8s:
+    """An FCN8s from a ``network`` setting: ``{"preset": "lite"|"paper", ...kwargs}``."""
+    args = dict(network)
+    preset = args.pop("preset", "lite")
+    if preset == "lite":
+        return FCN8s.lite(**args)
+    if preset == "paper":
+        return FCN8s.paper(**args)
+    if preset == "custom":
+        return FCN8s(**args)
+    raise ValueError(f"network preset must be 'lite', 'paper' or 'custom', got {preset!r}")
+
+
+@torch.no_grad()
+def predict_probabilities(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Foreground probabilities B×H×W of a batch (eval mode, no gradient)."""
+    was_training = model.training
+    model.eval()
+    logits = MaxMarginLoss.foreground_logits(model(images))
+    model.train(was_training)
+    return torch.sigmoid(logits)
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: Sequence[dict]) -> None:
+        self.samples = [{"image": s["image"], "label": s["label"], "id": str(s["id"])}
+                        for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.samples[index]
+
+
+class _LazyEpochSampler(DistributedSampler):
+    """A DistributedSampler whose order is drawn at the first index, not at ``iter()``.
+
+    ignite creates the next epoch's iterator before ``EPOCH_STARTED`` handlers run, so a plain
+    sampler would shuffle with the previous epoch's seed, and a resumed run with another one
+    than an uninterrupted run. Drawing lazily makes epoch k's order depend on k alone.
+    """
+
+    def __iter__(self):
+        yield from super().__iter__()
+
+
+def _loader(samples, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+    dataset = _ListDataset(samples)
+    sampler = _LazyEpochSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(),
+                                 shuffle=shuffle, seed=seed, drop_last=False)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+
+
+def _check_samples(samples: Sequence[dict], name: str) -> None:
+    if not samples:
+        raise ValueError(f"no {name} samples")
+    shapes = {tuple(s["image"].shape) for s in samples}
+    if len(shapes) > 1:
+        raise ValueError(f"{name} images differ in size {sorted(shapes)[:3]}...; resize them "
+                         f"(pipeline.data.samples.to_samples(size=...))")
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + dist.rank() * 104_729) % (2**31)
+
+
+def _flip(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
+    if torch.rand((), generator=generator) < 0.5:
+        images, labels = images.flip(-1), labels.flip(-1)
+    if torch.rand((), generator=generator) < 0.5:
+        images, labels = images.flip(-2), labels.flip(-2)
+    return images, labels
+
+
+def _batch_jaccard(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    pred = (MaxMarginLoss.foreground_logits(logits.detach()) > 0).cpu().numpy().astype(np.uint8)
+    return compute_jaccard(pred, labels[:, 0].cpu().numpy().astype(np.uint8)).tolist()
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(arr)) if np.any(~np.isnan(arr)) else float("nan")
+
+
+class _Run:
+    """State of one training run (one per process)."""
+
+    def __init__(self, config: TrainConfig, train_samples, val_samples, run_dir: Path,
+                 device: torch.device) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.device = device
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.network).to(device)
+        self.net = self.model
+        if dist.world_size() > 1 and config.mode != "piecewise":
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        params = self.model.parameters()
+        if config.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=config.lr,
+                                              weight_decay=config.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9,
+                                             weight_decay=config.weight_decay)
+        self.pool = GraphCutPool(config.graphcut_workers) if config.graphcut_workers else None
+        self.loss = MaxMarginLoss(config.C, connectivity=config.connectivity, beta=config.beta,
+                                  tol=config.tol, max_iterations=config.max_cp_iterations)
+        self.loss._pool = self.pool
+        self.weights: CRFWeights | None = None
+        self.train_loader = _loader(train_samples, config.batch_size, shuffle=True,
+                                    seed=config.seed)
+        self.val_loader = (_loader(val_samples, config.batch_size, shuffle=False, seed=0)
+                           if val_samples else None)
+        self.history: list[dict] = []
+        self.best_metric = -math.inf
+        self.best_epoch = 0
+        self.stale = 0
+        self.epoch_constraints: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.epoch_stats: dict[str, list] = {}
+        self.piecewise_data: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.generator = torch.Generator()
+
+    # ----- one iteration per mode -------------------------------------------------------
+    def step(self, engine: Engine, batch: dict) -> dict:
+        images = batch["image"].to(self.device)
+        labels = batch["label"].to(self.device)
+        mode = self.config.mode
+        if mode == "piecewise":
+            probs = predict_probabilities(self.model, images).cpu().numpy()
+            for p, x, y in zip(probs, images.cpu().numpy(), labels[:, 0].cpu().numpy(),
+                               strict=True):
+                self.piecewise_data.append((p, x, y.astype(np.uint8)))
+            return {}
+        if self.config.augment:
+            images, labels = _flip(images, labels, self.generator)
+        self.net.train()
+        self.optimizer.zero_grad()
+        logits = self.net(images)
+        ce = F.binary_cross_entropy_with_logits(MaxMarginLoss.foreground_logits(logits),
+                                                labels[:, 0])
+        out = {"jaccard": _batch_jaccard(logits, labels), "ce": ce.item()}
+        if mode == "cnn":
+            loss = ce
+        else:
+            gamma = self.loss(logits, images, labels, ids=list(batch["id"]))
+            loss = gamma + self.config.ce_weight * ce if self.config.ce_weight else gamma
+            result = self.loss.last_result
+            for sample_id, dpsi, losses in zip(batch["id"], result.dpsi, result.losses,
+                                               strict=True):
+                self.epoch_constraints[str(sample_id)] = (dpsi, losses)
+            out["gamma_batch"] = gamma.item()
+        loss.backward()
+        self.optimizer.step()
+        out["loss"] = loss.item()
+        return out
+
+    # ----- epoch boundaries ---------------------------------------------------------------
+    def epoch_started(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        self.train_loader.sampler.set_epoch(epoch)
+        seed = _epoch_seed(self.config.seed, epoch)
+        torch.manual_seed(seed)
+        self.generator.manual_seed(seed)
+        self.epoch_constraints = {}
+        self.epoch_stats = {"jaccard": [], "loss": []}
+        self.piecewise_data = []
+        self.epoch_time = time.perf_counter()
+
+    def iteration_completed(self, engine: Engine) -> None:
+        out = engine.state.output or {}
+        self.epoch_stats["jaccard"].extend(out.get("jaccard", []))
+        if "loss" in out:
+            self.epoch_stats["loss"].append(out["loss"])
+
+    def _global_qp(self) -> float:
+        """Algorithm 2's epoch end: the QP over every rank's working sets gives w and γ."""
+        gathered = dist.all_gather_objects(self.epoch_constraints)
+        solution = None
+        if dist.is_main():
+            merged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            for part in gathered:
+                merged.update(part)
+            keys = sorted(merged)
+            qp = MarginQP(len(keys), self.config.C)
+            solution = qp.solve([merged[k][0] for k in keys], [merged[k][1] for k in keys])
+            solution = (solution.w.tolist(), solution.gamma)
+        w, gamma = dist.broadcast_object(solution)
+        self.weights = CRFWeights.from_array(w)
+        self.loss.weights = self.weights
+        return float(gamma)
+
+    def _piecewise(self) -> float:
+        gathered = dist.all_gather_objects(self.piecewise_data)
+        solution = None
+        if dist.is_main():
+            data = [item for part in gathered for item in part]
+            result = learn_weights([d[0] for d in data], [d[1] for d in data],
+                                   [d[2] for d in data], C=self.config.C,
+                                   connectivity=self.config.connectivity,
+                                   beta=self.config.beta, tol=self.config.tol,
+                                   max_iterations=self.config.max_cp_iterations,
+                                   workers=self.config.graphcut_workers)
+            solution = (result.weights.as_array().tolist(), result.gamma)
+        w, gamma = dist.broadcast_object(solution)
+        self.weights = CRFWeights.from_array(w)
+        return float(gamma)
+
+    def validate(self) -> dict[str, float]:
+        if self.val_loader is None:
+            return {}
+        cnn, crf = [], []
+        for batch in self.val_loader:
+            images = batch["image"].to(self.device)
+            truth = batch["label"][:, 0].numpy().astype(np.uint8)
+            probs = predict_probabilities(self.model, images).cpu().numpy()
+            cnn.extend(compute_jaccard((probs > 0.5).astype(np.uint8), truth).tolist())
+            if self.weights is not None:
+                refined = np.stack([map_labelling(p, x, self.weights,
+                                                  connectivity=self.config.connectivity,
+                                                  beta=self.config.beta)
+                                    for p, x in zip(probs, images.cpu().numpy(), strict=True)])
+                crf.extend(compute_jaccard(refined, truth).tolist())
+        cnn = [v for part in dist.all_gather_objects(cnn) for v in part]
+        crf = [v for part in dist.all_gather_objects(crf) for v in part]
+        out = {"val_jaccard_cnn": _nanmean(cnn)}
+        if crf:
+            out["val_jaccard_crf"] = _nanmean(crf)
+        return out
+
+    def epoch_completed(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        row: dict[str, Any] = {"epoch": epoch}
+        if self.config.mode == "joint":
+            row["gamma"] = self._global_qp()
+        elif self.config.mode == "piecewise":
+            row["gamma"] = self._piecewise()
+        jaccards = [v for part in dist.all_gather_objects(self.epoch_stats["jaccard"])
+                    for v in part]
+        losses = [v for part in dist.all_gather_objects(self.epoch_stats["loss"]) for v in part]
+        row["train_loss"] = float(np.mean(losses)) if losses else float("nan")
+        row["train_jaccard"] = _nanmean(jaccards)
+        if self.weights is not None:
+            row.update(w1=self.weights.w1, w2=self.weights.w2, w3=self.weights.w3)
+        improved = False
+        if epoch % self.config.val_interval == 0 or epoch == engine.state.max_epochs:
+            row.update(self.validate())
+            key = "val_jaccard_cnn" if self.config.mode == "cnn" else "val_jaccard_crf"
+            metric = row.get(key, float("nan"))
+            if not math.isnan(metric) and metric > self.best_metric:
+                self.best_metric, self.best_epoch, self.stale = metric, epoch, 0
+                improved = True
+            elif key in row:
+                self.stale += 1
+        row["seconds"] = time.perf_counter() - self.epoch_time
+        self.history.append(row)
+        if dist.is_main():
+            self._log(row)
+            payload = self.checkpoint(engine)
+            save_checkpoint(payload, self.run_dir / "last.pt")
+            if improved or not (self.run_dir / "best.pt").exists():
+                save_checkpoint(payload, self.run_dir / "best.pt")
+        if self.config.patience is not None and self.stale >= self.config.patience:
+            engine.terminate()
+
+    # ----- persistence --------------------------------------------------------------------
+    def checkpoint(self, engine: Engine) -> dict[str, Any]:
+        sets = {k: torch.as_tensor(np.stack(v)) for k, v in self.loss.working_sets.items() if v}
+        return {
+            "mode": self.config.mode,
+            "config": asdict(self.config),
+            "network": dict(self.config.network),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "crf": None if self.weights is None else self.weights.as_array().tolist(),
+            "working_sets": sets,
+            "epoch": engine.state.epoch,
+            "iteration": engine.state.iteration,
+            "history": self.history,
+            "best": {"metric": self.best_metric, "epoch": self.best_epoch, "stale": self.stale},
+            "rng": rng_state(),
+        }
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        if payload.get("optimizer") is not None and payload.get("mode") == self.config.mode:
+            self.optimizer.load_state_dict(payload["optimizer"])
+        if payload.get("crf") is not None:
+            self.weights = CRFWeights.from_array(payload["crf"])
+            self.loss.weights = self.weights
+        self.loss.working_sets = {k: list(v.numpy()) for k, v in
+                                  (payload.get("working_sets") or {}).items()}
+
+    def _log(self, row: dict[str, Any]) -> None:
+        path = self.run_dir / "log.csv"
+        columns = ["epoch", "train_loss", "train_jaccard", "val_jaccard_cnn", "val_jaccard_crf",
+                   "gamma", "w1", "w2", "w3", "seconds"]
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            return
+        with SummaryWriter(str(self.run_dir / "tensorboard")) as tb:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, float) and not math.isnan(value):
+                    tb.add_scalar(key, value, row["epoch"])
+
+
+def train(config: TrainConfig, train_samples: Sequence[dict], val_samples: Sequence[dict],
+          run_dir: str | os.PathLike, *, init: str | os.PathLike | None = None,
+          resume: bool = False, progress: bool = False) -> TrainResult:
+    """Trains one mode; resumable; works alone or under torchrun (DDP).
+
+    Args:
+        config: the run's settings.
+        train_samples: fixed-size 2-D samples ``{"image", "label", "id"}``.
+        val_samples: validation samples (may be empty: no validation).
+        run_dir: folder for ``last.pt``, ``best.pt``, ``log.csv``, ``tensorboard/``,
+            ``config.json``.
+        init: checkpoint whose network (and CRF) weights start this run, e.g. the CNN run's
+            ``best.pt`` for piecewise/joint training.
+        resume: continue from ``run_dir/last.pt`` if it exists.
+        progress: show a tqdm progress bar (rank 0).
+
+    Returns:
+        The run's result.
+
+    Raises:
+        ValueError: bad samples or settings; a checkpoint of another network.
+    """
+    _check_samples(train_samples, "training")
+    if val_samples:
+        _check_samples(val_samples, "validation")
+    run = Path(run_dir)
+    if dist.is_main():
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
+                          else "cpu")
+    state = _Run(config, train_samples, val_samples, run, device)
+    engine = Engine(state.step)
+    engine.add_event_handler(Events.EPOCH_STARTED, state.epoch_started)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, state.iteration_completed)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, state.epoch_completed)
+    max_epochs = 1 if config.mode == "piecewise" else config.epochs
+    start_epoch = 0
+    last = run / "last.pt"
+    if resume and last.exists():
+        payload = load_checkpoint(last)
+        state.restore(payload)
+        state.history = list(payload["history"])
+        best = payload["best"]
+        state.best_metric, state.best_epoch, state.stale = (best["metric"], best["epoch"],
+                                                            best["stale"])
+        start_epoch = int(payload["epoch"])
+        set_rng_state(payload["rng"])
+    elif init is not None:
+        state.restore(load_checkpoint(init))
+    if progress and dist.is_main():
+        from ignite.contrib.handlers import ProgressBar
+
+        ProgressBar(persist=False).attach(engine)
+    try:
+        if start_epoch < max_epochs:
+            engine.load_state_dict({"epoch": start_epoch, "max_epochs": max_epochs,
+                                    "epoch_length": len(state.train_loader)})
+            engine.run(state.train_loader)
+    finally:
+        if state.pool is not None:
+            state.pool.close()
+    return TrainResult(run, state.weights, state.history, state.best_metric, state.best_epoch,
+                       last, run / "best.pt")

@@ -1,0 +1,152 @@
+"""Training engines on tiny synthetic data: the three modes, resume, and 2-process gloo DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pipeline.data import noisy_blocks
+from pipeline.data.samples import to_samples
+from pipeline.engines import TrainConfig, load_checkpoint, train
+
+TINY_NET = {"preset": "custom", "in_channels": 1, "width": 1 / 16, "batch_norm": True,
+            "fc_kernel": 3, "dropout": 0.0, "fc_channels": 32}
+
+
+def _samples(n: int, seed: int, size: int = 32) -> list[dict]:
+    items = []
+    for i in range(n):
+        s = noisy_blocks((size, size), rng=seed + i, n_blocks=2, image_noise=0.3)
+        items.append({"image": s.image[None].astype(np.float32), "label": s.truth[None],
+                      "id": f"s{seed + i}"})
+    return to_samples(items)
+
+
+def _config(**kw) -> TrainConfig:
+    base = {"epochs": 3, "batch_size": 4, "lr": 3e-3, "C": 10.0, "network": TINY_NET}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _samples(12, 0), _samples(4, 100)
+
+
+@pytest.fixture(scope="module")
+def cnn_run(data, tmp_path_factory):
+    return train(_config(mode="cnn", epochs=10, lr=1e-2, batch_size=2), *data,
+                 tmp_path_factory.mktemp("cnn"))
+
+
+def test_cnn_mode_learns_and_logs(cnn_run):
+    history = cnn_run.history
+    assert len(history) == 10
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert cnn_run.best_metric > 0.3
+    assert cnn_run.best_metric == max(h["val_jaccard_cnn"] for h in history)
+    log = (cnn_run.run_dir / "log.csv").read_text().splitlines()
+    assert log[0].startswith("epoch,train_loss,train_jaccard,val_jaccard_cnn")
+    assert len(log) == 11
+    assert any((cnn_run.run_dir / "tensorboard").iterdir())
+    assert json.loads((cnn_run.run_dir / "config.json").read_text())["mode"] == "cnn"
+
+
+def test_checkpoints_load_weights_only_and_hold_everything(cnn_run):
+    payload = torch.load(cnn_run.last_checkpoint, map_location="cpu", weights_only=True)
+    for key in ("model", "optimizer", "crf", "working_sets", "epoch", "iteration", "rng",
+                "history", "config"):
+        assert key in payload
+    assert payload["epoch"] == 10 and payload["iteration"] == 60
+    assert load_checkpoint(cnn_run.best_checkpoint)["epoch"] == cnn_run.best_epoch
+
+
+def test_piecewise_keeps_the_cnn_frozen_and_learns_a_crf(data, cnn_run, tmp_path):
+    result = train(_config(mode="piecewise"), *data, tmp_path, init=cnn_run.last_checkpoint)
+    before = load_checkpoint(cnn_run.last_checkpoint)["model"]
+    after = load_checkpoint(result.last_checkpoint)["model"]
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert result.weights is not None and result.weights.w1 > 0
+    row = result.history[0]
+    assert row["gamma"] > 0 and "val_jaccard_crf" in row
+
+
+def test_joint_training_lowers_gamma_over_epochs(data, cnn_run, tmp_path):
+    result = train(_config(mode="joint", epochs=4, lr=1e-3), *data, tmp_path,
+                   init=cnn_run.last_checkpoint)
+    gammas = [row["gamma"] for row in result.history]
+    assert gammas[-1] < gammas[0], gammas
+    payload = load_checkpoint(result.last_checkpoint)
+    assert payload["crf"] == pytest.approx(result.weights.as_array().tolist())
+    assert len(payload["working_sets"]) == 12  # every training image has a working set
+
+
+def test_resume_ends_exactly_like_an_uninterrupted_run(data, cnn_run, tmp_path):
+    straight = train(_config(mode="joint", epochs=3), *data, tmp_path / "straight",
+                     init=cnn_run.last_checkpoint)
+    # "killed" after epoch 2: the run folder holds epoch 2's last.pt, then it is resumed
+    train(_config(mode="joint", epochs=2), *data, tmp_path / "resumed",
+          init=cnn_run.last_checkpoint)
+    resumed = train(_config(mode="joint", epochs=3), *data, tmp_path / "resumed",
+                    init=cnn_run.last_checkpoint, resume=True)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    a = load_checkpoint(straight.last_checkpoint)
+    b = load_checkpoint(resumed.last_checkpoint)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["crf"] == b["crf"]
+    assert straight.history[-1]["gamma"] == resumed.history[-1]["gamma"]
+
+
+def test_bad_settings_are_refused(data, tmp_path):
+    with pytest.raises(ValueError, match="mode must be one of"):
+        TrainConfig(mode="crf")
+    with pytest.raises(ValueError, match="unknown training settings: lr_rate"):
+        TrainConfig.from_dict({"lr_rate": 1})
+    mixed = data[0][:2] + _samples(1, 50, size=40)
+    with pytest.raises(ValueError, match="training images differ in size"):
+        train(_config(), mixed, [], tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        train(_config(mode="joint"), *data, tmp_path, init=tmp_path / "nope.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, init: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        train_set, val_set = _samples(12, 0), _samples(4, 100)
+        result = train(_config(mode="joint", epochs=2), train_set, val_set, out, init=init)
+        params = torch.cat([p.detach().flatten() for p in
+                            load_checkpoint(init)["model"].values()]).sum().item()
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump({"w": result.weights.as_array().tolist(), "history": result.history,
+                       "init_sum": params}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_processes_hold_the_same_crf(cnn_run, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), str(cnn_run.last_checkpoint)),
+             nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0["w"] == r1["w"]
+    assert [h["gamma"] for h in r0["history"]] == [h["gamma"] for h in r1["history"]]
+    assert (tmp_path / "last.pt").exists()
+    payload = load_checkpoint(tmp_path / "last.pt")
+    assert len(payload["working_sets"]) <= 12  # rank 0 keeps its own shard's sets
+    assert payload["crf"] == pytest.approx(r0["w"])
