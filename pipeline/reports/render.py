@@ -1,0 +1,244 @@
+"""Report writers: Markdown, self-contained HTML (base64 PNGs), CSV and JSON, atomically."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+from pipeline.reports.files import atomic_write_bytes, atomic_write_text
+from pipeline.reports.provenance import flatten_provenance
+from pipeline.reports.report import Report
+from pipeline.reports.stats import ALL_VIEWS, GroupSummary, PairedComparison
+
+__all__ = ["FORMATS", "render_html", "render_markdown", "write_report"]
+
+#: Output formats of :func:`write_report`.
+FORMATS: tuple[str, ...] = ("md", "html", "csv", "json")
+
+_SUMMARY_HEAD = ("View", "Method", "Mean J (%)", "SD (%)", "Median J (%)", "Scored",
+                 "Excluded (empty truth)", "FP slices among excluded", "Images", "Note")
+_PAIRED_HEAD = ("View", "Comparison", "Pairs", "Mean A (%)", "Mean B (%)",
+                "Mean A − B (points)", "CI (points)", "Wilcoxon p", "Wins / losses / ties",
+                "Note")
+
+
+def _pct(x: float, digits: int = 2) -> str:
+    return "—" if x is None or math.isnan(x) else f"{100.0 * x:.{digits}f}"
+
+
+def _signed_pct(x: float) -> str:
+    return "—" if math.isnan(x) else f"{100.0 * x:+.2f}"
+
+
+def _p(p: float) -> str:
+    if math.isnan(p):
+        return "—"
+    return "< 0.001" if p < 1e-3 else f"{p:.3g}"
+
+
+def _view(view: str) -> str:
+    return "all views" if view == ALL_VIEWS else view
+
+
+def _summary_cells(s: GroupSummary) -> list[str]:
+    mean = "undefined" if math.isnan(s.mean_jaccard) else _pct(s.mean_jaccard)
+    return [_view(s.view), s.method, mean, _pct(s.std_jaccard), _pct(s.median_jaccard),
+            str(s.n_scored), str(s.n_excluded), str(s.n_false_positive), str(s.n_images), s.note]
+
+
+def _paired_cells(c: PairedComparison) -> list[str]:
+    ci = "—" if math.isnan(c.ci_low) else \
+        f"[{_signed_pct(c.ci_low)}, {_signed_pct(c.ci_high)}] ({100 * c.confidence:g}%)"
+    return [_view(c.view), f"{c.method_a} − {c.method_b}", str(c.n_pairs), _pct(c.mean_a),
+            _pct(c.mean_b), _signed_pct(c.mean_difference), ci, _p(c.p_value),
+            f"{c.wins} / {c.losses} / {c.ties}", c.note]
+
+
+def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ")
+                                 for c in cells) + " |"
+    return "\n".join([line(head), line(["---"] * len(head)), *map(line, rows)])
+
+
+def _intro(report: Report) -> tuple[str, list[str]]:
+    sources = ", ".join(report.sources) or "(in-memory rows)"
+    return (f"{report.n_rows} image rows from {sources}; views: "
+            f"{', '.join(report.views) or 'none'}; methods: {', '.join(report.methods) or 'none'}.",
+            report.notes)
+
+
+def _paired_intro(report: Report) -> str:
+    s = report.settings
+    return (f"Paired on the same images (matched by case, view, slice; only images scored by "
+            f"both methods). Interval: percentile bootstrap of the mean difference, "
+            f"{s.get('n_boot')} resamples, seed {s.get('seed')}. p: two-sided Wilcoxon "
+            f"signed-rank test (zero differences dropped). Points = percentage points of "
+            f"Jaccard.")
+
+
+def render_markdown(report: Report, *, figure_dir: str | None = "figures",
+                    embed_images: bool = False) -> str:
+    """The report as Markdown.
+
+    Args:
+        report: the report.
+        figure_dir: folder (relative to the Markdown file) holding ``<figure stem>.png``.
+        embed_images: embed the PNGs as data URIs instead of linking to ``figure_dir``.
+
+    Returns:
+        Markdown text.
+    """
+    intro, notes = _intro(report)
+    out = [f"# {report.title}", "", intro, ""]
+    out += [f"- {n}" for n in notes] + [""]
+    out += ["## Jaccard per view and method", "",
+            _md_table(_SUMMARY_HEAD, [_summary_cells(s) for s in report.summaries]), ""]
+    out += ["## Paired comparisons", "", _paired_intro(report), ""]
+    if report.comparisons:
+        out += [_md_table(_PAIRED_HEAD, [_paired_cells(c) for c in report.comparisons]), ""]
+    else:
+        out += ["No pair of compared methods is present in the tables.", ""]
+    if report.figures:
+        out += ["## Figures", ""]
+        for fig in report.figures:
+            if embed_images:
+                src = "data:image/png;base64," + base64.b64encode(fig.png).decode("ascii")
+            else:
+                src = f"{figure_dir}/{fig.stem}.png" if figure_dir else f"{fig.stem}.png"
+            out += [f"### {fig.title}", "", f"![{fig.title}]({src})", ""]
+            if fig.caption:
+                out += [fig.caption, ""]
+    out += ["## Provenance", ""]
+    rows = flatten_provenance(report.provenance)
+    out += [_md_table(("Key", "Value"), rows) if rows else "No provenance was recorded.", ""]
+    return "\n".join(out)
+
+
+_CSS = """
+body { font-family: sans-serif; margin: 2em; max-width: 1200px; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: left; }
+th { background: #eee; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; }
+.note { color: #a00; }
+"""
+
+
+def _html_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def cell(c: str) -> str:
+        text = html.escape(str(c))
+        numeric = text.replace(".", "", 1).lstrip("+-−").isdigit()
+        return f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>"
+    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
+    out += ["<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows]
+    return "\n".join([*out, "</table>"])
+
+
+def render_html(report: Report) -> str:
+    """The report as one self-contained HTML page (figures embedded as base64 PNG).
+
+    Args:
+        report: the report.
+
+    Returns:
+        HTML text.
+    """
+    intro, notes = _intro(report)
+    esc = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+           f"<title>{esc(report.title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+           f"<h1>{esc(report.title)}</h1>", f"<p>{esc(intro)}</p>", "<ul>"]
+    out += [f'<li class="note">{esc(n)}</li>' if "undefined" in n or "nothing" in n
+            else f"<li>{esc(n)}</li>" for n in notes]
+    out += ["</ul>", "<h2>Jaccard per view and method</h2>",
+            _html_table(_SUMMARY_HEAD, [_summary_cells(s) for s in report.summaries]),
+            "<h2>Paired comparisons</h2>", f"<p>{esc(_paired_intro(report))}</p>"]
+    out.append(_html_table(_PAIRED_HEAD, [_paired_cells(c) for c in report.comparisons])
+               if report.comparisons else
+               "<p>No pair of compared methods is present in the tables.</p>")
+    if report.figures:
+        out.append("<h2>Figures</h2>")
+        for fig in report.figures:
+            data = base64.b64encode(fig.png).decode("ascii")
+            out += ["<figure>", f"<h3>{esc(fig.title)}</h3>",
+                    f'<img src="data:image/png;base64,{data}" alt="{esc(fig.title)}">',
+                    f"<figcaption>{esc(fig.caption)}</figcaption>" if fig.caption else "",
+                    "</figure>"]
+    out.append("<h2>Provenance</h2>")
+    rows = flatten_provenance(report.provenance)
+    out.append(_html_table(("Key", "Value"), rows) if rows else
+               "<p>No provenance was recorded.</p>")
+    out += ["</body>", "</html>", ""]
+    return "\n".join(out)
+
+
+def _csv_text(records: Sequence, cls) -> str:
+    names = [f.name for f in fields(cls)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(names)
+    for record in records:
+        row = []
+        for name in names:
+            value = getattr(record, name)
+            row.append("" if isinstance(value, float) and math.isnan(value) else value)
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def write_report(report: Report, out_dir: str | os.PathLike, *,
+                 formats: Sequence[str] = FORMATS, stem: str = "report") -> dict[str, Path]:
+    """Write the report into ``out_dir``; every file is written atomically.
+
+    Files: ``<stem>.md`` (+ ``figures/<name>.png`` it links to), ``<stem>.html`` (self-contained),
+    ``<stem>_summary.csv`` and ``<stem>_comparisons.csv`` (one row per
+    :class:`~pipeline.reports.stats.GroupSummary` /
+    :class:`~pipeline.reports.stats.PairedComparison`, Jaccard as fractions, empty =
+    undefined), ``<stem>.json`` (the same numbers, ``null`` = undefined, with notes, settings
+    and provenance).
+
+    Args:
+        report: the report.
+        out_dir: output folder (created if missing).
+        formats: any of :data:`FORMATS`.
+        stem: base name of the files.
+
+    Returns:
+        ``{kind: path}`` with kinds ``md``, ``html``, ``summary_csv``, ``comparisons_csv``,
+        ``json`` and ``figure:<name>``.
+
+    Raises:
+        ValueError: an unknown format.
+    """
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown report format(s) {unknown}; choose from {FORMATS}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    if "md" in formats:
+        for fig in report.figures:
+            written[f"figure:{fig.stem}"] = atomic_write_bytes(out / "figures" / f"{fig.stem}.png",
+                                                              fig.png)
+        written["md"] = atomic_write_text(out / f"{stem}.md", render_markdown(report))
+    if "html" in formats:
+        written["html"] = atomic_write_text(out / f"{stem}.html", render_html(report))
+    if "csv" in formats:
+        written["summary_csv"] = atomic_write_text(out / f"{stem}_summary.csv",
+                                                   _csv_text(report.summaries, GroupSummary))
+        written["comparisons_csv"] = atomic_write_text(
+            out / f"{stem}_comparisons.csv", _csv_text(report.comparisons, PairedComparison))
+    if "json" in formats:
+        text = json.dumps(report.to_dict(), indent=2, allow_nan=False, ensure_ascii=False)
+        written["json"] = atomic_write_text(out / f"{stem}.json", text + "\n")
+    return written
