@@ -11,10 +11,28 @@ __all__ = ["main"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    print(f"mmcrf demo: the main job on the embedded default (CTA phantoms) -> {args.output}",
+          flush=True)
+    r = run_demo(args.output, size=args.size, cnn_epochs=args.cnn_epochs,
+                 joint_epochs=args.joint_epochs, progress=args.progress)
+    print(f"\nmean validation Jaccard, axial view ({r.scored} images scored, {r.excluded} "
+          f"with empty ground truth excluded):")
+    for method, value in r.mean_jaccard.items():
+        print(f"  {method:10s} {100 * value:6.2f} %")
+    print(f"evaluation table: {r.table}")
+    print(f"report: {r.report.get('html')} (also {r.report.get('md')})")
+    print(f"done in {r.seconds:.0f} s")
+    return 0
+
+
+def _cmd_crf_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_crf_demo
 
-    print(f"mmcrf demo: learning CRF weights on {args.n_train} generated {args.size}×{args.size} "
-          f"images (C = {args.C}), testing on {args.n_test} more ...", flush=True)
+    print(f"mmcrf crf-demo: learning CRF weights on {args.n_train} generated "
+          f"{args.size}×{args.size} images (C = {args.C}), testing on {args.n_test} more ...",
+          flush=True)
     r = run_crf_demo(size=args.size, n_train=args.n_train, n_test=args.n_test, C=args.C,
                      seed=args.seed, output_dir=args.output)
     w = r.weights
@@ -92,17 +110,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipeline.data.samples import training_sets
-    from pipeline.engines import TrainConfig, distributed, train
+    from pipeline.engines import DEFAULT_CONFIG, TrainConfig, distributed, train
 
     distributed.init_from_env()
     overrides = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr, "C": args.C,
                  "batch_size": args.batch_size, "seed": args.seed,
                  "graphcut_workers": args.graphcut_workers}
-    config = TrainConfig.from_json(args.config, **overrides)
+    config = TrainConfig.from_json(args.config or DEFAULT_CONFIG, **overrides)
     in_channels = 3 if args.data == "horse" and args.colour == "rgb" else 1
     config.network = {**config.network, "in_channels": in_channels}
     out = Path(args.out)
     root = args.root or (str(out.parent / "demo_data") if args.data == "demo" else None)
+    if args.data == "demo" and distributed.world_size() > 1:
+        if distributed.is_main():  # one rank writes the phantoms, the others wait for them
+            training_sets("demo", root=root, size=args.size)
+        distributed.barrier()
     train_set, val_set = training_sets(args.data, root=root, manifest=args.manifest,
                                        view=args.view, size=args.size, colour=args.colour)
     if distributed.is_main():
@@ -121,6 +143,48 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_runs(items: list[str]) -> dict[str, str]:
+    runs = {}
+    for item in items:
+        method, sep, path = item.partition("=")
+        if not sep or not method or not path:
+            raise ValueError(f"--run takes METHOD=CHECKPOINT, got {item!r}")
+        runs[method] = path
+    return runs
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.data.samples import training_sets
+    from pipeline.engines.evaluate import evaluate_runs
+    from pipeline.reports import write_eval_table
+
+    runs = _parse_runs(args.run)
+    root = args.root or (str(Path(args.out).parent / "demo_data") if args.data == "demo"
+                         else None)
+    train_set, val_set = training_sets(args.data, root=root, manifest=args.manifest,
+                                       view=args.view, size=args.size, colour=args.colour)
+    samples = val_set if args.split == "validation" else train_set
+    rows = evaluate_runs(runs, samples, empty=args.empty, progress=args.progress)
+    out = write_eval_table(rows, args.out)
+    scored = sum(1 for r in rows if r["jaccard"] == r["jaccard"])
+    print(f"wrote {out}: {len(rows)} rows ({len(samples)} images x {len(runs)} methods, "
+          f"{scored} scored)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.reports import build_report, collect_provenance, load_tables, write_report
+
+    table = load_tables(args.tables)
+    report = build_report(table, training_log=args.training_log,
+                          provenance=collect_provenance(None, args.manifest), title=args.title)
+    paths = write_report(report, args.out)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     from pipeline import __version__
 
@@ -128,14 +192,23 @@ def _parser() -> argparse.ArgumentParser:
         prog="mmcrf", description="FCN-8s + graph-cut CRF segmentation with max-margin learning.")
     parser.add_argument("--version", action="version", version=f"mmcrf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="learn a CRF on generated images and report what it adds")
-    demo.add_argument("--size", type=int, default=96, help="image side (default 96)")
-    demo.add_argument("--n-train", type=int, default=8, help="training images (default 8)")
-    demo.add_argument("--n-test", type=int, default=8, help="held-out images (default 8)")
-    demo.add_argument("--C", type=float, default=10.0, help="slack penalty (default 10)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--output", default=None, help="folder for crf_demo.json")
+    demo = sub.add_parser("demo", help="the main job on generated CTA phantoms: train the "
+                          "three methods, evaluate, report")
+    demo.add_argument("--output", default="demo_output", help="output folder")
+    demo.add_argument("--size", type=int, default=64, help="training image side (default 64)")
+    demo.add_argument("--cnn-epochs", type=int, default=None)
+    demo.add_argument("--joint-epochs", type=int, default=None)
+    demo.add_argument("--progress", action="store_true", help="show progress bars")
     demo.set_defaults(func=_cmd_demo)
+
+    crf = sub.add_parser("crf-demo", help="learn a CRF on noisy blocks and report what it adds")
+    crf.add_argument("--size", type=int, default=96, help="image side (default 96)")
+    crf.add_argument("--n-train", type=int, default=8, help="training images (default 8)")
+    crf.add_argument("--n-test", type=int, default=8, help="held-out images (default 8)")
+    crf.add_argument("--C", type=float, default=10.0, help="slack penalty (default 10)")
+    crf.add_argument("--seed", type=int, default=0)
+    crf.add_argument("--output", default=None, help="folder for crf_demo.json")
+    crf.set_defaults(func=_cmd_crf_demo)
 
     manifest = sub.add_parser("manifest", help="build or check decathlon-style data manifests")
     msub = manifest.add_subparsers(dest="manifest_command", required=True)
@@ -179,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train cnn / piecewise / joint (resumable, torchrun-ready)")
     tr.add_argument("--mode", choices=["cnn", "piecewise", "joint"], default=None,
                     help="overrides the config's mode")
-    tr.add_argument("--config", default=_default_config(), help="preset JSON (configs/)")
+    tr.add_argument("--config", default=None, help="preset JSON (default configs/cpu.json)")
     tr.add_argument("--data", choices=["demo", "cta", "horse"], default="demo")
     tr.add_argument("--root", default=None, help="data root (demo: where phantoms are written)")
     tr.add_argument("--manifest", default=None, help="manifest of volumes (--data cta)")
@@ -197,14 +270,31 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--graphcut-workers", type=int, default=None)
     tr.add_argument("--progress", action="store_true", help="show a progress bar")
     tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("evaluate", help="score trained runs image by image (evaluation table)")
+    ev.add_argument("--run", action="append", required=True, metavar="METHOD=CHECKPOINT",
+                    help="e.g. cnn=runs/cnn/best.pt (repeat for piecewise, joint)")
+    ev.add_argument("--data", choices=["demo", "cta", "horse"], default="demo")
+    ev.add_argument("--root", default=None)
+    ev.add_argument("--manifest", default=None)
+    ev.add_argument("--split", choices=["training", "validation"], default="validation")
+    ev.add_argument("--view", choices=["axial", "coronal", "sagittal"], default="axial")
+    ev.add_argument("--size", type=int, default=64)
+    ev.add_argument("--colour", choices=["rgb", "gray"], default="rgb")
+    ev.add_argument("--empty", default="exclude_empty_truth",
+                    choices=["exclude_empty_truth", "exclude_both_empty", "score_empty"])
+    ev.add_argument("--out", required=True, help="evaluation table CSV to write")
+    ev.add_argument("--progress", action="store_true")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    rp = sub.add_parser("report", help="per-view report from evaluation tables")
+    rp.add_argument("tables", nargs="+", help="evaluation table CSVs (mmcrf evaluate)")
+    rp.add_argument("--out", required=True, help="output folder")
+    rp.add_argument("--training-log", default=None, help="a run's log.csv for the curves")
+    rp.add_argument("--manifest", default=None, help="manifest to hash into the provenance")
+    rp.add_argument("--title", default="mmcrf evaluation")
+    rp.set_defaults(func=_cmd_report)
     return parser
-
-
-def _default_config() -> str:
-    from pathlib import Path
-
-    here = Path(__file__).resolve().parents[1] / "configs" / "cpu.json"
-    return str(here)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipeline.engines.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.engines.trainer import (
     MODES,
@@ -12,7 +14,11 @@ from pipeline.engines.trainer import (
     train,
 )
 
+#: The CPU-sized training preset shipped in ``configs/``.
+DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "cpu.json")
+
 __all__ = [
+    "DEFAULT_CONFIG",
     "MODES",
     "TrainConfig",
     "TrainResult",

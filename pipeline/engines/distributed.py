@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_objects", "broadcast_object", "init_from_env", "is_main", "rank",
-           "world_size"]
+__all__ = ["all_gather_objects", "barrier", "broadcast_object", "init_from_env", "is_main",
+           "rank", "world_size"]
 
 
 def world_size() -> int:
@@ -57,3 +57,9 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj if rank() == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def barrier() -> None:
+    """Waits for every rank (no-op when not distributed)."""
+    if world_size() > 1:
+        dist.barrier()

@@ -104,13 +104,21 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
-        """Reads a preset from ``configs/`` and applies overrides (None values ignored)."""
+        """Reads a preset from ``configs/`` and applies overrides (None values ignored).
+
+        A preset may hold a ``modes`` section with per-mode settings (e.g. a smaller learning
+        rate for joint fine-tuning); it applies to the effective mode, before the overrides.
+        """
         p = Path(path)
         try:
             values = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"{p}: cannot read training config ({err})") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        per_mode = values.pop("modes", {}) or {}
+        mode = overrides.get("mode", values.get("mode", "cnn"))
+        values.update(per_mode.get(mode, {}))
+        values.update(overrides)
         try:
             return cls.from_dict(values)
         except (TypeError, ValueError) as err:
@@ -482,6 +490,9 @@ def train(config: TrainConfig, train_samples: Sequence[dict], val_samples: Seque
     engine.add_event_handler(Events.EPOCH_COMPLETED, state.epoch_completed)
     max_epochs = 1 if config.mode == "piecewise" else config.epochs
     start_epoch = 0
+    last = run / "last.pt"
+    if dist.is_main() and not (resume and last.exists()):
+        (run / "log.csv").unlink(missing_ok=True)  # a fresh run starts a fresh log
     last = run / "last.pt"
     if resume and last.exists():
         payload = load_checkpoint(last)
