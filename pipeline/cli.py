@@ -119,6 +119,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig.from_json(args.config or DEFAULT_CONFIG, **overrides)
     in_channels = 3 if args.data == "horse" and args.colour == "rgb" else 1
     config.network = {**config.network, "in_channels": in_channels}
+    config.data = {"kind": args.data, "view": args.view, "size": args.size,
+                   "colour": args.colour, "hu_window": [-200.0, 800.0]}
     out = Path(args.out)
     root = args.root or (str(out.parent / "demo_data") if args.data == "demo" else None)
     if args.data == "demo" and distributed.world_size() > 1:
@@ -183,6 +185,33 @@ def _cmd_report(args: argparse.Namespace) -> int:
     paths = write_report(report, args.out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from pipeline.engines import distributed
+    from pipeline.inference import VolumePredictor, find_cases, run_batch
+
+    distributed.init_from_env()
+    views = ["axial", "coronal", "sagittal"] if args.view == "all" else [args.view]
+    models = _parse_runs(args.model) if any("=" in m for m in args.model) else args.model[0]
+    cases = find_cases(args.input)
+    predictor = VolumePredictor(models, views, workers=args.workers,
+                                batch_size=args.batch_size)
+    try:
+        rows = run_batch(cases, args.output, predictor, overwrite=args.overwrite,
+                         write_cnn=args.cnn, write_probability=args.probabilities,
+                         progress=not args.no_progress)
+    finally:
+        predictor.close()
+    if not distributed.is_main():
+        return 0
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    for row in rows:
+        if row["status"] == "failed":
+            print(f"FAILED {row['case']}: {row['error']}", file=sys.stderr)
+    print(f"{len(rows)} case(s): {counts['ok']} done, {counts['skipped']} skipped (already "
+          f"done), {counts['failed']} failed; summary {args.output}/summary.csv")
+    return 1 if counts["failed"] else 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -286,6 +315,22 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="evaluation table CSV to write")
     ev.add_argument("--progress", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
+
+    inf = sub.add_parser("infer", help="segment a folder of NIfTI files / DICOM series")
+    inf.add_argument("--input", required=True,
+                     help="NIfTI file, DICOM series folder, or a folder searched recursively")
+    inf.add_argument("--output", required=True, help="output folder (masks + summary.csv)")
+    inf.add_argument("--model", action="append", required=True,
+                     help="checkpoint (e.g. runs/joint/best.pt), or VIEW=CHECKPOINT per view")
+    inf.add_argument("--view", choices=["axial", "coronal", "sagittal", "all"],
+                     default="axial", help="'all' fuses the three views' probabilities")
+    inf.add_argument("--cnn", action="store_true", help="also write the CNN-only mask")
+    inf.add_argument("--probabilities", action="store_true", help="also write probabilities")
+    inf.add_argument("--overwrite", action="store_true", help="redo finished cases")
+    inf.add_argument("--workers", type=int, default=0, help="graph-cut processes")
+    inf.add_argument("--batch-size", type=int, default=16, help="slices per CNN pass")
+    inf.add_argument("--no-progress", action="store_true")
+    inf.set_defaults(func=_cmd_infer)
 
     rp = sub.add_parser("report", help="per-view report from evaluation tables")
     rp.add_argument("tables", nargs="+", help="evaluation table CSVs (mmcrf evaluate)")

@@ -11,7 +11,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from scipy import ndimage
 
-__all__ = ["AlignLabel", "AlignLabeld", "align_label_to_image", "binarize_label"]
+__all__ = ["AlignLabel", "AlignLabeld", "align_label_to_image", "binarize_label",
+           "resample_to_grid"]
 
 
 def _affine(x: MetaTensor, name: str) -> np.ndarray:
@@ -52,6 +53,25 @@ def binarize_label(label: np.ndarray, *, source: str = "label", value: int | Non
     return arr.astype(np.uint8)
 
 
+def resample_to_grid(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
+                     dst_shape: tuple[int, ...], *, order: int = 0) -> np.ndarray:
+    """Resamples a 3-D array from one voxel grid to another through their world affines.
+
+    Destination voxel v samples the source at A_src⁻¹·A_dst·v (outside: 0).
+
+    Args:
+        array: X×Y×Z source data.
+        src_affine, dst_affine: 4×4 voxel → world affines.
+        dst_shape: destination X×Y×Z.
+        order: 0 nearest neighbour (masks), 1 linear (probabilities).
+    """
+    mapping = np.linalg.solve(np.asarray(src_affine, np.float64),
+                              np.asarray(dst_affine, np.float64))
+    return ndimage.affine_transform(np.asarray(array), mapping[:3, :3], offset=mapping[:3, 3],
+                                    output_shape=tuple(dst_shape), order=order,
+                                    mode="constant", cval=0)
+
+
 def align_label_to_image(label: MetaTensor, image: MetaTensor, *, allow_crop: bool = False
                          ) -> MetaTensor:
     """Resamples a binary label onto its image's voxel grid (nearest neighbour, through both
@@ -77,11 +97,7 @@ def align_label_to_image(label: MetaTensor, image: MetaTensor, *, allow_crop: bo
     if lab.shape == img_shape and np.allclose(lab_aff, img_aff, atol=1e-4):
         out = lab.astype(np.uint8)
     else:
-        # image voxel v → world A_img·v → label voxel A_lab⁻¹·A_img·v
-        mapping = np.linalg.solve(lab_aff, img_aff)
-        out = ndimage.affine_transform(lab.astype(np.uint8), mapping[:3, :3],
-                                       offset=mapping[:3, 3], output_shape=img_shape, order=0,
-                                       mode="constant", cval=0)
+        out = resample_to_grid(lab.astype(np.uint8), lab_aff, img_aff, img_shape)
         total = int(np.count_nonzero(lab))
         if total and not np.any(out):
             raise ValueError(f"{name}: label does not overlap its image {_source(image)} "

@@ -60,6 +60,8 @@ class TrainConfig:
         seed: seed of sampling, augmentation and initialisation.
         graphcut_workers: processes for graph cuts (0: in the training process).
         network: FCN8s arguments (``preset``: ``lite`` or ``paper``, plus keyword arguments).
+        data: how the training images were made (``kind``, ``view``, ``size``, ``hu_window``,
+            ...), recorded in checkpoints so inference prepares images the same way.
     """
 
     mode: str = "cnn"
@@ -81,6 +83,7 @@ class TrainConfig:
     graphcut_workers: int = 0
     network: dict[str, Any] = field(default_factory=lambda: {"preset": "lite",
                                                               "in_channels": 1})
+    data: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -1,0 +1,133 @@
+"""Batch inference over many cases: one failure never stops the rest, nothing half-written,
+re-runs skip finished cases, torchrun shards cases across ranks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline.data.readers import read_volume
+from pipeline.data.writers import atomic_path, write_nifti
+from pipeline.engines import distributed as dist
+from pipeline.inference.discovery import Case
+from pipeline.inference.predictor import VolumePredictor
+
+__all__ = ["SUMMARY_COLUMNS", "output_paths", "run_batch"]
+
+SUMMARY_COLUMNS: tuple[str, ...] = ("case", "input", "output", "status", "error",
+                                    "foreground_ml", "seconds", "series_uid", "shape",
+                                    "cnn_seconds", "crf_seconds")
+
+
+def output_paths(case: Case, out_dir: Path) -> dict[str, Path]:
+    """Where a case's results go: ``<out>/<relative name>_mask.nii.gz`` and friends."""
+    base = out_dir / case.name
+    return {"mask": base.with_name(base.name + "_mask.nii.gz"),
+            "cnn": base.with_name(base.name + "_cnn_mask.nii.gz"),
+            "probability": base.with_name(base.name + "_prob.nii.gz")}
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = atomic_path(out_dir / "write-test")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{out_dir}: output folder is not writable ({err.strerror})") from None
+
+
+def _write_table(rows: list[dict], path: Path) -> None:
+    tmp = atomic_path(path)
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    tmp_json = atomic_path(path.with_suffix(".json"))
+    tmp_json.write_text(json.dumps(rows, indent=2) + "\n")
+    tmp_json.replace(path.with_suffix(".json"))
+
+
+def _run_case(case: Case, predictor: VolumePredictor, out_dir: Path, *, write_cnn: bool,
+              write_probability: bool) -> dict:
+    paths = output_paths(case, out_dir)
+    volume = read_volume(case.path, series_uid=case.series_uid)
+    result = predictor.predict(volume)
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    if write_probability:
+        write_nifti(result.probability.astype(np.float32), affine, paths["probability"])
+    if write_cnn and result.crf is not None:
+        write_nifti(result.cnn, affine, paths["cnn"], dtype=np.uint8)
+    write_nifti(result.mask, affine, paths["mask"], dtype=np.uint8)  # last: marks the case done
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    return {"output": str(paths["mask"]), "shape": "x".join(map(str, volume.shape)),
+            "foreground_ml": round(float(result.mask.sum()) * voxel_ml, 3),
+            "cnn_seconds": round(result.seconds["cnn"], 3),
+            "crf_seconds": round(result.seconds["crf"], 3)}
+
+
+def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: VolumePredictor,
+              *, overwrite: bool = False, write_cnn: bool = False,
+              write_probability: bool = False, progress: bool = True) -> list[dict]:
+    """Segments every case, writing masks on each input's own grid and a summary.
+
+    Each case is written to temporary names and renamed, the mask last, so an interrupted
+    run leaves no half-written mask; a re-run skips cases whose mask exists (unless
+    ``overwrite``). A failing case is recorded with its error and the others go on.
+    ``summary.csv``/``summary.json`` are rewritten after every case. Under torchrun, cases
+    are sharded across ranks and rank 0 merges one summary at the end.
+
+    Args:
+        cases: the cases (see :func:`pipeline.inference.find_cases`).
+        out_dir: output folder.
+        predictor: the loaded model(s).
+        overwrite: redo cases whose mask already exists.
+        write_cnn: also write the CNN-only mask where the CRF is used.
+        write_probability: also write the foreground probability.
+        progress: progress bar over cases.
+
+    Returns:
+        One summary row per case (this rank's cases merged with the others' on rank 0).
+
+    Raises:
+        ValueError: the output folder cannot be written.
+    """
+    out = Path(out_dir)
+    _check_writable(out)
+    mine = list(cases)[dist.rank()::dist.world_size()]
+    summary_path = out / ("summary.csv" if dist.world_size() == 1
+                          else f"summary.rank{dist.rank()}.csv")
+    rows: list[dict] = []
+    for case in tqdm(mine, desc="cases", unit="case", disable=not progress):
+        row = {"case": case.name, "input": str(case.path), "output": "", "status": "",
+               "error": "", "foreground_ml": "", "seconds": "",
+               "series_uid": case.series_uid or ""}
+        mask_path = output_paths(case, out)["mask"]
+        start = time.perf_counter()
+        if mask_path.exists() and not overwrite:
+            row.update(status="skipped", output=str(mask_path),
+                       error="output exists (use --overwrite to redo)")
+        else:
+            try:
+                row.update(_run_case(case, predictor, out, write_cnn=write_cnn,
+                                     write_probability=write_probability))
+                row["status"] = "ok"
+            except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
+                row.update(status="failed", error=str(err))
+        row["seconds"] = round(time.perf_counter() - start, 3)
+        rows.append(row)
+        _write_table(rows, summary_path)
+    if dist.world_size() > 1:
+        gathered = dist.all_gather_objects(rows)
+        rows = sorted((r for part in gathered for r in part), key=lambda r: r["case"])
+        if dist.is_main():
+            _write_table(rows, out / "summary.csv")
+    return rows

@@ -1,0 +1,176 @@
+"""A trained 2-D model over a 3-D volume: per view, fused across views, CRF per slice, and the
+result put back on the input's own voxel grid."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Orientation, Resize, ScaleIntensityRange
+
+from pipeline.crf import CRFWeights, GraphCutPool, GridCRF, graph_cut
+from pipeline.data.alignment import resample_to_grid
+from pipeline.data.cta import CTA_HU_WINDOW
+from pipeline.data.views import VIEWS, restack_slices, slice_volume
+from pipeline.engines.evaluate import load_run
+from pipeline.engines.trainer import predict_probabilities
+
+__all__ = ["ViewModel", "VolumePrediction", "VolumePredictor"]
+
+
+@dataclass
+class ViewModel:
+    """A network and how its training images were prepared."""
+
+    model: torch.nn.Module
+    weights: CRFWeights | None
+    size: int | None
+    hu_window: tuple[float, float]
+    connectivity: int = 4
+    beta: float | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> ViewModel:
+        """Loads a run's checkpoint (weights only) and its recorded data settings."""
+        model, weights, config = load_run(path)
+        data = config.get("data") or {}
+        window = tuple(data.get("hu_window") or CTA_HU_WINDOW)
+        return cls(model, weights, data.get("size"), window,  # type: ignore[arg-type]
+                   config.get("connectivity", 4), config.get("beta"))
+
+
+@dataclass
+class VolumePrediction:
+    """Results on the input volume's own grid (same shape and affine)."""
+
+    probability: np.ndarray
+    cnn: np.ndarray
+    crf: np.ndarray | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The CRF mask where the model has CRF weights, else the CNN mask."""
+        return self.cnn if self.crf is None else self.crf
+
+
+class VolumePredictor:
+    """Segments 3-D volumes with 2-D models, slice by slice.
+
+    Args:
+        models: one checkpoint for every view, or view → checkpoint.
+        views: the views to run; with several, their probabilities are averaged (on the RAS
+            grid) before the CRF, which then runs slice by slice along the first view with
+            that view's CRF weights.
+        batch_size: slices per CNN forward pass.
+        workers: graph-cut worker processes (0: in this process).
+        device: torch device for the CNN.
+
+    Raises:
+        ValueError: unknown view, or no model for a requested view.
+    """
+
+    def __init__(self, models: str | os.PathLike | Mapping[str, str | os.PathLike],
+                 views: Sequence[str] = ("axial",), *, batch_size: int = 16, workers: int = 0,
+                 device: str | torch.device = "cpu") -> None:
+        self.views = tuple(views)
+        for view in self.views:
+            if view not in VIEWS:
+                raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+        if isinstance(models, Mapping):
+            missing = [v for v in self.views if v not in models]
+            if missing:
+                raise ValueError(f"no model given for view(s) {', '.join(missing)}")
+            paths = {v: models[v] for v in self.views}
+        else:
+            paths = dict.fromkeys(self.views, models)
+        loaded: dict[str, ViewModel] = {}
+        self.models: dict[str, ViewModel] = {}
+        for view, path in paths.items():
+            key = os.fspath(path)
+            if key not in loaded:
+                loaded[key] = ViewModel.from_checkpoint(path)
+                loaded[key].model.to(device)
+            self.models[view] = loaded[key]
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.pool = GraphCutPool(workers) if workers > 0 else None
+
+    def close(self) -> None:
+        """Stops the graph-cut workers."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def _view_probability(self, windowed: np.ndarray, view: str) -> np.ndarray:
+        vm = self.models[view]
+        slices = slice_volume(windowed[None], view)  # N×1×H×W
+        height, width = slices.shape[2:]
+        down = Resize((vm.size, vm.size), mode="bilinear") if vm.size else None
+        up = Resize((height, width), mode="bilinear") if vm.size else None
+        probs = []
+        for start in range(0, len(slices), self.batch_size):
+            chunk = [torch.as_tensor(s, dtype=torch.float32) for s in
+                     slices[start:start + self.batch_size]]
+            if down is not None:
+                chunk = [torch.as_tensor(np.asarray(down(s))) for s in chunk]
+            p = predict_probabilities(vm.model, torch.stack(chunk).to(self.device)).cpu()
+            if up is not None:
+                p = torch.stack([torch.as_tensor(np.asarray(up(q[None])))[0] for q in p])
+            probs.append(p.numpy())
+        stacked = np.concatenate(probs)[:, None].clip(0.0, 1.0)
+        return restack_slices(stacked, view)[0]
+
+    def _crf(self, probability: np.ndarray, windowed: np.ndarray) -> np.ndarray | None:
+        view = self.views[0]
+        vm = self.models[view]
+        if vm.weights is None:
+            return None
+        probs = slice_volume(probability[None], view)[:, 0]
+        images = slice_volume(windowed[None], view)[:, 0]
+        crfs = [GridCRF.from_probabilities(p, x, connectivity=vm.connectivity, beta=vm.beta)
+                for p, x in zip(probs, images, strict=True)]
+        if self.pool is not None:
+            masks = self.pool.cut_all(crfs, vm.weights)
+        else:
+            masks = [graph_cut(c, vm.weights) for c in crfs]
+        return restack_slices(np.stack(masks)[:, None], view)[0]
+
+    def predict(self, volume: MetaTensor) -> VolumePrediction:
+        """Segments one X×Y×Z volume (HU for CT) carrying its affine.
+
+        Returns:
+            Probability, CNN mask and CRF mask on the input's grid.
+        """
+        if volume.ndim != 3:
+            raise ValueError(f"expected an X×Y×Z volume, got shape {tuple(volume.shape)}")
+        original_affine = np.asarray(volume.affine, dtype=np.float64)
+        original_shape = tuple(volume.shape)
+        ras = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(
+            volume[None])
+        ras_affine = np.asarray(ras.affine, dtype=np.float64)
+        low, high = self.models[self.views[0]].hu_window
+        windowed = np.asarray(ScaleIntensityRange(low, high, 0.0, 1.0, clip=True)(ras))[0]
+        start = time.perf_counter()
+        probability = np.mean([self._view_probability(windowed, v) for v in self.views], axis=0)
+        cnn_s = time.perf_counter() - start
+        start = time.perf_counter()
+        crf = self._crf(probability, windowed)
+        crf_s = time.perf_counter() - start
+
+        def back(array: np.ndarray, order: int) -> np.ndarray:
+            return resample_to_grid(array, ras_affine, original_affine, original_shape,
+                                    order=order)
+
+        cnn = (probability > 0.5).astype(np.uint8)
+        return VolumePrediction(
+            probability=back(probability.astype(np.float32), 1),
+            cnn=back(cnn, 0),
+            crf=None if crf is None else back(crf.astype(np.uint8), 0),
+            seconds={"cnn": cnn_s, "crf": crf_s},
+        )
