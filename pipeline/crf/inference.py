@@ -46,6 +46,11 @@ def _cut_task(task) -> np.ndarray:
     return _cut(*task)
 
 
+def _map_task(task) -> np.ndarray:
+    prob, image, weights, connectivity, beta = task
+    return map_labelling(prob, image, weights, connectivity=connectivity, beta=beta)
+
+
 def graph_cut(crf: GridCRF, weights: CRFWeights, truth: np.ndarray | None = None) -> np.ndarray:
     """Minimises E(y) (or E(y) − Δ(truth, y) when ``truth`` is given) exactly by graph cut.
 
@@ -96,6 +101,18 @@ class GraphCutPool:
                   None if t is None else crf.check_labelling(t, "truth"))
                  for crf, t in zip(crfs, truths, strict=True)]
         return list(self._executor.map(_cut_task, tasks))
+
+    def map_labellings(self, probs: Sequence[np.ndarray], images: Sequence[np.ndarray],
+                       weights: CRFWeights, *, connectivity: int = 4,
+                       beta: float | None = None) -> list[np.ndarray]:
+        """:func:`map_labelling` of every (probability, image) pair, the CRF set-up included,
+        in the workers (only the two arrays travel; the contrast terms are built there)."""
+        _require_weights(weights)
+        if len(probs) != len(images):
+            raise ValueError(f"got {len(probs)} probability maps but {len(images)} images")
+        tasks = [(np.asarray(p, dtype=np.float32), np.asarray(x, dtype=np.float32), weights,
+                  connectivity, beta) for p, x in zip(probs, images, strict=True)]
+        return list(self._executor.map(_map_task, tasks))
 
     def close(self) -> None:
         """Stops the workers."""

@@ -13,7 +13,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Resize, ScaleIntensityRange
 
-from pipeline.crf import CRFWeights, GraphCutPool, GridCRF, graph_cut
+from pipeline.crf import CRFWeights, GraphCutPool, map_labelling
 from pipeline.data.alignment import resample_to_grid
 from pipeline.data.cta import CTA_HU_WINDOW
 from pipeline.data.views import VIEWS, restack_slices, slice_volume
@@ -133,12 +133,12 @@ class VolumePredictor:
             return None
         probs = slice_volume(probability[None], view)[:, 0]
         images = slice_volume(windowed[None], view)[:, 0]
-        crfs = [GridCRF.from_probabilities(p, x, connectivity=vm.connectivity, beta=vm.beta)
-                for p, x in zip(probs, images, strict=True)]
         if self.pool is not None:
-            masks = self.pool.cut_all(crfs, vm.weights)
+            masks = self.pool.map_labellings(probs, images, vm.weights,
+                                             connectivity=vm.connectivity, beta=vm.beta)
         else:
-            masks = [graph_cut(c, vm.weights) for c in crfs]
+            masks = [map_labelling(p, x, vm.weights, connectivity=vm.connectivity,
+                                   beta=vm.beta) for p, x in zip(probs, images, strict=True)]
         return restack_slices(np.stack(masks)[:, None], view)[0]
 
     def predict(self, volume: MetaTensor) -> VolumePrediction:
