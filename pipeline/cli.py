@@ -194,7 +194,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     distributed.init_from_env()
     views = ["axial", "coronal", "sagittal"] if args.view == "all" else [args.view]
     models = _parse_runs(args.model) if any("=" in m for m in args.model) else args.model[0]
-    cases = find_cases(args.input)
+    cases = find_cases(args.input, exclude=args.exclude)
     predictor = VolumePredictor(models, views, workers=args.workers,
                                 batch_size=args.batch_size)
     try:
@@ -324,6 +324,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="checkpoint (e.g. runs/joint/best.pt), or VIEW=CHECKPOINT per view")
     inf.add_argument("--view", choices=["axial", "coronal", "sagittal", "all"],
                      default="axial", help="'all' fuses the three views' probabilities")
+    inf.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN",
+                     help="skip cases whose name matches (e.g. label '*_seg')")
     inf.add_argument("--cnn", action="store_true", help="also write the CNN-only mask")
     inf.add_argument("--probabilities", action="store_true", help="also write probabilities")
     inf.add_argument("--overwrite", action="store_true", help="redo finished cases")

@@ -10,8 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "rng_state", "save_checkpoint",
-           "set_rng_state"]
+__all__ = ["CHECKPOINT_FORMAT", "export_model", "load_checkpoint", "rng_state",
+           "save_checkpoint", "set_rng_state"]
+
+#: What a shipped model keeps of a training checkpoint (no optimiser, working sets or RNG).
+_MODEL_KEYS = ("mode", "config", "network", "model", "crf", "epoch", "history", "best")
 
 CHECKPOINT_FORMAT = "mmcrf-checkpoint-1"
 
@@ -71,3 +74,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{p}: not an mmcrf checkpoint (format {CHECKPOINT_FORMAT})")
     return payload
+
+
+def export_model(checkpoint: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Writes the slim model file a bundle ships (``models/model.pt``): network weights, CRF
+    weights and the run's settings, without optimiser state, working sets or RNG states."""
+    payload = load_checkpoint(checkpoint)
+    return save_checkpoint({k: payload[k] for k in _MODEL_KEYS if k in payload}, path)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,12 +50,15 @@ def _dicom_cases(folder: Path, root: Path) -> list[Case]:
             for i, uid in enumerate(sorted(series))]
 
 
-def find_cases(source: str | os.PathLike, *, recursive: bool = True) -> list[Case]:
+def find_cases(source: str | os.PathLike, *, recursive: bool = True,
+               exclude: Sequence[str] = ()) -> list[Case]:
     """All cases under ``source``.
 
     ``source`` may be a NIfTI file, a folder holding one DICOM series, or a folder scanned
     (recursively) for NIfTI files and for folders holding DICOM files; a folder with several
-    series gives one case per series.
+    series gives one case per series. ``exclude`` holds glob patterns matched against case
+    names and their last part (e.g. ``label`` or ``*_seg`` to skip label files that sit
+    beside their images).
 
     Raises:
         FileNotFoundError: ``source`` does not exist.
@@ -81,8 +86,13 @@ def find_cases(source: str | os.PathLike, *, recursive: bool = True) -> list[Cas
                 cases.append(Case((folder.relative_to(root) if folder != root
                                    else Path(folder.name)).as_posix(), folder, "dicom"))
                 del err
+    if exclude:
+        cases = [c for c in cases if not any(fnmatch.fnmatch(c.name, p)
+                                             or fnmatch.fnmatch(Path(c.name).name, p)
+                                             for p in exclude)]
     if not cases:
-        raise ValueError(f"{root}: no NIfTI files or DICOM series found")
+        raise ValueError(f"{root}: no NIfTI files or DICOM series found"
+                         + (f" (after excluding {', '.join(exclude)})" if exclude else ""))
     names = [c.name for c in cases]
     if len(set(names)) != len(names):  # e.g. a.nii and a.nii.gz side by side
         seen: dict[str, int] = {}

@@ -1,0 +1,121 @@
+"""Workflows that MONAI bundle configs call (``"run": ["$pipeline.bundle.train(...)"]``).
+
+Each is a thin layer over the same functions ``mmcrf`` uses: no second implementation.
+Run only bundles you trust: bundle configs execute ``$`` expressions (MONAI advisory
+GHSA-873f-pvrv-4x83); checkpoints are loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.data.samples import training_sets
+from pipeline.engines import DEFAULT_CONFIG, TrainConfig, distributed
+from pipeline.engines import train as train_run
+from pipeline.engines.evaluate import evaluate_runs
+from pipeline.inference import VolumePredictor, find_cases, run_batch
+from pipeline.reports import build_report, collect_provenance, write_eval_table, write_report
+
+__all__ = ["STAGES", "evaluate", "infer", "stage_checkpoint", "train"]
+
+#: Training stages in order; each later stage starts from the one before.
+STAGES: tuple[str, ...] = ("cnn", "piecewise", "joint")
+
+
+def stage_checkpoint(output_dir: str | os.PathLike, mode: str, kind: str = "best") -> Path:
+    """``<output_dir>/<mode>/<kind>.pt``."""
+    return Path(output_dir) / mode / f"{kind}.pt"
+
+
+def _data(data_kind, dataset_dir, manifest, view, size):
+    if data_kind == "demo" and distributed.world_size() > 1:
+        if distributed.is_main():  # one rank writes the phantoms, the others wait
+            training_sets("demo", root=dataset_dir, size=size)
+        distributed.barrier()
+    return training_sets(data_kind, root=dataset_dir, manifest=manifest, view=view, size=size)
+
+
+def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: str = "demo",
+          manifest: str | None = None, view: str = "axial", size: int = 64,
+          epochs: int | None = None, preset: str | None = None, init: str | None = None,
+          resume: bool = False, in_channels: int = 1, progress: bool = False) -> Path:
+    """Trains one stage into ``<output_dir>/<mode>/``.
+
+    Piecewise starts from the CNN stage's best checkpoint and joint from the piecewise one,
+    unless ``init`` names another checkpoint.
+
+    Returns:
+        The stage's best checkpoint.
+    """
+    distributed.init_from_env()
+    if mode not in STAGES:
+        raise ValueError(f"mode must be one of {STAGES}, got {mode!r}")
+    config = TrainConfig.from_json(preset or DEFAULT_CONFIG, mode=mode, epochs=epochs)
+    config.network = {**config.network, "in_channels": in_channels}
+    config.data = {"kind": data_kind, "view": view, "size": size,
+                   "hu_window": [-200.0, 800.0]}
+    if init is None and mode != "cnn":
+        previous = STAGES[STAGES.index(mode) - 1]
+        init = str(stage_checkpoint(output_dir, previous,
+                                    "last" if previous == "piecewise" else "best"))
+        if not Path(init).is_file():
+            raise FileNotFoundError(f"{init}: train the {previous} stage first "
+                                    f"(--mode {previous}) or give --init")
+    train_set, val_set = _data(data_kind, dataset_dir, manifest, view, size)
+    result = train_run(config, train_set, val_set, Path(output_dir) / mode, init=init,
+                       resume=resume, progress=progress)
+    return result.best_checkpoint
+
+
+def evaluate(*, dataset_dir: str, output_dir: str, data_kind: str = "demo",
+             manifest: str | None = None, view: str = "axial", size: int = 64,
+             model_file: str | None = None, progress: bool = False) -> dict[str, Path]:
+    """Scores every trained stage in ``output_dir`` (or the bundle's model) on the validation
+    split and writes ``evaluation.csv`` and the report in ``<output_dir>/report/``."""
+    distributed.init_from_env()
+    runs = {m: str(stage_checkpoint(output_dir, m)) for m in STAGES
+            if stage_checkpoint(output_dir, m).is_file()}
+    if not runs and model_file is not None and Path(model_file).is_file():
+        runs = {"model": model_file}
+    if not runs:
+        raise FileNotFoundError(f"{output_dir}: no trained stage to evaluate (cnn/best.pt ...)")
+    _, val_set = _data(data_kind, dataset_dir, manifest, view, size)
+    if not distributed.is_main():
+        return {}
+    rows = evaluate_runs(runs, val_set, progress=progress)
+    out = Path(output_dir)
+    table = write_eval_table(rows, out / "evaluation.csv")
+    log = stage_checkpoint(output_dir, "joint").parent / "log.csv"
+    report = build_report([table], training_log=log if log.is_file() else None,
+                          provenance=collect_provenance({"view": view, "size": size},
+                                                        manifest),
+                          title=f"mmcrf evaluation ({view} view)")
+    paths = write_report(report, out / "report")
+    return {"table": table, **paths}
+
+
+def infer(*, input_dir: str, output_dir: str, model_file: str, view: str = "axial",
+          workers: int = 0, overwrite: bool = False, write_cnn: bool = False,
+          write_probability: bool = False, exclude: list[str] | None = None) -> list[dict]:
+    """Segments every NIfTI file / DICOM series under ``input_dir`` into ``output_dir``
+    (masks on each input's own grid, ``summary.csv``).
+
+    Raises:
+        RuntimeError: some cases failed (the summary says which and why).
+    """
+    distributed.init_from_env()
+    views = ["axial", "coronal", "sagittal"] if view == "all" else [view]
+    predictor = VolumePredictor(model_file, views, workers=workers)
+    try:
+        rows = run_batch(find_cases(input_dir, exclude=exclude or ()), output_dir, predictor,
+                         overwrite=overwrite, write_cnn=write_cnn,
+                         write_probability=write_probability, progress=distributed.is_main())
+    finally:
+        predictor.close()
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(rows)} case(s) failed, see "
+                           f"{output_dir}/summary.csv: " + "; ".join(
+                               f"{r['case']}: {r['error']}" for r in failed))
+    return rows
