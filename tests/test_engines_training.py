@@ -150,3 +150,41 @@ def test_two_gloo_processes_hold_the_same_crf(cnn_run, tmp_path):
     payload = load_checkpoint(tmp_path / "last.pt")
     assert len(payload["working_sets"]) <= 12  # rank 0 keeps its own shard's sets
     assert payload["crf"] == pytest.approx(r0["w"])
+
+
+def test_killed_cli_run_resumes_to_the_uninterrupted_result(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).parent / "mmcrf")
+    args = ["train", "--mode", "cnn", "--data", "demo", "--root", str(tmp_path / "data"),
+            "--size", "32", "--epochs", "4"]
+    done = subprocess.run([exe, *args, "--out", str(tmp_path / "straight")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    victim = subprocess.Popen([exe, *args, "--out", str(tmp_path / "killed")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "log.csv"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and victim.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 2:  # epoch 1 checkpointed
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    # the kill may hit a checkpoint write: the temporary file is left, the checkpoint is whole
+    epoch_at_kill = load_checkpoint(tmp_path / "killed" / "last.pt")["epoch"]
+    assert epoch_at_kill < 4
+    resumed = subprocess.run([exe, *args, "--out", str(tmp_path / "killed"), "--resume"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "killed" / "last.pt")
+    assert b["epoch"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert [r["epoch"] for r in b["history"]] == [1, 2, 3, 4]
+    assert not list((tmp_path / "killed").glob(".*.tmp"))  # the resumed run cleaned up

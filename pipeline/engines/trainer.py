@@ -494,8 +494,11 @@ def train(config: TrainConfig, train_samples: Sequence[dict], val_samples: Seque
     max_epochs = 1 if config.mode == "piecewise" else config.epochs
     start_epoch = 0
     last = run / "last.pt"
-    if dist.is_main() and not (resume and last.exists()):
-        (run / "log.csv").unlink(missing_ok=True)  # a fresh run starts a fresh log
+    if dist.is_main():
+        for stale in run.glob(".*.tmp"):  # a killed run's half-written checkpoint
+            stale.unlink(missing_ok=True)
+        if not (resume and last.exists()):
+            (run / "log.csv").unlink(missing_ok=True)  # a fresh run starts a fresh log
     last = run / "last.pt"
     if resume and last.exists():
         payload = load_checkpoint(last)
