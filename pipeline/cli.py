@@ -115,7 +115,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     distributed.init_from_env()
     overrides = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr, "C": args.C,
                  "batch_size": args.batch_size, "seed": args.seed,
-                 "graphcut_workers": args.graphcut_workers}
+                 "graphcut_workers": args.graphcut_workers, "patience": args.patience}
     config = TrainConfig.from_json(args.config or DEFAULT_CONFIG, **overrides)
     in_channels = 3 if args.data == "horse" and args.colour == "rgb" else 1
     config.network = {**config.network, "in_channels": in_channels}
@@ -297,6 +297,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=None)
     tr.add_argument("--seed", type=int, default=None)
     tr.add_argument("--graphcut-workers", type=int, default=None)
+    tr.add_argument("--patience", type=int, default=None,
+                    help="early stopping after N validations without improvement")
     tr.add_argument("--progress", action="store_true", help="show a progress bar")
     tr.set_defaults(func=_cmd_train)
 
