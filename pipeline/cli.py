@@ -158,29 +158,79 @@ def _parse_runs(items: list[str]) -> dict[str, str]:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.data.samples import training_sets
-    from pipeline.engines.evaluate import evaluate_runs
+    from pipeline.engines.evaluate import (
+        evaluate_predictions,
+        evaluate_runs,
+        evaluate_runs_with_examples,
+        evaluation_entries,
+        evaluation_samples,
+    )
     from pipeline.reports import write_eval_table
 
-    runs = _parse_runs(args.run)
+    views = args.views or [args.view]
     root = args.root or (str(Path(args.out).parent / "demo_data") if args.data == "demo"
                          else None)
-    train_set, val_set = training_sets(args.data, root=root, manifest=args.manifest,
-                                       view=args.view, size=args.size, colour=args.colour)
-    samples = val_set if args.split == "validation" else train_set
-    rows = evaluate_runs(runs, samples, empty=args.empty, progress=args.progress)
+    if args.predictions:
+        if args.run:
+            raise ValueError("give --run METHOD=CHECKPOINT or --predictions DIR, not both")
+        if not args.method:
+            raise ValueError("--predictions needs --method NAME (the table's method column)")
+        if args.labels:
+            labels = args.labels
+        elif args.data == "horse":
+            raise ValueError("saved horse predictions need --labels (e.g. the figure_ground "
+                             "folder)")
+        else:
+            labels = evaluation_entries(args.data, root=root, manifest=args.manifest,
+                                        split=args.split)
+        rows = evaluate_predictions(args.predictions, labels, method=args.method, views=views,
+                                    label_suffix=args.label_suffix,
+                                    label_value=args.label_value, empty=args.empty,
+                                    surface=args.surface, progress=args.progress)
+        out = write_eval_table(rows, args.out)
+        scored = sum(1 for r in rows if r["jaccard"] == r["jaccard"])
+        print(f"wrote {out}: {len(rows)} rows of saved {args.method} predictions "
+              f"({scored} scored)")
+        return 0
+    if not args.run:
+        raise ValueError("give --run METHOD=CHECKPOINT (repeat per method), or --predictions "
+                         "DIR --method NAME")
+    runs = _parse_runs(args.run)
+    samples = evaluation_samples(args.data, root=root, manifest=args.manifest,
+                                 split=args.split, views=views, size=args.size,
+                                 colour=args.colour)
+    if args.examples:
+        evaluation = evaluate_runs_with_examples(runs, samples, method=args.examples_method,
+                                                 empty=args.empty, progress=args.progress)
+        rows = evaluation.rows
+        saved = evaluation.examples.save(args.examples)
+        print(f"wrote {saved}: {len(evaluation.examples)} example images for the report's "
+              f"figures (ranked by {evaluation.examples.method})")
+    else:
+        rows = evaluate_runs(runs, samples, empty=args.empty, progress=args.progress)
     out = write_eval_table(rows, args.out)
     scored = sum(1 for r in rows if r["jaccard"] == r["jaccard"])
+    shown = ", ".join(sorted({str(s.get("view", "2d")) for s in samples}))
     print(f"wrote {out}: {len(rows)} rows ({len(samples)} images x {len(runs)} methods, "
-          f"{scored} scored)")
+          f"{scored} scored; views {shown})")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.reports import build_report, collect_provenance, load_tables, write_report
+    from pipeline.reports import (
+        QualitativeCases,
+        build_report,
+        collect_provenance,
+        load_tables,
+        qualitative_figures,
+        write_report,
+    )
 
     table = load_tables(args.tables)
-    report = build_report(table, training_log=args.training_log,
+    figures = []
+    for path in args.examples or []:
+        figures += qualitative_figures(QualitativeCases.load(path), views=args.figure_views)
+    report = build_report(table, training_log=args.training_log, figures=figures,
                           provenance=collect_provenance(None, args.manifest), title=args.title)
     paths = write_report(report, args.out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -302,18 +352,38 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--progress", action="store_true", help="show a progress bar")
     tr.set_defaults(func=_cmd_train)
 
-    ev = sub.add_parser("evaluate", help="score trained runs image by image (evaluation table)")
-    ev.add_argument("--run", action="append", required=True, metavar="METHOD=CHECKPOINT",
+    ev = sub.add_parser("evaluate", help="score trained runs or saved predictions image by "
+                        "image (evaluation table)")
+    ev.add_argument("--run", action="append", default=[], metavar="METHOD=CHECKPOINT",
                     help="e.g. cnn=runs/cnn/best.pt (repeat for piecewise, joint)")
+    ev.add_argument("--predictions", default=None, metavar="DIR",
+                    help="score saved masks instead of runs (NIfTI volumes, or 0/255 PNGs)")
+    ev.add_argument("--method", default=None, help="method name of --predictions")
+    ev.add_argument("--labels", default=None, metavar="DIR",
+                    help="labels of --predictions, matched by relative name (default: the "
+                         "--split entries of --data/--manifest)")
+    ev.add_argument("--label-suffix", default="",
+                    help="what label names add to their prediction's (e.g. _label)")
+    ev.add_argument("--label-value", type=int, default=None,
+                    help="foreground value in multi-label label volumes")
+    ev.add_argument("--surface", action="store_true",
+                    help="also precision, recall and HD95 (saved predictions)")
     ev.add_argument("--data", choices=["demo", "cta", "horse"], default="demo")
     ev.add_argument("--root", default=None)
     ev.add_argument("--manifest", default=None)
-    ev.add_argument("--split", choices=["training", "validation"], default="validation")
+    ev.add_argument("--split", choices=["training", "validation", "test"], default="validation")
     ev.add_argument("--view", choices=["axial", "coronal", "sagittal"], default="axial")
+    ev.add_argument("--views", nargs="+", choices=["axial", "coronal", "sagittal"],
+                    default=None, help="several CTA views in one table (overrides --view)")
     ev.add_argument("--size", type=int, default=64)
     ev.add_argument("--colour", choices=["rgb", "gray"], default="rgb")
     ev.add_argument("--empty", default="exclude_empty_truth",
                     choices=["exclude_empty_truth", "exclude_both_empty", "score_empty"])
+    ev.add_argument("--examples", default=None, metavar="NPZ",
+                    help="also save the best/median/worst image per view with every method's "
+                         "mask, for `mmcrf report --examples`")
+    ev.add_argument("--examples-method", default=None,
+                    help="method ranking the examples (default: joint, else the last --run)")
     ev.add_argument("--out", required=True, help="evaluation table CSV to write")
     ev.add_argument("--progress", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
@@ -342,6 +412,11 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--training-log", default=None, help="a run's log.csv for the curves")
     rp.add_argument("--manifest", default=None, help="manifest to hash into the provenance")
     rp.add_argument("--title", default="mmcrf evaluation")
+    rp.add_argument("--examples", action="append", default=None, metavar="NPZ",
+                    help="example images from `mmcrf evaluate --examples`: one qualitative "
+                         "figure per view (repeatable)")
+    rp.add_argument("--figure-views", nargs="+", default=None,
+                    help="views to draw from --examples (default: all)")
     rp.set_defaults(func=_cmd_report)
     return parser
 

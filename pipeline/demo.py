@@ -111,10 +111,11 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
     """
     from pipeline.data.samples import training_sets
     from pipeline.engines import DEFAULT_CONFIG, TrainConfig, train
-    from pipeline.engines.evaluate import evaluate_runs
+    from pipeline.engines.evaluate import evaluate_runs_with_examples
     from pipeline.reports import (
         build_report,
         collect_provenance,
+        qualitative_figures,
         write_eval_table,
         write_report,
     )
@@ -140,9 +141,11 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
         log(f"  {mode}: best validation Jaccard {result.best_metric:.4f} "
             f"(epoch {result.best_epoch})" + ("" if result.weights is None else
                                               f", CRF weights {result.weights}"))
-    rows = evaluate_runs(runs, val_set, progress=progress)
-    table = write_eval_table(rows, out / "evaluation.csv")
+    evaluation = evaluate_runs_with_examples(runs, val_set, progress=progress)
+    table = write_eval_table(evaluation.rows, out / "evaluation.csv")
+    evaluation.examples.save(out / "examples.npz")
     report = build_report([table], training_log=out / "runs" / "joint" / "log.csv",
+                          figures=qualitative_figures(evaluation.examples),
                           provenance=collect_provenance(asdict(TrainConfig.from_json(preset))),
                           title="mmcrf demo: CTA phantoms, axial view")
     paths = write_report(report, out / "report")

@@ -313,3 +313,47 @@ def test_collect_provenance(tmp_path):
     assert info["config"] == {"nested": {"c": 1}} and info["python"].count(".") == 2
     bare = collect_provenance()
     assert "manifest_sha256" not in bare and "config" not in bare
+
+
+def _case(view, pick, rng, jaccard, methods=("cnn", "joint")):
+    from pipeline.reports import QualitativeCase
+
+    truth = np.zeros((12, 16), np.uint8)
+    truth[3:9, 4:12] = 1
+    return QualitativeCase(view=view, pick=pick, case="p01", slice=str(len(pick)),
+                           image=rng.random((1, 12, 16)).astype(np.float32), truth=truth,
+                           predictions={m: np.roll(truth, k, axis=1)
+                                        for k, m in enumerate(methods)},
+                           jaccards=dict.fromkeys(methods, jaccard), image_id=f"{view}:{pick}")
+
+
+def test_qualitative_figures_from_cases(rng, tmp_path):
+    from pipeline.reports import QualitativeCases, plot_qualitative_grid, qualitative_figures
+
+    cases = QualitativeCases("joint", [_case("sagittal", "worst", rng, 0.2),
+                                       _case("axial", "median", rng, 0.5),
+                                       _case("axial", "best", rng, 0.9),
+                                       _case("axial", "worst", rng, math.nan)])
+    assert cases.views == ["axial", "sagittal"] and cases.methods == ["cnn", "joint"]
+    assert [c.pick for c in cases.of_view("axial")] == ["best", "median", "worst"]
+    figures = qualitative_figures(cases)
+    assert [f.name for f in figures] == ["qualitative_axial", "qualitative_sagittal"]
+    assert "best, median, worst" in figures[0].caption and "joint" in figures[0].caption
+    tall = Image.open(io.BytesIO(figures[0].png)).size
+    short = Image.open(io.BytesIO(figures[1].png)).size
+    assert tall[1] > 2 * short[1]  # three rows against one
+    assert qualitative_figures(cases, views=["coronal"]) == []
+    saved = QualitativeCases.load(cases.save(tmp_path / "cases.npz"))
+    assert math.isnan(saved.cases[3].jaccards["joint"]) and saved.cases[2].jaccards["cnn"] == 0.9
+    report = build_report([_generate_rows(rng)], figures=figures, n_boot=50)
+    data = json.loads(write_report(report, tmp_path / "r")["json"].read_text())
+    assert [f["name"] for f in data["figures"]] == ["qualitative_axial", "qualitative_sagittal"]
+    assert (tmp_path / "r" / "figures" / "qualitative_axial.png").read_bytes() \
+        .startswith(PNG_MAGIC)
+    truth = cases.cases[0].truth
+    with pytest.raises(ValueError, match="at least one row"):
+        plot_qualitative_grid([], [], [])
+    with pytest.raises(ValueError, match="one entry per row"):
+        plot_qualitative_grid([truth, truth], [truth], [{"a": truth}])
+    with pytest.raises(ValueError, match="every row needs the methods"):
+        plot_qualitative_grid([truth, truth], [truth, truth], [{"a": truth}, {"b": truth}])

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from pipeline.reports.figures import ReportFigure, plot_qualitative, plot_training_curves
+from pipeline.reports.examples import PICKS, QualitativeCase, QualitativeCases, qualitative_figures
+from pipeline.reports.figures import (
+    ReportFigure,
+    plot_qualitative,
+    plot_qualitative_grid,
+    plot_training_curves,
+)
 from pipeline.reports.provenance import collect_provenance, flatten_provenance
 from pipeline.reports.render import FORMATS, render_html, render_markdown, write_report
 from pipeline.reports.report import Report, build_report
@@ -44,10 +50,13 @@ __all__ = [
     "KNOWN_VIEWS",
     "NO_LABELS_NOTE",
     "OPTIONAL_COLUMNS",
+    "PICKS",
     "TRAINING_LOG_COLUMNS",
     "EvalTable",
     "GroupSummary",
     "PairedComparison",
+    "QualitativeCase",
+    "QualitativeCases",
     "Report",
     "ReportFigure",
     "bootstrap_ci",
@@ -61,7 +70,9 @@ __all__ = [
     "load_tables",
     "paired_differences",
     "plot_qualitative",
+    "plot_qualitative_grid",
     "plot_training_curves",
+    "qualitative_figures",
     "read_eval_table",
     "read_training_log",
     "render_html",

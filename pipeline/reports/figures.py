@@ -6,7 +6,7 @@ import io
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +15,8 @@ from matplotlib.figure import Figure
 from pipeline.metrics import compute_jaccard
 from pipeline.reports.tables import read_training_log
 
-__all__ = ["ReportFigure", "plot_qualitative", "plot_training_curves"]
+__all__ = ["ReportFigure", "plot_qualitative", "plot_qualitative_grid",
+           "plot_training_curves"]
 
 #: Training-log columns drawn as Jaccard curves (fractions in the log, plotted in %).
 _CURVES = (("train_jaccard", "train (CNN)", "tab:blue", "-"),
@@ -116,6 +117,40 @@ def _outline(ax, mask: np.ndarray, colour: str, width: float) -> None:
         ax.contour(mask.astype(np.float64), levels=[0.5], colors=[colour], linewidths=width)
 
 
+def _draw_row(axes, image, truth, predictions: Mapping[str, np.ndarray],
+              jaccards: Mapping[str, float], label: str | None) -> None:
+    """One row: the image with the ground-truth outline, then one panel per method."""
+    img, cmap = _display(image)
+    truth = np.asarray(truth).astype(bool)
+    if truth.shape != img.shape[:2]:
+        raise ValueError(f"truth shape {truth.shape} differs from the image's {img.shape[:2]}")
+    axes[0].imshow(img, cmap=cmap, interpolation="nearest")
+    _outline(axes[0], truth, _TRUTH_COLOUR, 1.5)
+    axes[0].set_title("ground truth", fontsize="small")
+    if label:
+        axes[0].text(-0.04, 0.5, label, transform=axes[0].transAxes, rotation=90, ha="right",
+                     va="center", fontsize="small")
+    others = iter(_OTHER_COLOURS * (1 + len(predictions)))
+    for ax, (method, pred) in zip(axes[1:], predictions.items(), strict=True):
+        pred = np.asarray(pred).astype(bool)
+        if pred.shape != truth.shape:
+            raise ValueError(f"prediction of {method!r} has shape {pred.shape}, "
+                             f"truth {truth.shape}")
+        colour = _METHOD_COLOURS.get(method) or next(others)
+        ax.imshow(img, cmap=cmap, interpolation="nearest")
+        _outline(ax, truth, _TRUTH_COLOUR, 1.0)
+        _outline(ax, pred, colour, 1.5)
+        j = jaccards.get(method)
+        if j is None:
+            j = float(compute_jaccard(pred[None].astype(np.uint8), truth[None].astype(np.uint8))[0])
+        text = "J undefined (empty truth)" if math.isnan(j) else f"J = {100.0 * j:.1f}%"
+        ax.text(0.02, 0.98, text, transform=ax.transAxes, ha="left", va="top", fontsize="small",
+                color="white", bbox={"facecolor": "black", "alpha": 0.6, "pad": 2})
+        ax.set_title(method, fontsize="small", color=colour)
+    for ax in axes:
+        ax.set_axis_off()
+
+
 def plot_qualitative(image, truth, predictions: Mapping[str, np.ndarray], *,
                      jaccards: Mapping[str, float] | None = None, title: str | None = None,
                      dpi: int = 100) -> bytes:
@@ -136,36 +171,54 @@ def plot_qualitative(image, truth, predictions: Mapping[str, np.ndarray], *,
     Raises:
         ValueError: a mask's shape differs from the image's spatial shape.
     """
-    img, cmap = _display(image)
-    truth = np.asarray(truth).astype(bool)
-    if truth.shape != img.shape[:2]:
-        raise ValueError(f"truth shape {truth.shape} differs from the image's {img.shape[:2]}")
-    jaccards = dict(jaccards or {})
-    n = 1 + len(predictions)
-    fig = Figure(figsize=(3.0 * n, 3.3))
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    axes[0].imshow(img, cmap=cmap, interpolation="nearest")
-    _outline(axes[0], truth, _TRUTH_COLOUR, 1.5)
-    axes[0].set_title("ground truth", fontsize="small")
-    others = iter(_OTHER_COLOURS * (1 + len(predictions)))
-    for ax, (method, pred) in zip(axes[1:], predictions.items(), strict=True):
-        pred = np.asarray(pred).astype(bool)
-        if pred.shape != truth.shape:
-            raise ValueError(f"prediction of {method!r} has shape {pred.shape}, "
-                             f"truth {truth.shape}")
-        colour = _METHOD_COLOURS.get(method) or next(others)
-        ax.imshow(img, cmap=cmap, interpolation="nearest")
-        _outline(ax, truth, _TRUTH_COLOUR, 1.0)
-        _outline(ax, pred, colour, 1.5)
-        j = jaccards.get(method)
-        if j is None:
-            j = float(compute_jaccard(pred[None].astype(np.uint8), truth[None].astype(np.uint8))[0])
-        text = "J undefined (empty truth)" if math.isnan(j) else f"J = {100.0 * j:.1f}%"
-        ax.text(0.02, 0.98, text, transform=ax.transAxes, ha="left", va="top", fontsize="small",
-                color="white", bbox={"facecolor": "black", "alpha": 0.6, "pad": 2})
-        ax.set_title(method, fontsize="small", color=colour)
-    for ax in axes:
-        ax.set_axis_off()
+    return plot_qualitative_grid([image], [truth], [predictions],
+                                 jaccards=None if jaccards is None else [jaccards],
+                                 title=title, dpi=dpi)
+
+
+def plot_qualitative_grid(images: Sequence, truths: Sequence,
+                          predictions: Sequence[Mapping[str, np.ndarray]], *,
+                          jaccards: Sequence[Mapping[str, float]] | None = None,
+                          row_labels: Sequence[str] | None = None, title: str | None = None,
+                          dpi: int = 100) -> bytes:
+    """Several images, one row each, drawn like :func:`plot_qualitative` (e.g. the best,
+    median and worst image of a view, as in the paper's Fig. 1–2).
+
+    Args:
+        images: one image per row (H×W, H×W×3 or 3×H×W; rows may differ in size).
+        truths: one H×W binary ground truth per row.
+        predictions: one ``{method: H×W mask}`` per row; every row needs the same methods.
+        jaccards: one ``{method: Jaccard}`` per row (computed from the masks where missing).
+        row_labels: text written beside each row (e.g. ``"best: case 3, slice 12"``).
+        title: figure title.
+        dpi: resolution.
+
+    Returns:
+        PNG bytes.
+
+    Raises:
+        ValueError: no rows, lengths that disagree, rows with different methods, or a mask
+            whose shape differs from its image's.
+    """
+    n_rows = len(images)
+    if n_rows == 0:
+        raise ValueError("plot_qualitative_grid needs at least one row")
+    if not (len(truths) == len(predictions) == n_rows) or (
+            jaccards is not None and len(jaccards) != n_rows) or (
+            row_labels is not None and len(row_labels) != n_rows):
+        raise ValueError(f"images, truths, predictions (and jaccards, row_labels) need one "
+                         f"entry per row ({n_rows})")
+    methods = list(predictions[0])
+    for row in predictions[1:]:
+        if list(row) != methods:
+            raise ValueError(f"every row needs the methods {methods}, got {list(row)}")
+    n_cols = 1 + len(methods)
+    fig = Figure(figsize=(3.0 * n_cols, 3.3 * n_rows + (0.4 if title else 0.0)))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for r in range(n_rows):
+        _draw_row(axes[r], images[r], truths[r], predictions[r],
+                  dict(jaccards[r]) if jaccards is not None else {},
+                  row_labels[r] if row_labels is not None else None)
     if title:
         fig.suptitle(title, fontsize="medium")
     return _png(fig, dpi)
