@@ -91,10 +91,9 @@ def training_sets(kind: str, *, root: str | os.PathLike | None = None,
     Raises:
         ValueError: unknown kind or missing arguments.
     """
-    from pathlib import Path
 
-    from pipeline.data.manifests import build_manifest, load_manifest, manifest_entries
-    from pipeline.data.phantoms import DEMO_COHORT, write_cta_cohort
+    from pipeline.data.manifests import load_manifest, manifest_entries
+    from pipeline.data.phantoms import demo_cohort_manifest
 
     if kind == "horse":
         if root is None:
@@ -104,10 +103,7 @@ def training_sets(kind: str, *, root: str | os.PathLike | None = None,
     if kind == "demo":
         if root is None:
             raise ValueError("demo data needs a root folder to write the phantoms to")
-        base = Path(root)
-        if not all((base / case / "label.nii.gz").exists() for case, _ in DEMO_COHORT):
-            write_cta_cohort(base)
-        spec = build_manifest(base, fractions=(4, 1, 1), seed=0)
+        spec = demo_cohort_manifest(root)
     elif kind == "cta":
         if root is None or manifest is None:
             raise ValueError("cta data needs --manifest and --root")

@@ -403,17 +403,14 @@ def evaluation_entries(kind: str, *, root: str | os.PathLike | None = None,
     Raises:
         ValueError: unknown kind, missing arguments, or an empty split.
     """
-    from pipeline.data.manifests import build_manifest, load_manifest, manifest_entries
-    from pipeline.data.phantoms import DEMO_COHORT, write_cta_cohort
+    from pipeline.data.manifests import load_manifest, manifest_entries
+    from pipeline.data.phantoms import demo_cohort_manifest
 
     if kind == "demo":
         if root is None:
             raise ValueError("demo data needs a root folder to write the phantoms to")
-        base = Path(root)
-        if not all((base / case / "label.nii.gz").exists() for case, _ in DEMO_COHORT):
-            write_cta_cohort(base)
-        spec = build_manifest(base, fractions=(4, 1, 1), seed=0)
-        where = f"the demo cohort in {base}"
+        spec = demo_cohort_manifest(root)
+        where = f"the demo cohort in {root}"
     elif kind == "cta":
         if root is None or manifest is None:
             raise ValueError("cta data needs --manifest and --root")

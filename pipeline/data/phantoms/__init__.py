@@ -7,6 +7,7 @@ from pipeline.data.phantoms.cta import (
     DEMO_COHORT,
     CTAPhantom,
     cta_phantom,
+    demo_cohort_manifest,
     write_cta_cohort,
     write_cta_phantom,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "EchoPhantom",
     "NoisyBlocks",
     "cta_phantom",
+    "demo_cohort_manifest",
     "echo_phantom",
     "noisy_blocks",
     "write_cta_cohort",

@@ -11,7 +11,14 @@ from scipy import ndimage
 
 from pipeline.data.writers import write_dicom_series, write_nifti
 
-__all__ = ["DEMO_COHORT", "CTAPhantom", "cta_phantom", "write_cta_cohort", "write_cta_phantom"]
+__all__ = [
+    "DEMO_COHORT",
+    "CTAPhantom",
+    "cta_phantom",
+    "demo_cohort_manifest",
+    "write_cta_cohort",
+    "write_cta_phantom",
+]
 
 
 @dataclass
@@ -148,3 +155,15 @@ def write_cta_cohort(folder: str | os.PathLike, *, dicom: bool = False, **kwargs
     """
     return [write_cta_phantom(folder, case, dicom=dicom, rng=seed, **kwargs)
             for case, seed in DEMO_COHORT]
+
+
+def demo_cohort_manifest(folder: str | os.PathLike) -> dict:
+    """The demo cohort's manifest (4 training, 1 validation, 1 test volume, seed 0), writing
+    the cohort to ``folder`` first where it is missing; equals
+    ``data_manifests/cta_phantom.json``."""
+    from pipeline.data.manifests import build_manifest
+
+    base = Path(folder)
+    if not all((base / case / "label.nii.gz").exists() for case, _ in DEMO_COHORT):
+        write_cta_cohort(base)
+    return build_manifest(base, fractions=(4, 1, 1), seed=0)
