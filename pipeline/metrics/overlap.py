@@ -86,7 +86,28 @@ def compute_dice(y_pred, y, *, empty: EmptyPolicy = "exclude_empty_truth") -> np
     return _apply_policy(score, size_p, size_t, empty)
 
 
-class MeanJaccard(CumulativeIterationMetric):
+class _MeanOverScored(CumulativeIterationMetric):
+    """Accumulates a per-image score; ``aggregate`` averages the non-NaN ones (NaN if none)."""
+
+    def _score(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> np.ndarray:
+        raise NotImplementedError
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs):
+        if y is None:
+            raise ValueError(f"{type(self).__name__} needs the ground truth y")
+        return torch.as_tensor(self._score(y_pred, y, **kwargs))[:, None]
+
+    def aggregate(self) -> torch.Tensor:
+        """Mean over the images scored so far (NaN if none was scored)."""
+        data = self.get_buffer()
+        if data is None or data.numel() == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        values = data.reshape(-1)
+        scored = values[~torch.isnan(values)]
+        return scored.mean() if scored.numel() else torch.tensor(float("nan"), dtype=torch.float64)
+
+
+class MeanJaccard(_MeanOverScored):
     """Accumulates per-image Jaccard over iterations; ``aggregate`` gives the mean over scored
     images (NaN when none was scored: a mean of nothing is not reported as a number).
 
@@ -100,16 +121,5 @@ class MeanJaccard(CumulativeIterationMetric):
             raise ValueError(f"empty must be one of {EMPTY_POLICIES}, got {empty!r}")
         self.empty = empty
 
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs):
-        if y is None:
-            raise ValueError("MeanJaccard needs the ground truth y")
-        return torch.as_tensor(compute_jaccard(y_pred, y, empty=self.empty))[:, None]
-
-    def aggregate(self) -> torch.Tensor:
-        """Mean Jaccard over the images scored so far (NaN if none)."""
-        data = self.get_buffer()
-        if data is None or data.numel() == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64)
-        values = data.reshape(-1)
-        scored = values[~torch.isnan(values)]
-        return scored.mean() if scored.numel() else torch.tensor(float("nan"), dtype=torch.float64)
+    def _score(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> np.ndarray:
+        return compute_jaccard(y_pred, y, empty=self.empty)

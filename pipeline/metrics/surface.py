@@ -6,10 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import CumulativeIterationMetric
 from scipy import ndimage
 
-from pipeline.metrics.overlap import _as_flat_binary
+from pipeline.metrics.overlap import _as_flat_binary, _MeanOverScored
 
 __all__ = [
     "HausdorffDistance95",
@@ -191,27 +190,6 @@ def compute_hd95(y_pred, y, *, spacing: Spacing = None, percentile: float = 95.0
         if pred[b].any() and truth[b].any():
             out[b] = _directed_percentiles(pred[b], truth[b], sp[b], percentile)
     return out
-
-
-class _MeanOverScored(CumulativeIterationMetric):
-    """Accumulates a per-image score; ``aggregate`` averages the non-NaN ones (NaN if none)."""
-
-    def _score(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs) -> np.ndarray:
-        raise NotImplementedError
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs):
-        if y is None:
-            raise ValueError(f"{type(self).__name__} needs the ground truth y")
-        return torch.as_tensor(self._score(y_pred, y, **kwargs))[:, None]
-
-    def aggregate(self) -> torch.Tensor:
-        """Mean over the images scored so far (NaN if none was scored)."""
-        data = self.get_buffer()
-        if data is None or data.numel() == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64)
-        values = data.reshape(-1)
-        scored = values[~torch.isnan(values)]
-        return scored.mean() if scored.numel() else torch.tensor(float("nan"), dtype=torch.float64)
 
 
 class MeanPrecision(_MeanOverScored):
