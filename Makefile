@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mmcrf-installed
 PIP_FLAGS ?= --only-binary :all:
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-browser lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ lint: install
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not browser"
+
+# The HTML report in a real browser: installs Debian's chromium when missing (needs root).
+test-browser: install
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	$(BIN)/python -m pytest -m browser
 
 bench: install
 	$(BIN)/python benchmarks/bench_crf.py
