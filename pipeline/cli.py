@@ -244,7 +244,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     distributed.init_from_env()
     views = ["axial", "coronal", "sagittal"] if args.view == "all" else [args.view]
     models = _parse_runs(args.model) if any("=" in m for m in args.model) else args.model[0]
-    cases = find_cases(args.input, exclude=args.exclude)
+    cases = find_cases(args.input, exclude=args.exclude, root=args.root, splits=args.splits)
     predictor = VolumePredictor(models, views, workers=args.workers,
                                 batch_size=args.batch_size)
     try:
@@ -390,12 +390,18 @@ def _parser() -> argparse.ArgumentParser:
 
     inf = sub.add_parser("infer", help="segment a folder of NIfTI files / DICOM series")
     inf.add_argument("--input", required=True,
-                     help="NIfTI file, DICOM series folder, or a folder searched recursively")
+                     help="NIfTI file, DICOM series folder, a folder searched recursively, "
+                          "or a manifest (.json)")
     inf.add_argument("--output", required=True, help="output folder (masks + summary.csv)")
     inf.add_argument("--model", action="append", required=True,
                      help="checkpoint (e.g. runs/joint/best.pt), or VIEW=CHECKPOINT per view")
     inf.add_argument("--view", choices=["axial", "coronal", "sagittal", "all"],
                      default="axial", help="'all' fuses the three views' probabilities")
+    inf.add_argument("--root", default=None,
+                     help="data root of a manifest given as --input (default: its folder)")
+    inf.add_argument("--splits", nargs="+", default=None,
+                     choices=["training", "validation", "test"],
+                     help="manifest splits to segment (default: all)")
     inf.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN",
                      help="skip cases whose name matches (e.g. label '*_seg')")
     inf.add_argument("--cnn", action="store_true", help="also write the CNN-only mask")

@@ -156,3 +156,24 @@ def test_unusable_inputs_and_outputs_are_reported(model, tmp_path):
         run_batch([], tmp_path / "blocker" / "out", VolumePredictor(model), progress=False)
     with pytest.raises(ValueError, match="no model given for view"):
         VolumePredictor({"axial": model}, ["axial", "coronal"])
+
+
+def test_a_manifest_lists_the_cases(model, case, tmp_path):
+    import json
+
+    root = tmp_path / "data"
+    (root / "p1").mkdir(parents=True)
+    shutil.copy(case["image"], root / "p1" / "ct.nii.gz")
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"training": [{"image": "p1/ct.nii.gz"}],
+                                    "test": [{"image": "p2/missing.nii.gz"}]}))
+    cases = find_cases(manifest, root=root)
+    assert [c.name for c in cases] == ["p1/ct", "p2/missing"]
+    assert [c.name for c in find_cases(manifest, root=root, splits=["training"])] == ["p1/ct"]
+    rows = run_batch(cases, tmp_path / "out", VolumePredictor(model), progress=False)
+    status = {r["case"]: r["status"] for r in rows}
+    assert status == {"p1/ct": "ok", "p2/missing": "failed"}
+    assert "missing.nii.gz: no such file" in next(r["error"] for r in rows if r["case"] ==
+                                                    "p2/missing")
+    with pytest.raises(ValueError, match="lists no image"):
+        find_cases(manifest, root=root, splits=["validation"])

@@ -50,8 +50,27 @@ def _dicom_cases(folder: Path, root: Path) -> list[Case]:
             for i, uid in enumerate(sorted(series))]
 
 
+def _manifest_cases(path: Path, root: str | os.PathLike | None,
+                    splits: Sequence[str] | None) -> list[Case]:
+    from pipeline.data.manifests import SPLITS, load_manifest
+
+    manifest = load_manifest(path)
+    base = Path(root) if root is not None else path.parent
+    cases = []
+    for split in splits or SPLITS:
+        for entry in manifest.get(split, []) or []:
+            image = base / entry["image"]
+            kind = "dicom" if image.is_dir() else "nifti"
+            name = _nifti_name(image, base) if kind == "nifti" else Path(entry["image"]).as_posix()
+            cases.append(Case(name, image, kind))
+    if not cases:
+        raise ValueError(f"{path}: the manifest lists no image in {', '.join(splits or SPLITS)}")
+    return cases
+
+
 def find_cases(source: str | os.PathLike, *, recursive: bool = True,
-               exclude: Sequence[str] = ()) -> list[Case]:
+               exclude: Sequence[str] = (), root: str | os.PathLike | None = None,
+               splits: Sequence[str] | None = None) -> list[Case]:
     """All cases under ``source``.
 
     ``source`` may be a NIfTI file, a folder holding one DICOM series, or a folder scanned
@@ -64,9 +83,12 @@ def find_cases(source: str | os.PathLike, *, recursive: bool = True,
         FileNotFoundError: ``source`` does not exist.
         ValueError: nothing segmentable was found (the message names the folder).
     """
+    root_dir = root
     root = Path(source)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or folder")
+    if root.is_file() and root.suffix.lower() == ".json":
+        return _manifest_cases(root, root_dir, splits)
     if root.is_file():
         if not is_nifti(root):
             raise ValueError(f"{root}: unsupported input; expected a .nii/.nii.gz file, a DICOM "
