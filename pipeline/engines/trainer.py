@@ -409,7 +409,10 @@ class _Run:
 
     # ----- persistence --------------------------------------------------------------------
     def checkpoint(self, engine: Engine) -> dict[str, Any]:
-        sets = {k: torch.as_tensor(np.stack(v)) for k, v in self.loss.working_sets.items() if v}
+        # labellings are 0/1: kept as bits (8× smaller), with each set's K×H×W shape
+        sets = {k: torch.as_tensor(np.packbits(np.stack(v), axis=None))
+                for k, v in self.loss.working_sets.items() if v}
+        shapes = {k: list(np.shape(np.stack(v))) for k, v in self.loss.working_sets.items() if v}
         return {
             "mode": self.config.mode,
             "config": asdict(self.config),
@@ -418,6 +421,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "crf": None if self.weights is None else self.weights.as_array().tolist(),
             "working_sets": sets,
+            "working_set_shapes": shapes,
             "epoch": engine.state.epoch,
             "iteration": engine.state.iteration,
             "history": self.history,
@@ -432,8 +436,10 @@ class _Run:
         if payload.get("crf") is not None:
             self.weights = CRFWeights.from_array(payload["crf"])
             self.loss.weights = self.weights
-        self.loss.working_sets = {k: list(v.numpy()) for k, v in
-                                  (payload.get("working_sets") or {}).items()}
+        shapes = payload.get("working_set_shapes") or {}
+        self.loss.working_sets = {
+            k: list(np.unpackbits(v.numpy(), count=int(np.prod(shapes[k]))).reshape(shapes[k]))
+            for k, v in (payload.get("working_sets") or {}).items()}
 
     def _log(self, row: dict[str, Any]) -> None:
         path = self.run_dir / "log.csv"
