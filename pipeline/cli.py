@@ -167,6 +167,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
     from pipeline.reports import write_eval_table
 
+    if args.images:
+        from pipeline.inference.images import evaluate_image_folder, model_files
+
+        if not args.model:
+            raise ValueError("--images needs --model (a checkpoint or a bundle folder)")
+        runs = model_files(args.model)
+        rows = evaluate_image_folder(runs, args.images, args.out, colour=args.colour,
+                                     progress=args.progress)
+        for method in runs:
+            scores = [r["jaccard"] for r in rows if r["method"] == method and r["status"] == "ok"]
+            mean = f"{100 * sum(scores) / len(scores):.2f} %" if scores else "undefined"
+            print(f"  {method:10s} mean Jaccard {mean} over {len(scores)} images")
+        failed = {r["image"] for r in rows if r["status"] == "failed"}
+        print(f"wrote {args.out}/per_image.csv and {args.out}/<method>/<image>.png"
+              + (f"; {len(failed)} image(s) failed: {', '.join(sorted(failed))}" if failed
+                 else ""))
+        return 1 if failed else 0
     views = args.views or [args.view]
     root = args.root or (str(Path(args.out).parent / "demo_data") if args.data == "demo"
                          else None)
@@ -356,6 +373,12 @@ def _parser() -> argparse.ArgumentParser:
                         "image (evaluation table)")
     ev.add_argument("--run", action="append", default=[], metavar="METHOD=CHECKPOINT",
                     help="e.g. cnn=runs/cnn/best.pt (repeat for piecewise, joint)")
+    ev.add_argument("--model", default=None,
+                    help="with --images: a checkpoint, or a bundle folder (models/cnn.pt, "
+                         "piecewise.pt, joint.pt or model.pt)")
+    ev.add_argument("--images", default=None, metavar="DIR",
+                    help="score --model on every image of a folder laid out like the Weizmann "
+                         "set (rgb/, gray/, figure_ground/); --out is then a folder")
     ev.add_argument("--predictions", default=None, metavar="DIR",
                     help="score saved masks instead of runs (NIfTI volumes, or 0/255 PNGs)")
     ev.add_argument("--method", default=None, help="method name of --predictions")
@@ -384,7 +407,8 @@ def _parser() -> argparse.ArgumentParser:
                          "mask, for `mmcrf report --examples`")
     ev.add_argument("--examples-method", default=None,
                     help="method ranking the examples (default: joint, else the last --run)")
-    ev.add_argument("--out", required=True, help="evaluation table CSV to write")
+    ev.add_argument("--out", required=True,
+                    help="evaluation table CSV to write (a folder with --images)")
     ev.add_argument("--progress", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
 

@@ -1,0 +1,130 @@
+"""2-D image inference (photographs such as the Weizmann Horse set): CNN at its training
+size, CRF at the image's own resolution, masks written as 0/255 PNGs."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import Resize
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipeline.crf.inference import map_labelling
+from pipeline.data.horse import BrokenImageError, load_horse, scan_horse_folder
+from pipeline.data.writers import atomic_path
+from pipeline.engines.trainer import predict_probabilities
+from pipeline.inference.predictor import ViewModel
+from pipeline.metrics import compute_dice, compute_jaccard
+
+__all__ = ["IMAGE_TABLE_COLUMNS", "evaluate_image_folder", "model_files", "predict_image"]
+
+IMAGE_TABLE_COLUMNS: tuple[str, ...] = ("image", "method", "jaccard", "dice", "status",
+                                        "error", "mask_file")
+_METHOD_ORDER = ("cnn", "piecewise", "joint")
+
+
+def predict_image(vm: ViewModel, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Foreground probability and CRF mask (None without CRF weights) of one C×H×W image.
+
+    The CNN sees the image resized to its training size; its probability is resized back to
+    H×W, where the CRF runs with the image's own contrast.
+    """
+    x = torch.as_tensor(np.asarray(image, dtype=np.float32))
+    height, width = x.shape[-2:]
+    if vm.size:
+        x = torch.as_tensor(np.asarray(Resize((vm.size, vm.size), mode="bilinear")(x)))
+    prob = predict_probabilities(vm.model, x[None])
+    if vm.size:
+        prob = torch.as_tensor(np.asarray(Resize((height, width), mode="bilinear")(prob)))
+    prob_np = prob[0].numpy().clip(0.0, 1.0)
+    if vm.weights is None:
+        return prob_np, None
+    return prob_np, map_labelling(prob_np, np.asarray(image), vm.weights,
+                                  connectivity=vm.connectivity, beta=vm.beta)
+
+
+def model_files(model: str | os.PathLike) -> dict[str, Path]:
+    """Method → checkpoint: a checkpoint file itself (method from its training mode's file
+    name, e.g. ``joint.pt``; otherwise ``model``), or a bundle folder whose ``models/`` holds
+    ``cnn.pt``, ``piecewise.pt``, ``joint.pt`` and/or ``model.pt``."""
+    path = Path(model)
+    if path.is_file():
+        return {path.stem if path.stem in _METHOD_ORDER else "model": path}
+    folder = path / "models" if (path / "models").is_dir() else path
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path}: no such model file or bundle folder")
+    found = {p.stem: p for p in sorted(folder.glob("*.pt"))}
+    runs = {m: found[m] for m in _METHOD_ORDER if m in found}
+    if not runs and "model" in found:
+        runs = {"model": found["model"]}
+    if not runs:
+        raise FileNotFoundError(f"{folder}: no cnn.pt, piecewise.pt, joint.pt or model.pt")
+    return runs
+
+
+def _save_png(mask: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str | os.PathLike,
+                          out_dir: str | os.PathLike, *, colour: str = "rgb",
+                          progress: bool = True) -> list[dict]:
+    """Scores models on every image of a folder laid out like the Weizmann Horse set
+    (``rgb/``, ``gray/``, ``figure_ground/`` with the same names; no split file needed).
+
+    Writes ``<out>/<method>/<image>.png`` (0/255, the mask's size) and ``<out>/per_image.csv``
+    (columns :data:`IMAGE_TABLE_COLUMNS`). A CNN-only checkpoint is scored by thresholding at
+    0.5, one with CRF weights by its graph-cut mask. A broken rgb image is scored on its gray
+    twin (noted in the row); an image that cannot be used at all (unreadable, no mask) gets a
+    row with its error and the others carry on.
+
+    Returns:
+        The table's rows.
+    """
+    root = Path(images)
+    scan = scan_horse_folder(root)
+    names = scan.usable(colour)  # type: ignore[arg-type]
+    if not names:
+        raise ValueError(f"{root}: no image with a mask in {colour}/ and figure_ground/")
+    out = Path(out_dir)
+    loaded = {method: ViewModel.from_checkpoint(path) for method, path in models.items()}
+    rows: list[dict] = []
+    for name in tqdm(names, desc="images", disable=not progress):
+        try:
+            # a broken rgb image (e.g. horse318, almost all black) is scored on its gray twin,
+            # and the row says so
+            sample = load_horse(root, name, colour=colour,  # type: ignore[arg-type]
+                                on_broken="gray")
+        except (BrokenImageError, ValueError, FileNotFoundError) as err:
+            rows.extend({"image": name, "method": m, "status": "failed", "error": str(err)}
+                        for m in loaded)
+            continue
+        truth = sample.mask[None]
+        for method, vm in loaded.items():
+            prob, crf = predict_image(vm, sample.image)
+            mask = ((prob > 0.5) if crf is None else crf).astype(np.uint8)[None]
+            mask_file = out / method / f"{name}.png"
+            _save_png(mask[0], mask_file)
+            note = (f"{colour} image broken ({sample.defect}); scored on the gray image"
+                    if sample.fallback else "")
+            rows.append({"image": name, "method": method, "status": "ok", "error": note,
+                         "jaccard": float(compute_jaccard(mask, truth)[0]),
+                         "dice": float(compute_dice(mask, truth)[0]),
+                         "mask_file": mask_file.relative_to(out).as_posix()})
+    table = out / "per_image.csv"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(table)
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=IMAGE_TABLE_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(table)
+    return rows

@@ -1,0 +1,80 @@
+"""Scoring models on a folder of images laid out like the Weizmann set (no split file)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.samples import horse_samples
+from pipeline.engines import TrainConfig, train
+from pipeline.engines.checkpoint import export_model
+from pipeline.inference.images import model_files
+from tests.test_data_horse import MASK_H, MASK_W, SPLIT, _make_horse
+from tests.test_engines_training import TINY_NET
+
+RGB_NET = {**TINY_NET, "in_channels": 3}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A folder with models/cnn.pt and models/joint.pt trained on a tiny horse-like set."""
+    root = tmp_path_factory.mktemp("horse") / "train"
+    for seed, name in enumerate([*SPLIT["training"], *SPLIT["validation"]], start=1):
+        _make_horse(root, name, seed)
+    (root / "split.json").write_text(json.dumps(SPLIT))
+    samples = horse_samples(root, "training", size=32)
+    data = {"kind": "horse", "size": 32}
+    runs = tmp_path_factory.mktemp("runs")
+    cnn = train(TrainConfig(mode="cnn", epochs=8, batch_size=2, lr=1e-2, network=RGB_NET,
+                            data=data), samples, [], runs / "cnn")
+    pw = train(TrainConfig(mode="piecewise", C=10.0, network=RGB_NET, data=data), samples,
+               [], runs / "piecewise", init=cnn.last_checkpoint)
+    joint = train(TrainConfig(mode="joint", epochs=1, batch_size=2, network=RGB_NET,
+                              data=data), samples, [], runs / "joint", init=pw.last_checkpoint)
+    folder = tmp_path_factory.mktemp("bundle")
+    export_model(cnn.last_checkpoint, folder / "models" / "cnn.pt")
+    export_model(joint.last_checkpoint, folder / "models" / "joint.pt")
+    return folder
+
+
+def test_model_files_reads_a_bundle_or_a_checkpoint(bundle, tmp_path):
+    runs = model_files(bundle)
+    assert list(runs) == ["cnn", "joint"]
+    assert model_files(bundle / "models" / "joint.pt") == {"joint": bundle / "models" /
+                                                           "joint.pt"}
+    with pytest.raises(FileNotFoundError, match=r"no cnn\.pt"):
+        model_files(tmp_path)
+
+
+def test_evaluate_scores_any_horse_like_folder(bundle, tmp_path):
+    images = tmp_path / "unseen"
+    for seed, name in enumerate(["a1", "b2", "c3"], start=40):  # names never seen, no split
+        _make_horse(images, name, seed, broken=name == "c3")
+    out = tmp_path / "out"
+    exe = Path(sys.executable).parent / "mmcrf"
+    proc = subprocess.run([str(exe), "evaluate", "--model", str(bundle), "--images",
+                           str(images), "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    assert {"image", "method", "jaccard"} <= set(rows[0])
+    assert sorted((r["image"], r["method"]) for r in rows) == [
+        (n, m) for n in ("a1", "b2", "c3") for m in ("cnn", "joint")]
+    for row in rows:
+        mask = np.asarray(Image.open(out / row["method"] / f"{row['image']}.png"))
+        assert mask.shape == (MASK_H, MASK_W) and set(np.unique(mask)) <= {0, 255}
+        truth = np.asarray(Image.open(images / "figure_ground" / f"{row['image']}.jpg")
+                           .convert("L")) >= 128
+        pred = mask > 0
+        jaccard = (pred & truth).sum() / (pred | truth).sum()
+        assert float(row["jaccard"]) == pytest.approx(jaccard)
+    broken = [r for r in rows if r["image"] == "c3"]
+    assert all("scored on the gray image" in r["error"] for r in broken)
+    assert "mean Jaccard" in proc.stdout
