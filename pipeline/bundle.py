@@ -15,9 +15,11 @@ from pipeline.engines import DEFAULT_CONFIG, TrainConfig, distributed
 from pipeline.engines import train as train_run
 from pipeline.engines.evaluate import evaluate_runs
 from pipeline.inference import VolumePredictor, find_cases, run_batch
+from pipeline.inference.images import segment_image_folder
 from pipeline.reports import build_report, collect_provenance, write_eval_table, write_report
 
-__all__ = ["STAGES", "evaluate", "infer", "stage_checkpoint", "train"]
+__all__ = ["STAGES", "ensure_demo_data", "evaluate", "infer", "infer_images",
+           "stage_checkpoint", "train"]
 
 #: Training stages in order; each later stage starts from the one before.
 STAGES: tuple[str, ...] = ("cnn", "piecewise", "joint")
@@ -26,6 +28,22 @@ STAGES: tuple[str, ...] = ("cnn", "piecewise", "joint")
 def stage_checkpoint(output_dir: str | os.PathLike, mode: str, kind: str = "best") -> Path:
     """``<output_dir>/<mode>/<kind>.pt``."""
     return Path(output_dir) / mode / f"{kind}.pt"
+
+
+def ensure_demo_data(data_kind: str, folder: str) -> str:
+    """Writes the bundle's generated demo data to ``folder`` where it is missing (``demo``:
+    the CTA phantom cohort; ``horse_demo``: the horse-like image set). Configs call it only
+    when the input is the bundle's own demo folder, never for a user's path."""
+    from pipeline.data.phantoms import demo_cohort_manifest, write_horse_like_set
+
+    if data_kind == "demo":
+        demo_cohort_manifest(folder)
+    elif data_kind == "horse_demo":
+        if not (Path(folder) / "split.json").exists():
+            write_horse_like_set(folder)
+    else:
+        raise ValueError(f"no demo data for data kind {data_kind!r}")
+    return folder
 
 
 def _data(data_kind, dataset_dir, manifest, view, size):
@@ -118,4 +136,22 @@ def infer(*, input_dir: str, output_dir: str, model_file: str, view: str = "axia
         raise RuntimeError(f"{len(failed)} of {len(rows)} case(s) failed, see "
                            f"{output_dir}/summary.csv: " + "; ".join(
                                f"{r['case']}: {r['error']}" for r in failed))
+    return rows
+
+
+def infer_images(*, input_dir: str, output_dir: str, model_file: str, colour: str = "rgb",
+                 overwrite: bool = False) -> list[dict]:
+    """Segments every JPEG/PNG image under ``input_dir`` (its ``rgb/`` sub-folder for a
+    Weizmann-style folder) into 0/255 PNG masks of each image's size, plus ``summary.csv``.
+
+    Raises:
+        RuntimeError: some images failed (the summary says which and why).
+    """
+    rows = segment_image_folder(model_file, input_dir, output_dir, colour=colour,
+                                overwrite=overwrite)
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(rows)} image(s) failed, see "
+                           f"{output_dir}/summary.csv: " + "; ".join(
+                               f"{r['image']}: {r['error']}" for r in failed))
     return rows

@@ -24,8 +24,9 @@ TENSOR_KEYS = {"type": str, "format": str, "num_channels": int, "spatial_shape":
                "dtype": str, "value_range": list, "is_patch_data": bool, "channel_def": dict}
 
 
-def test_there_is_a_bundle_to_check():
-    assert any(b.name == "cta_pericardium_crf" for b in BUNDLES)
+def test_there_are_bundles_to_check():
+    names = {b.name for b in BUNDLES}
+    assert {"cta_pericardium_crf", "weizmann_horse_crf"} <= names
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
@@ -43,9 +44,13 @@ def test_metadata_has_the_specs_mandatory_keys_and_types(bundle):
     jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
     for name in ("LICENSE", "docs/README.md", "configs/train.json", "configs/evaluate.json",
                  "configs/inference.json", "configs/multi_gpu_train.json",
-                 "configs/multi_gpu_evaluate.json", "configs/logging.conf", "models/model.pt"):
+                 "configs/multi_gpu_evaluate.json", "configs/logging.conf"):
         assert (bundle / name).is_file(), f"{bundle.name} lacks {name}"
-    assert (bundle / "models" / "model.pt").stat().st_size <= 25 * 2**20
+    models = list((bundle / "models").glob("*.pt"))
+    assert models, f"{bundle.name} ships no model"
+    for model in models:  # the model zoo's limit, and loadable without unpickling
+        assert model.stat().st_size <= 25 * 2**20
+        assert "model" in torch.load(model, map_location="cpu", weights_only=True)
 
 
 def _monai_bundle(bundle_dir: Path, *args: str, torchrun: bool = False):
@@ -130,3 +135,38 @@ def test_verify_metadata_with_the_schema_on_disk(cta_bundle):
                            "configs/bad.json", "--filepath", str(SCHEMA)], cwd=cta_bundle,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "num_channels" in proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def horse_bundle(tmp_path_factory):
+    dst = tmp_path_factory.mktemp("bundle") / "weizmann_horse_crf"
+    shutil.copytree(REPO / "bundles" / "weizmann_horse_crf", dst,
+                    ignore=shutil.ignore_patterns("runs*", "demo_data", "eval", "*.ts"))
+    return dst
+
+
+def test_horse_bundle_runs_out_of_the_box(horse_bundle):
+    proc = _monai_bundle(horse_bundle, "run", "--config_file", "configs/inference.json")
+    assert "images: 16" in proc.stdout
+    masks = sorted((horse_bundle / "eval").glob("*.png"))
+    assert len(masks) == 16
+    _monai_bundle(horse_bundle, "run", "--config_file", "configs/train.json", "--size", "32",
+                  "--epochs", "1")
+    payload = torch.load(horse_bundle / "runs" / "cnn" / "last.pt", weights_only=True)
+    assert payload["network"]["in_channels"] == 3
+
+
+def test_horse_models_score_any_weizmann_style_folder(horse_bundle, tmp_path):
+    from pipeline.data.phantoms import write_horse_like_set
+
+    images = write_horse_like_set(tmp_path / "photos", n_training=3, n_validation=1, seed=9)
+    exe = Path(sys.executable).parent / "mmcrf"
+    proc = subprocess.run([str(exe), "evaluate", "--model", str(horse_bundle), "--images",
+                           str(images), "--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "out" / "per_image.csv").read_text().splitlines()
+    assert table[0].startswith("image,method,jaccard")
+    assert len(table) == 1 + 4 * 3  # four images x cnn, piecewise, joint
+    for method in ("cnn", "piecewise", "joint"):
+        assert len(list((tmp_path / "out" / method).glob("*.png"))) == 4

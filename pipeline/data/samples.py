@@ -77,8 +77,9 @@ def training_sets(kind: str, *, root: str | os.PathLike | None = None,
 
     Args:
         kind: ``demo`` (the CTA phantom cohort, written to ``root`` if absent), ``cta`` (a
-            manifest of volumes, sliced along ``view``) or ``horse`` (the Weizmann Horse
-            folder ``root`` with its ``split.json``).
+            manifest of volumes, sliced along ``view``), ``horse`` (the Weizmann Horse
+            folder ``root`` with its ``split.json``) or ``horse_demo`` (a generated
+            horse-like set in the same layout, written to ``root`` if absent).
         root: data root.
         manifest: manifest path (``cta``).
         view: CTA view.
@@ -95,6 +96,16 @@ def training_sets(kind: str, *, root: str | os.PathLike | None = None,
     from pipeline.data.manifests import load_manifest, manifest_entries
     from pipeline.data.phantoms import demo_cohort_manifest
 
+    if kind == "horse_demo":
+        from pathlib import Path
+
+        from pipeline.data.phantoms import write_horse_like_set
+
+        if root is None:
+            raise ValueError("horse_demo data needs a root folder to write the images to")
+        if not (Path(root) / "split.json").exists():
+            write_horse_like_set(root)
+        kind = "horse"
     if kind == "horse":
         if root is None:
             raise ValueError("horse data needs --root (the weizmann_horse folder)")
@@ -109,6 +120,7 @@ def training_sets(kind: str, *, root: str | os.PathLike | None = None,
             raise ValueError("cta data needs --manifest and --root")
         spec = load_manifest(manifest)
     else:
-        raise ValueError(f"data kind must be 'demo', 'cta' or 'horse', got {kind!r}")
+        raise ValueError(f"data kind must be 'demo', 'cta', 'horse' or 'horse_demo', "
+                         f"got {kind!r}")
     return (cta_samples(manifest_entries(spec, root, ["training"]), view, size=size),
             cta_samples(manifest_entries(spec, root, ["validation"]), view, size=size))

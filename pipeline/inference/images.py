@@ -21,7 +21,12 @@ from pipeline.engines.trainer import predict_probabilities
 from pipeline.inference.predictor import ViewModel
 from pipeline.metrics import compute_dice, compute_jaccard
 
-__all__ = ["IMAGE_TABLE_COLUMNS", "evaluate_image_folder", "model_files", "predict_image"]
+__all__ = ["IMAGE_SUMMARY_COLUMNS", "IMAGE_TABLE_COLUMNS", "evaluate_image_folder",
+           "model_files", "predict_image", "segment_image_folder"]
+
+IMAGE_SUMMARY_COLUMNS: tuple[str, ...] = ("image", "output", "status", "error",
+                                          "foreground_fraction", "seconds")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 IMAGE_TABLE_COLUMNS: tuple[str, ...] = ("image", "method", "jaccard", "dice", "status",
                                         "error", "mask_file")
@@ -127,4 +132,66 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(table)
+    return rows
+
+
+def _read_image(path: Path, colour: str) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB" if colour == "rgb" else "L"), dtype=np.float32)
+    except Exception as err:
+        raise ValueError(f"{path}: unreadable image ({err})") from None
+    arr = arr / 255.0
+    return arr.transpose(2, 0, 1) if arr.ndim == 3 else arr[None]
+
+
+def segment_image_folder(model: str | os.PathLike, images: str | os.PathLike,
+                         out_dir: str | os.PathLike, *, colour: str = "rgb",
+                         overwrite: bool = False, progress: bool = True) -> list[dict]:
+    """Segments every JPEG/PNG image under ``images`` (its ``rgb/`` or ``gray/`` sub-folder
+    for a Weizmann-style folder) into ``<out>/<relative name>.png`` (0/255, the image's size).
+
+    Outputs are written under temporary names and renamed; existing masks are skipped unless
+    ``overwrite``; an unreadable image is reported in ``summary.csv`` and the others carry on.
+
+    Returns:
+        One summary row per image.
+    """
+    import time
+
+    root = Path(images)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such image folder")
+    source = root / colour if (root / colour).is_dir() else root
+    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{source}: no .jpg/.png images found")
+    vm = ViewModel.from_checkpoint(model)
+    out = Path(out_dir)
+    rows = []
+    for path in tqdm(files, desc="images", disable=not progress):
+        rel = path.relative_to(source).with_suffix(".png")
+        target = out / rel
+        row = {"image": str(path), "output": str(target), "status": "", "error": ""}
+        start = time.perf_counter()
+        if target.exists() and not overwrite:
+            row.update(status="skipped", error="output exists (use overwrite to redo)")
+        else:
+            try:
+                prob, crf = predict_image(vm, _read_image(path, colour))
+                mask = (prob > 0.5) if crf is None else crf
+                _save_png(mask, target)
+                row.update(status="ok", foreground_fraction=round(float(mask.mean()), 4))
+            except (ValueError, OSError) as err:
+                row.update(status="failed", error=str(err))
+        row["seconds"] = round(time.perf_counter() - start, 3)
+        rows.append(row)
+    summary = out / "summary.csv"
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(summary)
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=IMAGE_SUMMARY_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(summary)
     return rows

@@ -17,6 +17,7 @@ from pipeline.data.phantoms.echo import (
     write_echo_cine,
     write_echo_phantom,
 )
+from pipeline.data.phantoms.horse_like import write_horse_like_set
 
 __all__ = [
     "DEMO_COHORT",
@@ -31,4 +32,5 @@ __all__ = [
     "write_cta_phantom",
     "write_echo_cine",
     "write_echo_phantom",
+    "write_horse_like_set",
 ]
