@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -12,7 +11,7 @@ from PIL import Image
 
 from pipeline.data.cta import cta_slice_transforms, run_transforms
 from pipeline.data.views import VIEWS
-from pipeline.data.writers import atomic_path, write_nifti
+from pipeline.data.writers import atomic_path, write_csv, write_nifti
 
 __all__ = ["INDEX_COLUMNS", "export_slices"]
 
@@ -91,11 +90,5 @@ def export_slices(cases: Iterable[Mapping], out_dir: str | os.PathLike, *,
                 "image_file": image_file.relative_to(out).as_posix(),
                 "label_file": label_file.relative_to(out).as_posix() if has_label else "",
             })
-    index = out / "index.csv"
-    tmp = atomic_path(index)
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=INDEX_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(index)
+    index = write_csv(rows, out / "index.csv", INDEX_COLUMNS)
     return index

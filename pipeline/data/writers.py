@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-__all__ = ["atomic_path", "write_dicom_series", "write_nifti"]
+__all__ = ["atomic_path", "write_csv", "write_dicom_series", "write_nifti"]
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -20,6 +22,19 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 def atomic_path(path: Path) -> Path:
     """A temporary sibling of ``path`` (same folder, so the final rename is atomic)."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_csv(rows: Iterable[Mapping], path: str | os.PathLike, columns: Sequence[str]) -> Path:
+    """Writes rows as CSV with the given columns (extra keys ignored), atomically."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(out)
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out)
+    return out
 
 
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, *,

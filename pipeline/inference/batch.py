@@ -3,7 +3,6 @@ re-runs skip finished cases, torchrun shards cases across ranks."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -14,7 +13,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.data.readers import read_volume
-from pipeline.data.writers import atomic_path, write_nifti
+from pipeline.data.writers import atomic_path, write_csv, write_nifti
 from pipeline.engines import distributed as dist
 from pipeline.inference.discovery import Case
 from pipeline.inference.predictor import VolumePredictor
@@ -45,12 +44,7 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def _write_table(rows: list[dict], path: Path) -> None:
-    tmp = atomic_path(path)
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    write_csv(rows, path, SUMMARY_COLUMNS)
     tmp_json = atomic_path(path.with_suffix(".json"))
     tmp_json.write_text(json.dumps(rows, indent=2) + "\n")
     tmp_json.replace(path.with_suffix(".json"))

@@ -3,7 +3,6 @@ size, CRF at the image's own resolution, masks written as 0/255 PNGs."""
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +15,7 @@ from tqdm.auto import tqdm
 
 from pipeline.crf.inference import map_labelling
 from pipeline.data.horse import BrokenImageError, load_horse, scan_horse_folder
-from pipeline.data.writers import atomic_path
+from pipeline.data.writers import atomic_path, write_csv
 from pipeline.engines.trainer import predict_probabilities
 from pipeline.inference.predictor import ViewModel
 from pipeline.metrics import compute_dice, compute_jaccard
@@ -124,14 +123,7 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
                          "jaccard": float(compute_jaccard(mask, truth)[0]),
                          "dice": float(compute_dice(mask, truth)[0]),
                          "mask_file": mask_file.relative_to(out).as_posix()})
-    table = out / "per_image.csv"
-    table.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(table)
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=IMAGE_TABLE_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(table)
+    write_csv(rows, out / "per_image.csv", IMAGE_TABLE_COLUMNS)
     return rows
 
 
@@ -186,12 +178,5 @@ def segment_image_folder(model: str | os.PathLike, images: str | os.PathLike,
                 row.update(status="failed", error=str(err))
         row["seconds"] = round(time.perf_counter() - start, 3)
         rows.append(row)
-    summary = out / "summary.csv"
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(summary)
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=IMAGE_SUMMARY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(summary)
+    write_csv(rows, out / "summary.csv", IMAGE_SUMMARY_COLUMNS)
     return rows
