@@ -31,9 +31,23 @@ from pipeline.metrics import compute_jaccard
 from pipeline.networks import FCN8s
 
 __all__ = ["MODES", "TrainConfig", "TrainResult", "build_model", "predict_probabilities",
-           "train"]
+           "previous_stage_checkpoint", "stage_checkpoint", "train"]
 
+#: The training modes, in the order they are run: each later one starts from the one before.
 MODES: tuple[str, ...] = ("cnn", "piecewise", "joint")
+
+
+def stage_checkpoint(runs_dir: str | os.PathLike, mode: str) -> Path:
+    """The best checkpoint of a mode's run in a runs folder: ``<runs_dir>/<mode>/best.pt``."""
+    return Path(runs_dir) / mode / "best.pt"
+
+
+def previous_stage_checkpoint(runs_dir: str | os.PathLike, mode: str) -> Path | None:
+    """The checkpoint a mode starts from: the previous mode's best (None for ``cnn``)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    index = MODES.index(mode)
+    return None if index == 0 else stage_checkpoint(runs_dir, MODES[index - 1])
 
 
 @dataclass
@@ -249,8 +263,8 @@ class _Run:
                                              weight_decay=config.weight_decay)
         self.pool = GraphCutPool(config.graphcut_workers) if config.graphcut_workers else None
         self.loss = MaxMarginLoss(config.C, connectivity=config.connectivity, beta=config.beta,
-                                  tol=config.tol, max_iterations=config.max_cp_iterations)
-        self.loss._pool = self.pool
+                                  tol=config.tol, max_iterations=config.max_cp_iterations,
+                                  pool=self.pool)
         self.weights: CRFWeights | None = None
         self.train_loader = _loader(train_samples, config.batch_size, shuffle=True,
                                     seed=config.seed)
@@ -399,11 +413,13 @@ class _Run:
         row["seconds"] = time.perf_counter() - self.epoch_time
         self.history.append(row)
         if dist.is_main():
-            self._log(row)
+            # checkpoint first: a logged epoch always has its checkpoint, so a run killed in
+            # between resumes that epoch without logging it twice
             payload = self.checkpoint(engine)
             save_checkpoint(payload, self.run_dir / "last.pt")
             if improved or not (self.run_dir / "best.pt").exists():
                 save_checkpoint(payload, self.run_dir / "best.pt")
+            self._log(row)
         if self.config.patience is not None and self.stale >= self.config.patience:
             engine.terminate()
 
