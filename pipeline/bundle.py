@@ -7,27 +7,34 @@ GHSA-873f-pvrv-4x83); checkpoints are loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pipeline.data.samples import training_sets
-from pipeline.engines import DEFAULT_CONFIG, TrainConfig, distributed
+from pipeline.engines import (
+    DEFAULT_CONFIG,
+    MODES,
+    TrainConfig,
+    distributed,
+    previous_stage_checkpoint,
+    stage_checkpoint,
+)
 from pipeline.engines import train as train_run
 from pipeline.engines.evaluate import evaluate_runs
 from pipeline.inference import VolumePredictor, find_cases, run_batch
 from pipeline.inference.images import segment_image_folder
 from pipeline.reports import build_report, collect_provenance, write_eval_table, write_report
 
-__all__ = ["STAGES", "ensure_demo_data", "evaluate", "infer", "infer_images",
-           "stage_checkpoint", "train"]
-
-#: Training stages in order; each later stage starts from the one before.
-STAGES: tuple[str, ...] = ("cnn", "piecewise", "joint")
+__all__ = ["ensure_demo_data", "evaluate", "infer", "infer_images", "train"]
 
 
-def stage_checkpoint(output_dir: str | os.PathLike, mode: str, kind: str = "best") -> Path:
-    """``<output_dir>/<mode>/<kind>.pt``."""
-    return Path(output_dir) / mode / f"{kind}.pt"
+def _raise_if_failed(rows: list[dict], output_dir: str, key: str) -> list[dict]:
+    """The rows, or RuntimeError naming every failed ``key`` (case or image) and its error."""
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(rows)} {key}(s) failed, see "
+                           f"{output_dir}/summary.csv: " + "; ".join(
+                               f"{r[key]}: {r['error']}" for r in failed))
+    return rows
 
 
 def ensure_demo_data(data_kind: str, folder: str) -> str:
@@ -67,19 +74,16 @@ def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: st
         The stage's best checkpoint.
     """
     distributed.init_from_env()
-    if mode not in STAGES:
-        raise ValueError(f"mode must be one of {STAGES}, got {mode!r}")
+    if init is None:
+        previous = previous_stage_checkpoint(output_dir, mode)
+        if previous is not None and not previous.is_file():
+            raise FileNotFoundError(f"{previous}: train the {previous.parent.name} stage first "
+                                    f"(--mode {previous.parent.name}) or give --init")
+        init = None if previous is None else str(previous)
     config = TrainConfig.from_json(preset or DEFAULT_CONFIG, mode=mode, epochs=epochs)
     config.network = {**config.network, "in_channels": in_channels}
     config.data = {"kind": data_kind, "view": view, "size": size,
                    "hu_window": [-200.0, 800.0]}
-    if init is None and mode != "cnn":
-        previous = STAGES[STAGES.index(mode) - 1]
-        init = str(stage_checkpoint(output_dir, previous,
-                                    "last" if previous == "piecewise" else "best"))
-        if not Path(init).is_file():
-            raise FileNotFoundError(f"{init}: train the {previous} stage first "
-                                    f"(--mode {previous}) or give --init")
     train_set, val_set = _data(data_kind, dataset_dir, manifest, view, size)
     result = train_run(config, train_set, val_set, Path(output_dir) / mode, init=init,
                        resume=resume, progress=progress)
@@ -92,7 +96,7 @@ def evaluate(*, dataset_dir: str, output_dir: str, data_kind: str = "demo",
     """Scores every trained stage in ``output_dir`` (or the bundle's model) on the validation
     split and writes ``evaluation.csv`` and the report in ``<output_dir>/report/``."""
     distributed.init_from_env()
-    runs = {m: str(stage_checkpoint(output_dir, m)) for m in STAGES
+    runs = {m: str(stage_checkpoint(output_dir, m)) for m in MODES
             if stage_checkpoint(output_dir, m).is_file()}
     if not runs and model_file is not None and Path(model_file).is_file():
         runs = {"model": model_file}
@@ -104,7 +108,7 @@ def evaluate(*, dataset_dir: str, output_dir: str, data_kind: str = "demo",
     rows = evaluate_runs(runs, val_set, progress=progress)
     out = Path(output_dir)
     table = write_eval_table(rows, out / "evaluation.csv")
-    log = stage_checkpoint(output_dir, "joint").parent / "log.csv"
+    log = Path(output_dir) / "joint" / "log.csv"
     report = build_report([table], training_log=log if log.is_file() else None,
                           provenance=collect_provenance({"view": view, "size": size},
                                                         manifest),
@@ -131,12 +135,7 @@ def infer(*, input_dir: str, output_dir: str, model_file: str, view: str = "axia
                          write_probability=write_probability, progress=distributed.is_main())
     finally:
         predictor.close()
-    failed = [r for r in rows if r["status"] == "failed"]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(rows)} case(s) failed, see "
-                           f"{output_dir}/summary.csv: " + "; ".join(
-                               f"{r['case']}: {r['error']}" for r in failed))
-    return rows
+    return _raise_if_failed(rows, output_dir, "case")
 
 
 def infer_images(*, input_dir: str, output_dir: str, model_file: str, colour: str = "rgb",
@@ -149,9 +148,4 @@ def infer_images(*, input_dir: str, output_dir: str, model_file: str, colour: st
     """
     rows = segment_image_folder(model_file, input_dir, output_dir, colour=colour,
                                 overwrite=overwrite)
-    failed = [r for r in rows if r["status"] == "failed"]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(rows)} image(s) failed, see "
-                           f"{output_dir}/summary.csv: " + "; ".join(
-                               f"{r['image']}: {r['error']}" for r in failed))
-    return rows
+    return _raise_if_failed(rows, output_dir, "image")

@@ -110,7 +110,13 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
         The result, with the per-method mean Jaccard on the validation phantoms.
     """
     from pipeline.data.samples import training_sets
-    from pipeline.engines import DEFAULT_CONFIG, TrainConfig, train
+    from pipeline.engines import (
+        DEFAULT_CONFIG,
+        MODES,
+        TrainConfig,
+        previous_stage_checkpoint,
+        train,
+    )
     from pipeline.engines.evaluate import evaluate_runs_with_examples
     from pipeline.reports import (
         build_report,
@@ -127,13 +133,10 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
     log(f"demo data: {len(train_set)} training / {len(val_set)} validation axial slices "
         f"({size}x{size}) of the CTA phantom cohort in {out / 'demo_data'}")
     runs: dict[str, str] = {}
-    stages = [("cnn", cnn_epochs, None), ("piecewise", None, "cnn"), ("joint", joint_epochs,
-                                                                      "piecewise")]
-    for mode, epochs, init_from in stages:
-        cfg = TrainConfig.from_json(preset, mode=mode, epochs=epochs)
-        init = runs.get(init_from) if init_from else None
-        if mode == "joint":
-            init = str(out / "runs" / "piecewise" / "last.pt")
+    epochs_of = {"cnn": cnn_epochs, "piecewise": None, "joint": joint_epochs}
+    for mode in MODES:
+        cfg = TrainConfig.from_json(preset, mode=mode, epochs=epochs_of[mode])
+        init = previous_stage_checkpoint(out / "runs", mode)
         log(f"training {mode} ({cfg.epochs if mode != 'piecewise' else 1} epoch(s)) ...")
         result = train(cfg, train_set, val_set, out / "runs" / mode, init=init,
                        progress=progress)

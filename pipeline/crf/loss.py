@@ -50,6 +50,8 @@ class MaxMarginLoss(torch.nn.Module):
         initial_weights: CRF weights for the first batch.
         solver_options: Clarabel settings.
         workers: graph-cut worker processes, started on the first batch (0: in this process).
+        pool: a graph-cut pool owned by the caller (used instead of ``workers``; ``close``
+            leaves it running).
 
     Attributes:
         weights: the CRF weights learned on the last batch.
@@ -60,7 +62,8 @@ class MaxMarginLoss(torch.nn.Module):
     def __init__(self, C: float = 1.0, *, connectivity: int = 4, beta: float | None = None,
                  tol: float = DEFAULT_TOL, max_iterations: int = 100,
                  initial_weights: CRFWeights | None = None,
-                 solver_options: dict | None = None, workers: int = 0) -> None:
+                 solver_options: dict | None = None, workers: int = 0,
+                 pool: GraphCutPool | None = None) -> None:
         super().__init__()
         if not np.isfinite(C) or C <= 0:
             raise ValueError(f"C must be a positive finite number, got {C!r}")
@@ -77,7 +80,8 @@ class MaxMarginLoss(torch.nn.Module):
         self.last_result: LearningResult | None = None
         self._qps: dict[int, MarginQP] = {}
         self.workers = int(workers)
-        self._pool: GraphCutPool | None = None
+        self._pool: GraphCutPool | None = pool
+        self._owns_pool = pool is None
 
     @staticmethod
     def foreground_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -94,13 +98,13 @@ class MaxMarginLoss(torch.nn.Module):
         return self._qps[n_samples]
 
     def _get_pool(self) -> GraphCutPool | None:
-        if self.workers > 0 and self._pool is None:
+        if self._pool is None and self.workers > 0:
             self._pool = GraphCutPool(self.workers)
         return self._pool
 
     def close(self) -> None:
-        """Stops the graph-cut workers, if any."""
-        if self._pool is not None:
+        """Stops the graph-cut workers this module started, if any."""
+        if self._pool is not None and self._owns_pool:
             self._pool.close()
             self._pool = None
 

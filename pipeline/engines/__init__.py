@@ -11,6 +11,8 @@ from pipeline.engines.trainer import (
     TrainResult,
     build_model,
     predict_probabilities,
+    previous_stage_checkpoint,
+    stage_checkpoint,
     train,
 )
 
@@ -25,6 +27,8 @@ __all__ = [
     "build_model",
     "load_checkpoint",
     "predict_probabilities",
+    "previous_stage_checkpoint",
     "save_checkpoint",
+    "stage_checkpoint",
     "train",
 ]
