@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from pipeline.crf import CRFWeights, GraphCutPool, MarginQP, MaxMarginLoss, learn_weights
 from pipeline.crf.inference import map_labelling
 from pipeline.engines import distributed as dist
+from pipeline.engines.augment import Augmentation
 from pipeline.engines.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -70,7 +71,9 @@ class TrainConfig:
         ce_weight: joint mode: weight of an added pixelwise cross-entropy term (0 = paper).
         val_interval: validate every N epochs.
         patience: early stopping after N validations without improvement (None: off).
-        augment: random horizontal/vertical flips of training batches.
+        augment: False (none), True (random horizontal and vertical flips) or a mapping of
+            :class:`~pipeline.engines.augment.Augmentation` settings (flips, zoom, rotation,
+            shift, brightness/contrast jitter).
         seed: seed of sampling, augmentation and initialisation.
         graphcut_workers: processes for graph cuts (0: in the training process).
         network: FCN8s arguments (``preset``: ``lite`` or ``paper``, plus keyword arguments).
@@ -92,7 +95,7 @@ class TrainConfig:
     ce_weight: float = 0.0
     val_interval: int = 1
     patience: int | None = None
-    augment: bool = False
+    augment: bool | dict[str, Any] = False
     seed: int = 0
     graphcut_workers: int = 0
     network: dict[str, Any] = field(default_factory=lambda: {"preset": "lite",
@@ -109,6 +112,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not self.lr > 0 or not self.C > 0:
             raise ValueError("lr and C must be > 0")
+        Augmentation.from_config(self.augment)  # a bad setting fails here, not mid-run
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -222,14 +226,6 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + dist.rank() * 104_729) % (2**31)
 
 
-def _flip(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator):
-    if torch.rand((), generator=generator) < 0.5:
-        images, labels = images.flip(-1), labels.flip(-1)
-    if torch.rand((), generator=generator) < 0.5:
-        images, labels = images.flip(-2), labels.flip(-2)
-    return images, labels
-
-
 def _batch_jaccard(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
     pred = (MaxMarginLoss.foreground_logits(logits.detach()) > 0).cpu().numpy().astype(np.uint8)
     return compute_jaccard(pred, labels[:, 0].cpu().numpy().astype(np.uint8)).tolist()
@@ -278,6 +274,7 @@ class _Run:
         self.epoch_stats: dict[str, list] = {}
         self.piecewise_data: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.generator = torch.Generator()
+        self.augmentation = Augmentation.from_config(config.augment)
 
     # ----- one iteration per mode -------------------------------------------------------
     def step(self, engine: Engine, batch: dict) -> dict:
@@ -290,8 +287,8 @@ class _Run:
                                strict=True):
                 self.piecewise_data.append((p, x, y.astype(np.uint8)))
             return {}
-        if self.config.augment:
-            images, labels = _flip(images, labels, self.generator)
+        if self.augmentation is not None:
+            images, labels = self.augmentation(images, labels, self.generator)
         self.net.train()
         self.optimizer.zero_grad()
         logits = self.net(images)
