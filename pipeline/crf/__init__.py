@@ -23,6 +23,7 @@ from pipeline.crf.inference import (
 )
 from pipeline.crf.learning import LearningResult, cutting_plane, envelope_gradient, learn_weights
 from pipeline.crf.qp import MarginQP, QPSolution
+from pipeline.crf.volume import volume_energy, volume_map_labelling
 
 __all__ = [
     "CONNECTIVITIES",
@@ -42,6 +43,8 @@ __all__ = [
     "learn_weights",
     "loss_augmented_labelling",
     "map_labelling",
+    "volume_energy",
+    "volume_map_labelling",
 ]
 
 

@@ -75,40 +75,53 @@ class CRFWeights:
 
 @dataclass(frozen=True)
 class _Edges:
-    """One edge direction of the grid: node (r, c) is joined to (r + dr, c + dc)."""
+    """One edge direction of the grid: node (r, c) is joined to (r + dr, c + dc).
 
-    offset: tuple[int, int]
-    src: tuple[slice, slice]
-    dst: tuple[slice, slice]
+    The same holds on an N-D grid (a volume): node p is joined to p + offset.
+    """
+
+    offset: tuple[int, ...]
+    src: tuple[slice, ...]
+    dst: tuple[slice, ...]
     contrast: np.ndarray  # H×W, exp(−β‖x_i−x_j‖²) at the source node, 0 where no edge starts
 
     @property
     def structure(self) -> np.ndarray:
-        """The 3×3 PyMaxflow structure that selects this single offset."""
-        structure = np.zeros((3, 3), dtype=np.float64)
-        structure[1 + self.offset[0], 1 + self.offset[1]] = 1.0
+        """The 3×3 (3×3×3 on a volume) PyMaxflow structure that selects this single offset."""
+        structure = np.zeros((3,) * len(self.offset), dtype=np.float64)
+        structure[tuple(1 + d for d in self.offset)] = 1.0
         return structure
 
 
-def _edge_slices(shape: tuple[int, int], offset: tuple[int, int]) -> tuple[tuple, tuple]:
-    height, width = shape
-    dr, dc = offset
-    rows_src, rows_dst = slice(0, height - dr), slice(dr, height)
-    if dc >= 0:
-        cols_src, cols_dst = slice(0, width - dc), slice(dc, width)
-    else:
-        cols_src, cols_dst = slice(-dc, width), slice(0, width + dc)
-    return (rows_src, cols_src), (rows_dst, cols_dst)
+#: How the spatial axes are named in messages, by number of axes.
+_AXES = {2: "H×W", 3: "D×H×W"}
 
 
-def _as_channels(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Returns the image as C×H×W float64; raises ValueError if it does not match ``shape``."""
+def _edge_slices(shape: tuple[int, ...], offset: tuple[int, ...]) -> tuple[tuple, tuple]:
+    """Source and destination slices of the edges p → p + offset that stay inside ``shape``."""
+    src, dst = [], []
+    for size, d in zip(shape, offset, strict=True):
+        if d >= 0:
+            src.append(slice(0, size - d))
+            dst.append(slice(d, size))
+        else:
+            src.append(slice(-d, size))
+            dst.append(slice(0, size + d))
+    return tuple(src), tuple(dst)
+
+
+def _as_channels(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Returns the image as C×H×W (C×D×H×W for a 3-D ``shape``) float64; raises ValueError
+    if it does not match ``shape``."""
     img = np.asarray(image)
-    if img.ndim == 2:
+    spatial = len(shape)
+    axes = _AXES.get(spatial, "×".join(["N"] * spatial))
+    if img.ndim == spatial:
         img = img[None]
-    if img.ndim != 3 or img.shape[1:] != shape:
+    if img.ndim != spatial + 1 or img.shape[1:] != tuple(shape):
         raise ValueError(
-            f"image must be H×W or C×H×W with H×W = {shape}, got shape {np.shape(image)}"
+            f"image must be {axes} or C×{axes} with {axes} = {tuple(shape)}, "
+            f"got shape {np.shape(image)}"
         )
     if not np.issubdtype(img.dtype, np.number) or np.issubdtype(img.dtype, np.complexfloating):
         raise ValueError(f"image must be real-valued, got dtype {img.dtype}")
@@ -125,13 +138,53 @@ def _check_connectivity(connectivity: int) -> tuple[tuple[int, int], ...]:
 
 
 def _squared_differences(image: np.ndarray, offsets) -> list[tuple[np.ndarray, tuple, tuple]]:
+    """‖x_i − x_j‖² of every edge per offset, for a C×H×W (or C×D×H×W) image."""
     shape = image.shape[1:]
     out = []
     for offset in offsets:
         src, dst = _edge_slices(shape, offset)
         diff = image[(slice(None), *src)] - image[(slice(None), *dst)]
-        out.append((np.einsum("chw,chw->hw", diff, diff), src, dst))
+        out.append((np.einsum("c...,c...->...", diff, diff), src, dst))
     return out
+
+
+def _beta_from_differences(sq: list[tuple[np.ndarray, tuple, tuple]]) -> float:
+    """β = 1 / (2·mean‖x_i − x_j‖²) over all edges of :func:`_squared_differences` (0 when
+    the mean is 0 or there are no edges)."""
+    total = sum(float(d.sum()) for d, _, _ in sq)
+    count = sum(d.size for d, _, _ in sq)
+    mean = total / count if count else 0.0
+    return 0.0 if mean <= 0 else 1.0 / (2.0 * mean)
+
+
+def _check_beta(beta: float | None) -> float | None:
+    """Returns β as a float (None stays None: data-driven); raises ValueError if invalid."""
+    if beta is None:
+        return None
+    value = float(beta)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"beta must be None (data-driven) or a finite value >= 0, got {beta!r}")
+    return value
+
+
+def _unary_costs(prob: np.ndarray, ndim: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """(−log(1 − z), −log z) of probabilities z clamped to [EPS, 1 − EPS].
+
+    Raises:
+        ValueError: prob is not a finite, non-empty ``ndim``-D array in [0, 1].
+    """
+    z = np.asarray(prob)
+    if z.ndim != ndim or min(z.shape) < 1:
+        raise ValueError(f"prob must be a non-empty {_AXES[ndim]} array, got shape {z.shape}")
+    if not np.issubdtype(z.dtype, np.floating) and not np.issubdtype(z.dtype, np.integer):
+        raise ValueError(f"prob must be numeric, got dtype {z.dtype}")
+    z = z.astype(np.float64)
+    if not np.all(np.isfinite(z)):
+        raise ValueError("prob contains NaN or infinite values")
+    if z.min() < 0 or z.max() > 1:
+        raise ValueError(f"prob must lie in [0, 1], got range [{z.min():g}, {z.max():g}]")
+    z = np.clip(z, EPS, 1 - EPS)
+    return -np.log1p(-z), -np.log(z)
 
 
 def data_driven_beta(image: np.ndarray, *, connectivity: int = 4) -> float:
@@ -146,11 +199,7 @@ def data_driven_beta(image: np.ndarray, *, connectivity: int = 4) -> float:
     """
     offsets = _check_connectivity(connectivity)
     img = _as_channels(image, np.shape(image)[-2:])
-    sq = _squared_differences(img, offsets)
-    total = sum(float(d.sum()) for d, _, _ in sq)
-    count = sum(d.size for d, _, _ in sq)
-    mean = total / count if count else 0.0
-    return 0.0 if mean <= 0 else 1.0 / (2.0 * mean)
+    return _beta_from_differences(_squared_differences(img, offsets))
 
 
 def _check_labelling(y: np.ndarray, shape: tuple[int, int], name: str) -> np.ndarray:
@@ -184,13 +233,9 @@ class GridCRF:
         offsets = _check_connectivity(connectivity)
         self.shape: tuple[int, int] = tuple(cost0.shape)  # type: ignore[assignment]
         img = _as_channels(image, self.shape)
-        if beta is None:
+        beta_value = _check_beta(beta)
+        if beta_value is None:
             beta_value = data_driven_beta(img, connectivity=connectivity)
-        else:
-            beta_value = float(beta)
-            if not np.isfinite(beta_value) or beta_value < 0:
-                raise ValueError(f"beta must be None (data-driven) or a finite value >= 0, "
-                                 f"got {beta!r}")
         self.beta = beta_value
         self.connectivity = connectivity
         self.cost0 = cost0
@@ -221,18 +266,8 @@ class GridCRF:
         Raises:
             ValueError: prob is not a finite H×W array in [0, 1], or the image does not match.
         """
-        z = np.asarray(prob)
-        if z.ndim != 2 or min(z.shape) < 1:
-            raise ValueError(f"prob must be a non-empty H×W array, got shape {z.shape}")
-        if not np.issubdtype(z.dtype, np.floating) and not np.issubdtype(z.dtype, np.integer):
-            raise ValueError(f"prob must be numeric, got dtype {z.dtype}")
-        z = z.astype(np.float64)
-        if not np.all(np.isfinite(z)):
-            raise ValueError("prob contains NaN or infinite values")
-        if z.min() < 0 or z.max() > 1:
-            raise ValueError(f"prob must lie in [0, 1], got range [{z.min():g}, {z.max():g}]")
-        z = np.clip(z, EPS, 1 - EPS)
-        return cls(-np.log1p(-z), -np.log(z), image, connectivity=connectivity, beta=beta)
+        cost0, cost1 = _unary_costs(prob, 2)
+        return cls(cost0, cost1, image, connectivity=connectivity, beta=beta)
 
     @classmethod
     def from_logits(cls, logit: np.ndarray, image: np.ndarray, *, connectivity: int = 4,
