@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,7 +13,14 @@ from monai.transforms import Resized
 from pipeline.data.cta import slice_datalist
 from pipeline.data.horse import horse_datalist, load_horse
 
-__all__ = ["cta_samples", "horse_samples", "to_samples", "training_sets"]
+__all__ = ["DATA_KINDS", "ECHO_VIEW", "cta_samples", "echo_samples", "horse_samples",
+           "to_samples", "training_sets"]
+
+#: The data kinds :func:`training_sets` knows.
+DATA_KINDS: tuple[str, ...] = ("demo", "cta", "horse", "horse_demo", "echo", "echo_demo")
+
+#: The ``view`` of ultrasound frame samples in evaluation tables and reports.
+ECHO_VIEW = "echo"
 
 
 def to_samples(items: Iterable[Mapping], size: int | Sequence[int] | None = None,
@@ -70,6 +78,52 @@ def horse_samples(root: str | os.PathLike, split: str | None, *, size: int | Non
     return to_samples(items, size)
 
 
+def echo_samples(root: str | os.PathLike, split: str, *, size: int | None = None) -> list[dict]:
+    """2-D samples of every frame of an echo cohort's split (see
+    :func:`pipeline.data.phantoms.write_echo_cohort` for the layout: ``split.json`` and
+    ``<case>/cine.<ext>`` with ``<case>/cine_mask.<ext>``), normalised as at inference.
+
+    Raises:
+        ValueError: no ``split.json``, an unknown split, or a case without its files (the
+            message names the file).
+    """
+    import json
+
+    from pipeline.data.ultrasound import load_ultrasound, normalise_frames
+
+    base = Path(root)
+    try:
+        splits = json.loads((base / "split.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{base / 'split.json'}: cannot read the echo split ({err})") from None
+    if split not in splits:
+        raise ValueError(f"{base / 'split.json'}: no split {split!r} (has {sorted(splits)})")
+    items = []
+    for case in splits[split]:
+        image, mask = _cine_files(base / case)
+        frames = load_ultrasound(image, mask)
+        stack = normalise_frames(image, np.stack([f.image for f in frames]))
+        for frame, norm in zip(frames, stack, strict=True):
+            items.append({"image": norm[None], "label": frame.mask[None], "source": case,
+                          "view": ECHO_VIEW, "slice": frame.frame})
+    return to_samples(items, size)
+
+
+def _cine_files(case: Path):
+    """The (image, mask) files of an echo case folder: ``cine.*`` and ``cine_mask.*``."""
+    from pipeline.data.ultrasound import SUPPORTED_SUFFIXES
+
+    def one(stem: str):
+        found = [p for p in sorted(case.glob(f"{stem}.*"))
+                 if any(p.name.lower().endswith(s) for s in SUPPORTED_SUFFIXES)]
+        if len(found) != 1:
+            raise ValueError(f"{case}: expected one {stem}.<ext> file "
+                             f"({', '.join(SUPPORTED_SUFFIXES)}), found {len(found)}")
+        return found[0]
+
+    return one("cine"), one("cine_mask")
+
+
 def training_sets(kind: str, *, root: str | os.PathLike | None = None,
                   manifest: str | os.PathLike | None = None, view: str = "axial",
                   size: int = 64, colour: str = "rgb") -> tuple[list[dict], list[dict]]:
@@ -78,8 +132,10 @@ def training_sets(kind: str, *, root: str | os.PathLike | None = None,
     Args:
         kind: ``demo`` (the CTA phantom cohort, written to ``root`` if absent), ``cta`` (a
             manifest of volumes, sliced along ``view``), ``horse`` (the Weizmann Horse
-            folder ``root`` with its ``split.json``) or ``horse_demo`` (a generated
-            horse-like set in the same layout, written to ``root`` if absent).
+            folder ``root`` with its ``split.json``), ``horse_demo`` (a generated
+            horse-like set in the same layout, written to ``root`` if absent), ``echo`` (an
+            ultrasound cohort folder, see :func:`echo_samples`) or ``echo_demo`` (the
+            generated echo phantom cohort, written to ``root`` if absent).
         root: data root.
         manifest: manifest path (``cta``).
         view: CTA view.
@@ -97,8 +153,6 @@ def training_sets(kind: str, *, root: str | os.PathLike | None = None,
     from pipeline.data.phantoms import demo_cohort_manifest
 
     if kind == "horse_demo":
-        from pathlib import Path
-
         from pipeline.data.phantoms import write_horse_like_set
 
         if root is None:
@@ -106,6 +160,18 @@ def training_sets(kind: str, *, root: str | os.PathLike | None = None,
         if not (Path(root) / "split.json").exists():
             write_horse_like_set(root)
         kind = "horse"
+    if kind == "echo_demo":
+        from pipeline.data.phantoms import write_echo_cohort
+
+        if root is None:
+            raise ValueError("echo_demo data needs a root folder to write the phantoms to")
+        write_echo_cohort(root)
+        kind = "echo"
+    if kind == "echo":
+        if root is None:
+            raise ValueError("echo data needs --root (the folder with split.json)")
+        return (echo_samples(root, "training", size=size),
+                echo_samples(root, "validation", size=size))
     if kind == "horse":
         if root is None:
             raise ValueError("horse data needs --root (the weizmann_horse folder)")
@@ -120,7 +186,6 @@ def training_sets(kind: str, *, root: str | os.PathLike | None = None,
             raise ValueError("cta data needs --manifest and --root")
         spec = load_manifest(manifest)
     else:
-        raise ValueError(f"data kind must be 'demo', 'cta', 'horse' or 'horse_demo', "
-                         f"got {kind!r}")
+        raise ValueError(f"data kind must be one of {DATA_KINDS}, got {kind!r}")
     return (cta_samples(manifest_entries(spec, root, ["training"]), view, size=size),
             cta_samples(manifest_entries(spec, root, ["validation"]), view, size=size))

@@ -18,6 +18,7 @@ __all__ = [
     "UltrasoundFrame",
     "load_ultrasound",
     "load_ultrasound_frame",
+    "normalise_frames",
     "resolve_frames",
 ]
 
@@ -583,6 +584,130 @@ def load_ultrasound_frame(image: str | os.PathLike[str],
         raise ValueError(f"{image}: frame must be one index or name, got {frame!r}")
     return load_ultrasound(image, mask, frames=frame, frame_names=frame_names,
                            label_value=label_value, third_axis=third_axis)[0]
+
+
+# Intensity normalisation -----------------------------------------------------------------------
+
+_PILLOW_UINT8_MODES = {"L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
+                       "YCbCr", "LAB", "HSV"}
+
+
+def _unscaled(slope: Any, intercept: Any) -> bool:
+    """Whether a rescale (slope, intercept) leaves stored values as they are."""
+    return float(1 if slope is None else slope) == 1.0 and float(intercept or 0) == 0.0
+
+
+def _dicom_dtype(path: Path) -> np.dtype | None:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    if not _unscaled(ds.get("RescaleSlope"), ds.get("RescaleIntercept")):
+        return None
+    bits = int(ds.get("BitsAllocated", 8))
+    if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
+        descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
+        bits = int(descriptor[2]) if descriptor is not None else 16
+    if bits == 1:
+        return np.dtype(bool)
+    if bits not in (8, 16, 32, 64):
+        return None
+    return np.dtype(f"{'i' if ds.get('PixelRepresentation', 0) else 'u'}{bits // 8}")
+
+
+def _nifti_dtype(path: Path) -> np.dtype | None:
+    import nibabel as nib
+
+    header = nib.load(path).header
+    if not _unscaled(*(None if v is None or not np.isfinite(v) else v
+                       for v in header.get_slope_inter())):
+        return None
+    dtype = header.get_data_dtype()
+    return dtype["R"] if dtype.names else dtype
+
+
+def _metaimage_dtype(path: Path) -> np.dtype | None:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    pixel = reader.GetPixelID()
+    for name in ("UInt8", "Int8", "UInt16", "Int16", "UInt32", "Int32", "UInt64", "Int64"):
+        if pixel in (getattr(sitk, f"sitk{name}"), getattr(sitk, f"sitkVector{name}")):
+            return np.dtype(name.lower())
+    return None
+
+
+def _pillow_dtype(path: Path) -> np.dtype | None:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        mode = img.mode
+    if mode == "1":
+        return np.dtype(bool)
+    if mode in _PILLOW_UINT8_MODES:
+        return np.dtype(np.uint8)
+    return np.dtype(np.uint16) if mode.startswith("I;16") else None
+
+
+def _stored_dtype(path: Path) -> np.dtype | None:
+    """The integer sample type whose range the file's grey values span, or None (float data,
+    or values rescaled by the header), read from the header only."""
+    kind = _kind_of(path)
+    readers = {"dicom": _dicom_dtype, "nifti": _nifti_dtype, "metaimage": _metaimage_dtype}
+    try:
+        dtype = readers.get(kind, _pillow_dtype)(path)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot read the sample type from the header: {exc}") from exc
+    if dtype is None or not (dtype == np.bool_ or np.issubdtype(dtype, np.integer)):
+        return None
+    return dtype
+
+
+def normalise_frames(source: str | os.PathLike[str],
+                     frames: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Scales the grey frames of one ultrasound file to [0, 1]: the one rule that training
+    samples and inference share.
+
+    Rule, decided by the file's stored sample type (read from its header):
+
+    * integer samples (DICOM Pixel Data without a rescale slope/intercept, integer NIfTI
+      without ``scl_slope``/``scl_inter``, integer MetaImage, 8-/16-bit PNG and JPEG; colour
+      files by the type of their channels, whose BT.601 luma keeps that range): the type's
+      full range maps to [0, 1], ``(v - min) / (max - min)``, i.e. ``v / 255`` for uint8 and
+      ``v / 65535`` for uint16 (whatever DICOM's Bits Stored says), clipped to [0, 1];
+    * anything else (float samples, values rescaled by the header, 32-bit integer PNG
+      modes): min-max over all the frames given, ``(v - lo) / (hi - lo)`` (zeros when the
+      frames are constant). Pass every frame of the file to make this per file.
+
+    Non-finite values become 0.
+
+    Args:
+        source: the file the frames were read from (only its header is read again).
+        frames: its frames as :func:`load_ultrasound` returns them (``UltrasoundFrame.image``),
+            one H×W array or a T×H×W stack / sequence of H×W arrays.
+
+    Returns:
+        float32 array of the frames' shape (a sequence is stacked to T×H×W), in [0, 1].
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: ``source`` is not a supported ultrasound file or its header is unreadable.
+    """
+    path = Path(source)
+    values = np.asarray(frames if isinstance(frames, np.ndarray) else np.stack(frames),
+                        dtype=np.float64)
+    finite = np.isfinite(values)
+    dtype = _stored_dtype(path)
+    if dtype is not None:
+        low, high = (0, 1) if dtype == np.bool_ else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        scaled = np.clip((values - float(low)) / (float(high) - float(low)), 0.0, 1.0)
+    elif finite.any():
+        low, high = float(values[finite].min()), float(values[finite].max())
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    else:
+        scaled = np.zeros_like(values)
+    return np.where(finite, scaled, 0.0).astype(np.float32)
 
 
 # MONAI transforms ------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ from pipeline.crf.inference import map_labelling
 from pipeline.data.alignment import align_label_to_image
 from pipeline.data.cta import cta_volume_transforms, run_transforms
 from pipeline.data.horse import MASK_THRESHOLD
+from pipeline.data.phantoms import ensure_demo_data
 from pipeline.data.readers import is_nifti, read_volume
-from pipeline.data.samples import cta_samples, horse_samples
+from pipeline.data.samples import cta_samples, echo_samples, horse_samples
 from pipeline.data.views import VIEWS, slice_affine, slice_volume
 from pipeline.engines.checkpoint import load_checkpoint
 from pipeline.engines.trainer import build_model, predict_probabilities
@@ -431,8 +432,10 @@ def evaluation_samples(kind: str, *, root: str | os.PathLike | None = None,
     """The 2-D samples to evaluate: one split of a data kind, in one or several views.
 
     Args:
-        kind: ``demo``, ``cta`` (volumes, sliced along each of ``views``) or ``horse`` (the
-            Weizmann Horse folder ``root``; ``views`` is ignored).
+        kind: ``demo``, ``cta`` (volumes, sliced along each of ``views``), ``horse`` /
+            ``horse_demo`` (a Weizmann-style folder ``root``) or ``echo`` / ``echo_demo``
+            (an ultrasound cohort folder ``root``, every frame); ``views`` is ignored for
+            the 2-D kinds. The generated kinds are written to ``root`` where absent.
         root: data root.
         manifest: manifest path (``cta``).
         split: the split to evaluate.
@@ -443,10 +446,19 @@ def evaluation_samples(kind: str, *, root: str | os.PathLike | None = None,
     Returns:
         The samples (for :func:`evaluate_runs`).
     """
+    if kind in ("horse_demo", "echo_demo"):
+        if root is None:
+            raise ValueError(f"{kind} data needs a root folder to write the images to")
+        ensure_demo_data(kind, root)
+        kind = kind.removesuffix("_demo")
     if kind == "horse":
         if root is None:
             raise ValueError("horse data needs --root (the weizmann_horse folder)")
         return horse_samples(root, split, size=size, colour=colour)
+    if kind == "echo":
+        if root is None:
+            raise ValueError("echo data needs --root (the folder with split.json)")
+        return echo_samples(root, split, size=size)
     entries = evaluation_entries(kind, root=root, manifest=manifest, split=split)
     return multiview_samples(entries, views, size=size)
 

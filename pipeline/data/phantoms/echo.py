@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,11 +11,13 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "ECHO_DEMO_COHORT",
     "ECHO_FORMATS",
     "EchoFiles",
     "EchoPhantom",
     "echo_phantom",
     "write_echo_cine",
+    "write_echo_cohort",
     "write_echo_phantom",
 ]
 
@@ -102,6 +105,8 @@ def _contraction_phase(n_frames: int, es: int) -> np.ndarray:
 def echo_phantom(shape: tuple[int, int] = (128, 128), n_frames: int = 16, *,
                  contraction: float = 0.3, attenuation: float = 1.0,
                  spacing: tuple[float, float] = (0.4, 0.4), frame_time_ms: float = 50.0,
+                 centre: tuple[float, float] = (0.52, 0.40), tilt: float = 15.0,
+                 size: float = 1.0,
                  rng: np.random.Generator | int | None = None) -> EchoPhantom:
     """Generates an ultrasound-like cine loop of a beating left ventricle.
 
@@ -121,6 +126,9 @@ def echo_phantom(shape: tuple[int, int] = (128, 128), n_frames: int = 16, *,
         attenuation: depth attenuation rate per image height, >= 0.
         spacing: (row, col) pixel spacing in mm, carried to the written files.
         frame_time_ms: time between frames in ms, carried to the written files.
+        centre: the cavity's centre as fractions of (H, W).
+        tilt: the cavity's long-axis tilt in degrees.
+        size: scale factor of the cavity's axes at ED.
         rng: a numpy Generator or a seed.
 
     Returns:
@@ -142,6 +150,9 @@ def echo_phantom(shape: tuple[int, int] = (128, 128), n_frames: int = 16, *,
     if min(spacing) <= 0 or frame_time_ms <= 0:
         raise ValueError(f"spacing and frame_time_ms must be positive, got {spacing}, "
                          f"{frame_time_ms}")
+    if not (0.2 <= centre[0] <= 0.8 and 0.2 <= centre[1] <= 0.8) or not 0.5 <= size <= 1.5:
+        raise ValueError(f"centre must lie in [0.2, 0.8]² of the frame and size in [0.5, 1.5], "
+                         f"got {centre}, {size}")
     gen = np.random.default_rng(rng)
     rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
 
@@ -154,9 +165,10 @@ def echo_phantom(shape: tuple[int, int] = (128, 128), n_frames: int = 16, *,
 
     es = max(1, round(0.4 * n_frames))
     phase = _contraction_phase(n_frames, es)
-    centre = (0.52 * height, 0.40 * width)  # off-centre: left of the midline, below mid-depth
-    tilt = np.deg2rad(15.0)
-    long_axis, short_axis = 0.26 * height, 0.12 * width
+    # by default off-centre: left of the midline, below mid-depth
+    centre = (centre[0] * height, centre[1] * width)
+    tilt = np.deg2rad(tilt)
+    long_axis, short_axis = 0.26 * size * height, 0.12 * size * width
     wall = 0.07 * min(height, width)
 
     frames = np.empty((n_frames, height, width), dtype=np.float32)
@@ -359,3 +371,61 @@ def write_echo_phantom(phantom: EchoPhantom, directory: str | os.PathLike[str], 
             mask_files = [write_echo_cine(masks, directory / f"{stem}_mask{suffix}", **options)]
         written[fmt] = EchoFiles(images=images, masks=mask_files)
     return written
+
+
+#: The demo echo cohort: (training, validation) case counts; case ``echo_NNN`` has seed NNN.
+ECHO_DEMO_COHORT: tuple[int, int] = (6, 2)
+
+
+def write_echo_cohort(folder: str | os.PathLike[str], *,
+                      cases: tuple[int, int] = ECHO_DEMO_COHORT,
+                      shape: tuple[int, int] = (96, 96), n_frames: int = 12,
+                      seed: int = 0) -> dict[str, list[str]]:
+    """Writes a cohort of echo phantoms, one patient per folder, with a split file.
+
+    Each case differs in cavity position, tilt, size, contraction, attenuation and speckle.
+    Layout: ``<folder>/echo_NNN/cine.dcm`` (multi-frame ultrasound DICOM, uint8),
+    ``<folder>/echo_NNN/cine_mask.nii.gz`` (the cavity masks, frames in the same order) and
+    ``<folder>/split.json`` (``{"training": [...], "validation": [...]}``, by patient). Files
+    already present are kept, so a second call is cheap; the split file is written last.
+
+    Args:
+        folder: destination folder (created if absent).
+        cases: (training, validation) numbers of cases.
+        shape: (H, W) of the frames.
+        n_frames: frames per cine loop.
+        seed: seed of the first case (case i uses ``seed + i``).
+
+    Returns:
+        The split: case names per subset.
+
+    Raises:
+        ValueError: fewer than one case in a subset, or bad phantom settings.
+    """
+    if min(cases) < 1:
+        raise ValueError(f"an echo cohort needs at least one training and one validation "
+                         f"case, got {cases}")
+    base = Path(folder)
+    names = [f"echo_{seed + i:03d}" for i in range(sum(cases))]
+    for i, name in enumerate(names):
+        image, mask = base / name / "cine.dcm", base / name / "cine_mask.nii.gz"
+        if image.exists() and mask.exists():
+            continue
+        gen = np.random.default_rng(seed + i)
+        phantom = echo_phantom(
+            shape, n_frames, contraction=float(gen.uniform(0.2, 0.45)),
+            attenuation=float(gen.uniform(0.6, 1.4)),
+            centre=(float(gen.uniform(0.45, 0.58)), float(gen.uniform(0.35, 0.6))),
+            tilt=float(gen.uniform(-25.0, 25.0)), size=float(gen.uniform(0.8, 1.15)), rng=gen)
+        for target, data in ((mask, phantom.masks.astype(np.uint8)),
+                             (image, phantom.as_uint8())):
+            # a temporary name with the same suffix (the writer picks the format by suffix)
+            tmp = target.with_name(f".tmp{os.getpid()}-{target.name}")
+            write_echo_cine(data, tmp, spacing=phantom.spacing,
+                            frame_time_ms=phantom.frame_time_ms)
+            tmp.replace(target)
+    split = {"training": names[:cases[0]], "validation": names[cases[0]:]}
+    tmp = base / f".split.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(split, indent=2) + "\n")
+    tmp.replace(base / "split.json")
+    return split
