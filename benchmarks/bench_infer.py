@@ -4,7 +4,9 @@ Targets (issue 6): CRF share of inference time ≤ 25% with the CPU-sized networ
 in 2 worker processes ≥ 1.5× faster than in one. The CRF always runs at 512²; the CNN runs
 either at its training size (slices resized, as ``mmcrf infer`` does for a model trained
 at that size) or natively at 512² (``crf_share``, the headline). Measured side by side in
-one run; prints a table, then ONE JSON object as the last line.
+one run; prints a table, then ONE JSON object as the last line. ``crf_3d_s`` times the
+optional 6-connected 3-D graph cut over the whole volume (``mmcrf infer --crf-3d``) that
+replaces the per-slice CRF, on the same volume and probabilities.
 
     python benchmarks/bench_infer.py [--slices 24] [--repeats 3] [--quick]
 """
@@ -83,9 +85,11 @@ def main() -> None:
         pooled = VolumePredictor(ckpt, ["axial"], workers=args.workers)
         native = VolumePredictor(ckpt, ["axial"], workers=0)
         native.models["axial"].size = None  # fully convolutional: the CNN at 512² as well
+        volume_cut = VolumePredictor(ckpt, ["axial"], workers=0, crf_3d=True)
         pooled.predict(volume)  # start the workers before timing
         timings: dict[str, list[float]] = {k: [] for k in ("cnn", "crf", "crf_pool",
-                                                            "cnn_native", "crf_native")}
+                                                            "cnn_native", "crf_native",
+                                                            "crf_3d")}
         for _ in range(repeats):
             result = serial.predict(volume)
             timings["cnn"].append(result.seconds["cnn"])
@@ -96,6 +100,8 @@ def main() -> None:
             full = native.predict(volume)
             timings["cnn_native"].append(full.seconds["cnn"])
             timings["crf_native"].append(full.seconds["crf"])
+            cut3d = volume_cut.predict(volume)
+            timings["crf_3d"].append(cut3d.seconds["crf_3d"])
         pooled.close()
         weights = CRFWeights.from_array(load_checkpoint(ckpt)["crf"])
     med = {k: statistics.median(v) for k, v in timings.items()}
@@ -113,6 +119,8 @@ def main() -> None:
         "crf_serial_s": crf,
         f"crf_pool{args.workers}_s": crf_pool,
         "graphcut_pool_speedup": crf / crf_pool,
+        "crf_3d_s": med["crf_3d"],
+        "crf_3d_changed_fraction": float(np.mean(cut3d.mask != result.mask)),
         "foreground_fraction": float(result.mask.mean()),
         "torch_threads": torch.get_num_threads(),
         "loadavg_1min": os.getloadavg()[0],

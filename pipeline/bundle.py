@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.data.phantoms import GENERATED_KINDS, ensure_demo_data
 from pipeline.data.samples import training_sets
 from pipeline.engines import (
     DEFAULT_CONFIG,
@@ -20,11 +21,19 @@ from pipeline.engines import (
 )
 from pipeline.engines import train as train_run
 from pipeline.engines.evaluate import evaluate_runs
-from pipeline.inference import VolumePredictor, find_cases, run_batch
+from pipeline.inference import (
+    DEFAULT_FRAME_EXCLUDE,
+    FramePredictor,
+    VolumePredictor,
+    find_cases,
+    find_frame_cases,
+    run_batch,
+    run_frames,
+)
 from pipeline.inference.images import segment_image_folder
 from pipeline.reports import build_report, collect_provenance, write_eval_table, write_report
 
-__all__ = ["ensure_demo_data", "evaluate", "infer", "infer_images", "train"]
+__all__ = ["ensure_demo_data", "evaluate", "infer", "infer_frames", "infer_images", "train"]
 
 
 def _raise_if_failed(rows: list[dict], output_dir: str, key: str) -> list[dict]:
@@ -37,26 +46,10 @@ def _raise_if_failed(rows: list[dict], output_dir: str, key: str) -> list[dict]:
     return rows
 
 
-def ensure_demo_data(data_kind: str, folder: str) -> str:
-    """Writes the bundle's generated demo data to ``folder`` where it is missing (``demo``:
-    the CTA phantom cohort; ``horse_demo``: the horse-like image set). Configs call it only
-    when the input is the bundle's own demo folder, never for a user's path."""
-    from pipeline.data.phantoms import demo_cohort_manifest, write_horse_like_set
-
-    if data_kind == "demo":
-        demo_cohort_manifest(folder)
-    elif data_kind == "horse_demo":
-        if not (Path(folder) / "split.json").exists():
-            write_horse_like_set(folder)
-    else:
-        raise ValueError(f"no demo data for data kind {data_kind!r}")
-    return folder
-
-
 def _data(data_kind, dataset_dir, manifest, view, size):
-    if data_kind == "demo" and distributed.world_size() > 1:
-        if distributed.is_main():  # one rank writes the phantoms, the others wait
-            training_sets("demo", root=dataset_dir, size=size)
+    if data_kind in GENERATED_KINDS and distributed.world_size() > 1:
+        if distributed.is_main():  # one rank writes the generated data, the others wait
+            ensure_demo_data(data_kind, dataset_dir)
         distributed.barrier()
     return training_sets(data_kind, root=dataset_dir, manifest=manifest, view=view, size=size)
 
@@ -98,6 +91,8 @@ def evaluate(*, dataset_dir: str, output_dir: str, data_kind: str = "demo",
     distributed.init_from_env()
     runs = {m: str(stage_checkpoint(output_dir, m)) for m in MODES
             if stage_checkpoint(output_dir, m).is_file()}
+    if model_file is not None:
+        model_file = model_file.format(view=view)
     if not runs and model_file is not None and Path(model_file).is_file():
         runs = {"model": model_file}
     if not runs:
@@ -119,16 +114,23 @@ def evaluate(*, dataset_dir: str, output_dir: str, data_kind: str = "demo",
 
 def infer(*, input_dir: str, output_dir: str, model_file: str, view: str = "axial",
           workers: int = 0, overwrite: bool = False, write_cnn: bool = False,
-          write_probability: bool = False, exclude: list[str] | None = None) -> list[dict]:
+          write_probability: bool = False, exclude: list[str] | None = None,
+          crf_3d: bool = False) -> list[dict]:
     """Segments every NIfTI file / DICOM series under ``input_dir`` into ``output_dir``
-    (masks on each input's own grid, ``summary.csv``).
+    (masks on each input's own grid, ``summary.csv``). With ``crf_3d``, one 6-connected 3-D
+    graph cut over the volume replaces the slice-by-slice CRF (``mmcrf infer --crf-3d``).
+
+    ``model_file`` may hold ``{view}``: one model per view (``models/model_{view}.pt``), so
+    ``view="all"`` fuses the three views' own models.
 
     Raises:
         RuntimeError: some cases failed (the summary says which and why).
     """
     distributed.init_from_env()
     views = ["axial", "coronal", "sagittal"] if view == "all" else [view]
-    predictor = VolumePredictor(model_file, views, workers=workers)
+    models = ({v: model_file.format(view=v) for v in views} if "{view}" in model_file
+              else model_file)
+    predictor = VolumePredictor(models, views, workers=workers, crf_3d=crf_3d)
     try:
         rows = run_batch(find_cases(input_dir, exclude=exclude or ()), output_dir, predictor,
                          overwrite=overwrite, write_cnn=write_cnn,
@@ -149,3 +151,27 @@ def infer_images(*, input_dir: str, output_dir: str, model_file: str, colour: st
     rows = segment_image_folder(model_file, input_dir, output_dir, colour=colour,
                                 overwrite=overwrite)
     return _raise_if_failed(rows, output_dir, "image")
+
+
+def infer_frames(*, input_dir: str, output_dir: str, model_file: str, overwrite: bool = False,
+                 exclude: list[str] | None = None) -> list[dict]:
+    """Segments every frame of every ultrasound file under ``input_dir`` (or the one file it
+    names: DICOM cine or frame, NIfTI, MetaImage, PNG/JPEG) with a model trained on frames,
+    one NIfTI mask per file in ``output_dir``, plus ``summary.csv``.
+
+    ``exclude`` holds glob patterns of files to skip (default: masks, see
+    :data:`pipeline.inference.DEFAULT_FRAME_EXCLUDE`).
+
+    Raises:
+        RuntimeError: some cases failed (the summary says which and why).
+    """
+    distributed.init_from_env()
+    cases = find_frame_cases(input_dir, exclude=DEFAULT_FRAME_EXCLUDE if exclude is None
+                             else exclude, skip=[output_dir])
+    predictor = FramePredictor(model_file)
+    try:
+        rows = run_frames(cases, output_dir, predictor, overwrite=overwrite,
+                          progress=distributed.is_main())
+    finally:
+        predictor.close()
+    return _raise_if_failed(rows, output_dir, "case")

@@ -9,18 +9,31 @@ from collections.abc import Sequence
 
 __all__ = ["main"]
 
+# Kept here so `--help` does not import torch; a test checks they equal the library's lists.
+_DATA_KINDS = ("demo", "cta", "horse", "horse_demo", "echo", "echo_demo")
+_DEMO_SETS = ("axial", "coronal", "sagittal", "echo")
+_DEMO_FOLDERS = {"demo": "demo_data", "echo_demo": "demo_data_echo",
+                 "horse_demo": "demo_data_horse"}
+
+
+def _default_root(kind: str, folder) -> str | None:
+    """Where a generated data kind goes when no --root is given: beside the run folder."""
+    return str(folder / _DEMO_FOLDERS[kind]) if kind in _DEMO_FOLDERS else None
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
-    print(f"mmcrf demo: the main job on the embedded default (CTA phantoms) -> {args.output}",
-          flush=True)
+    print(f"mmcrf demo: the main job on the embedded default (CTA phantoms in three views, "
+          f"echo phantoms) -> {args.output}", flush=True)
     r = run_demo(args.output, size=args.size, cnn_epochs=args.cnn_epochs,
-                 joint_epochs=args.joint_epochs, progress=args.progress)
-    print(f"\nmean validation Jaccard, axial view ({r.scored} images scored, {r.excluded} "
-          f"with empty ground truth excluded):")
-    for method, value in r.mean_jaccard.items():
-        print(f"  {method:10s} {100 * value:6.2f} %")
+                 joint_epochs=args.joint_epochs, sets=args.sets, progress=args.progress)
+    print("\nmean validation Jaccard (%), empty ground truth excluded:")
+    methods = list(next(iter(r.mean_jaccard.values())))
+    print(f"  {'view':9s} {'scored':>6s} {'excl.':>5s} " + " ".join(f"{m:>9s}" for m in methods))
+    for view, means in r.mean_jaccard.items():
+        print(f"  {view:9s} {r.scored[view]:6d} {r.excluded[view]:5d} "
+              + " ".join(f"{100 * means[m]:9.2f}" for m in methods))
     print(f"evaluation table: {r.table}")
     print(f"report: {r.report.get('html')} (also {r.report.get('md')})")
     print(f"done in {r.seconds:.0f} s")
@@ -109,6 +122,7 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from pipeline.data.phantoms import ensure_demo_data
     from pipeline.data.samples import training_sets
     from pipeline.engines import DEFAULT_CONFIG, TrainConfig, distributed, train
 
@@ -117,15 +131,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
                  "batch_size": args.batch_size, "seed": args.seed,
                  "graphcut_workers": args.graphcut_workers, "patience": args.patience}
     config = TrainConfig.from_json(args.config or DEFAULT_CONFIG, **overrides)
-    in_channels = 3 if args.data == "horse" and args.colour == "rgb" else 1
+    in_channels = 3 if args.data in ("horse", "horse_demo") and args.colour == "rgb" else 1
     config.network = {**config.network, "in_channels": in_channels}
     config.data = {"kind": args.data, "view": args.view, "size": args.size,
                    "colour": args.colour, "hu_window": [-200.0, 800.0]}
     out = Path(args.out)
-    root = args.root or (str(out.parent / "demo_data") if args.data == "demo" else None)
-    if args.data == "demo" and distributed.world_size() > 1:
+    root = args.root or _default_root(args.data, out.parent)
+    if root is not None and distributed.world_size() > 1:
         if distributed.is_main():  # one rank writes the phantoms, the others wait for them
-            training_sets("demo", root=root, size=args.size)
+            ensure_demo_data(args.data, root)
         distributed.barrier()
     train_set, val_set = training_sets(args.data, root=root, manifest=args.manifest,
                                        view=args.view, size=args.size, colour=args.colour)
@@ -185,8 +199,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                  else ""))
         return 1 if failed else 0
     views = args.views or [args.view]
-    root = args.root or (str(Path(args.out).parent / "demo_data") if args.data == "demo"
-                         else None)
+    root = args.root or _default_root(args.data, Path(args.out).parent)
     if args.predictions:
         if args.run:
             raise ValueError("give --run METHOD=CHECKPOINT or --predictions DIR, not both")
@@ -254,22 +267,46 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_infer(args: argparse.Namespace) -> int:
-    from pipeline.engines import distributed
-    from pipeline.inference import VolumePredictor, find_cases, run_batch
+def _wants_frames(args: argparse.Namespace) -> bool:
+    """``--frames``, or one checkpoint whose recorded data kind is ultrasound frames."""
+    from pathlib import Path
 
-    distributed.init_from_env()
-    views = ["axial", "coronal", "sagittal"] if args.view == "all" else [args.view]
-    models = _parse_runs(args.model) if any("=" in m for m in args.model) else args.model[0]
-    cases = find_cases(args.input, exclude=args.exclude, root=args.root, splits=args.splits)
-    predictor = VolumePredictor(models, views, workers=args.workers,
-                                batch_size=args.batch_size)
+    if args.frames:
+        return True
+    if len(args.model) != 1 or ("=" in args.model[0] and not Path(args.model[0]).is_file()):
+        return False
+    from pipeline.inference import is_frame_model
+
+    return is_frame_model(args.model[0])
+
+
+def _infer_frames(args: argparse.Namespace) -> list[dict]:
+    from pipeline.inference import (
+        DEFAULT_FRAME_EXCLUDE,
+        FramePredictor,
+        find_frame_cases,
+        run_frames,
+    )
+
+    if len(args.model) != 1:
+        raise ValueError("ultrasound frames take one --model CHECKPOINT, not one per view")
+    if args.crf_3d:
+        raise ValueError("--crf-3d is for volumes; ultrasound frames get a 2-D CRF each")
+    exclude = DEFAULT_FRAME_EXCLUDE if args.exclude is None else args.exclude
+    cases = find_frame_cases(args.input, exclude=exclude, skip=[args.output])
+    predictor = FramePredictor(args.model[0], workers=args.workers, batch_size=args.batch_size)
     try:
-        rows = run_batch(cases, args.output, predictor, overwrite=args.overwrite,
-                         write_cnn=args.cnn, write_probability=args.probabilities,
-                         progress=not args.no_progress)
+        return run_frames(cases, args.output, predictor, overwrite=args.overwrite,
+                          write_cnn=args.cnn, write_probability=args.probabilities,
+                          progress=not args.no_progress)
     finally:
         predictor.close()
+
+
+def _report_cases(rows: list[dict], output: str) -> int:
+    """Prints failures and counts on the main rank; 1 when a case failed, else 0."""
+    from pipeline.engines import distributed
+
     if not distributed.is_main():
         return 0
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
@@ -277,8 +314,30 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         if row["status"] == "failed":
             print(f"FAILED {row['case']}: {row['error']}", file=sys.stderr)
     print(f"{len(rows)} case(s): {counts['ok']} done, {counts['skipped']} skipped (already "
-          f"done), {counts['failed']} failed; summary {args.output}/summary.csv")
+          f"done), {counts['failed']} failed; summary {output}/summary.csv")
     return 1 if counts["failed"] else 0
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from pipeline.engines import distributed
+    from pipeline.inference import VolumePredictor, find_cases, run_batch
+
+    distributed.init_from_env()
+    if _wants_frames(args):
+        return _report_cases(_infer_frames(args), args.output)
+    views = ["axial", "coronal", "sagittal"] if args.view == "all" else [args.view]
+    models = _parse_runs(args.model) if any("=" in m for m in args.model) else args.model[0]
+    cases = find_cases(args.input, exclude=args.exclude or (), root=args.root,
+                       splits=args.splits)
+    predictor = VolumePredictor(models, views, workers=args.workers,
+                                batch_size=args.batch_size, crf_3d=args.crf_3d)
+    try:
+        rows = run_batch(cases, args.output, predictor, overwrite=args.overwrite,
+                         write_cnn=args.cnn, write_probability=args.probabilities,
+                         progress=not args.no_progress)
+    finally:
+        predictor.close()
+    return _report_cases(rows, args.output)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -288,12 +347,14 @@ def _parser() -> argparse.ArgumentParser:
         prog="mmcrf", description="FCN-8s + graph-cut CRF segmentation with max-margin learning.")
     parser.add_argument("--version", action="version", version=f"mmcrf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the main job on generated CTA phantoms: train the "
-                          "three methods, evaluate, report")
+    demo = sub.add_parser("demo", help="the main job on generated CTA and echo phantoms: train "
+                          "the three methods per view, evaluate, report")
     demo.add_argument("--output", default="demo_output", help="output folder")
     demo.add_argument("--size", type=int, default=64, help="training image side (default 64)")
     demo.add_argument("--cnn-epochs", type=int, default=None)
     demo.add_argument("--joint-epochs", type=int, default=None)
+    demo.add_argument("--sets", nargs="+", default=list(_DEMO_SETS), choices=_DEMO_SETS,
+                      help="data sets to run (default: all: the three CTA views and echo)")
     demo.add_argument("--progress", action="store_true", help="show progress bars")
     demo.set_defaults(func=_cmd_demo)
 
@@ -349,7 +410,10 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--mode", choices=["cnn", "piecewise", "joint"], default=None,
                     help="overrides the config's mode")
     tr.add_argument("--config", default=None, help="preset JSON (default configs/cpu.json)")
-    tr.add_argument("--data", choices=["demo", "cta", "horse"], default="demo")
+    tr.add_argument("--data", choices=_DATA_KINDS, default="demo",
+                    help="demo / echo_demo / horse_demo: generated data written to --root; "
+                    "cta: volumes of --manifest under --root; horse: a Weizmann-style folder; "
+                    "echo: an ultrasound cohort folder with split.json")
     tr.add_argument("--root", default=None, help="data root (demo: where phantoms are written)")
     tr.add_argument("--manifest", default=None, help="manifest of volumes (--data cta)")
     tr.add_argument("--view", choices=["axial", "coronal", "sagittal"], default="axial")
@@ -391,7 +455,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="foreground value in multi-label label volumes")
     ev.add_argument("--surface", action="store_true",
                     help="also precision, recall and HD95 (saved predictions)")
-    ev.add_argument("--data", choices=["demo", "cta", "horse"], default="demo")
+    ev.add_argument("--data", choices=_DATA_KINDS, default="demo",
+                    help="as for `mmcrf train`")
     ev.add_argument("--root", default=None)
     ev.add_argument("--manifest", default=None)
     ev.add_argument("--split", choices=["training", "validation", "test"], default="validation")
@@ -412,10 +477,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--progress", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
 
-    inf = sub.add_parser("infer", help="segment a folder of NIfTI files / DICOM series")
+    inf = sub.add_parser("infer", help="segment a folder of NIfTI files / DICOM series, or of "
+                         "ultrasound frames / cine loops")
     inf.add_argument("--input", required=True,
                      help="NIfTI file, DICOM series folder, a folder searched recursively, "
-                          "or a manifest (.json)")
+                          "or a manifest (.json); with a frame model: an ultrasound file "
+                          "(DICOM cine or frame, NIfTI, MetaImage, PNG/JPEG) or a folder "
+                          "searched recursively for them")
     inf.add_argument("--output", required=True, help="output folder (masks + summary.csv)")
     inf.add_argument("--model", action="append", required=True,
                      help="checkpoint (e.g. runs/joint/best.pt), or VIEW=CHECKPOINT per view")
@@ -426,12 +494,25 @@ def _parser() -> argparse.ArgumentParser:
     inf.add_argument("--splits", nargs="+", default=None,
                      choices=["training", "validation", "test"],
                      help="manifest splits to segment (default: all)")
-    inf.add_argument("--exclude", nargs="*", default=[], metavar="PATTERN",
-                     help="skip cases whose name matches (e.g. label '*_seg')")
+    inf.add_argument("--exclude", nargs="*", default=None, metavar="PATTERN",
+                     help="skip cases whose name matches (e.g. label '*_seg'); ultrasound "
+                          "files: glob patterns on the file name or relative path, "
+                          "case-insensitive, default '*_mask*' '*_gt.*' '*_gt_*' (masks); "
+                          "--exclude alone skips nothing")
+    inf.add_argument("--frames", action="store_true",
+                     help="treat the input as ultrasound frames / cine loops (one NIfTI mask "
+                          "with every frame per file); the default when the checkpoint's data "
+                          "kind is echo or echo_demo")
     inf.add_argument("--cnn", action="store_true", help="also write the CNN-only mask")
     inf.add_argument("--probabilities", action="store_true", help="also write probabilities")
     inf.add_argument("--overwrite", action="store_true", help="redo finished cases")
     inf.add_argument("--workers", type=int, default=0, help="graph-cut processes")
+    inf.add_argument("--crf-3d", action="store_true",
+                     help="replace the slice-by-slice CRF by one exact 6-connected 3-D graph "
+                          "cut over the (fused) probability volume, with the same learned "
+                          "weights (pairwise weights scaled by min(spacing)/spacing per axis); "
+                          "couples neighbouring slices, but holds the whole volume's graph in "
+                          "memory (about 0.3 kB per voxel) and runs in one process")
     inf.add_argument("--batch-size", type=int, default=16, help="slices per CNN pass")
     inf.add_argument("--no-progress", action="store_true")
     inf.set_defaults(func=_cmd_infer)

@@ -1,11 +1,11 @@
-"""The embedded default jobs: the full CNN → piecewise → joint pipeline on CTA phantoms, and a
-CRF-only demo on noisy blocks."""
+"""The embedded default jobs: CNN → piecewise → joint on CTA and echo phantoms, and a CRF demo."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from pipeline.crf import learn_weights, map_labelling
 from pipeline.data import noisy_blocks
 from pipeline.metrics import compute_jaccard
 
-__all__ = ["CRFDemoResult", "DemoResult", "run_crf_demo", "run_demo"]
+__all__ = ["DEMO_SETS", "CRFDemoResult", "DemoResult", "run_crf_demo", "run_demo"]
 
 
 @dataclass
@@ -78,36 +78,57 @@ def run_crf_demo(*, size: int = 96, n_train: int = 8, n_test: int = 8, C: float 
 
 @dataclass
 class DemoResult:
-    """What the full demo produced: per-method mean validation Jaccard and the file paths."""
+    """What the full demo produced: per-view, per-method mean validation Jaccard and paths.
 
-    mean_jaccard: dict[str, float]
-    scored: int
-    excluded: int
+    Attributes:
+        mean_jaccard: view (``axial``, ``coronal``, ``sagittal``, ``echo``) → method → mean
+            validation Jaccard (empty ground truth excluded).
+        scored: view → images scored.
+        excluded: view → images with empty ground truth, excluded.
+        runs: ``<view>/<mode>`` → best checkpoint.
+        table: the evaluation table (CSV).
+        report: ``html`` / ``md`` / ``json`` → report file.
+        seconds: wall time.
+    """
+
+    mean_jaccard: dict[str, dict[str, float]]
+    scored: dict[str, int]
+    excluded: dict[str, int]
     runs: dict[str, str]
     table: str
     report: dict[str, str]
     seconds: float
 
 
+#: The demo's data sets: the three views of the CTA phantom cohort and the echo cohort.
+DEMO_SETS: tuple[str, ...] = ("axial", "coronal", "sagittal", "echo")
+
+
 def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
              cnn_epochs: int | None = None, joint_epochs: int | None = None,
-             config: str | os.PathLike | None = None, progress: bool = False,
-             log=print) -> DemoResult:
-    """The main job on the embedded default: CTA phantoms → axial slices → CNN-only,
-    piecewise and joint training → per-image evaluation → per-view report.
+             config: str | os.PathLike | None = None, sets: Sequence[str] = DEMO_SETS,
+             progress: bool = False, log=print) -> DemoResult:
+    """The main job on the embedded default: CTA phantoms sliced into axial, coronal and
+    sagittal images, and echo phantom cine loops → per data set, CNN-only, piecewise and
+    joint training (one model per view, as in the paper) → per-image evaluation on the
+    validation cases → one report, per view and per method.
 
     Args:
-        output_dir: where the phantoms (``demo_data/``), runs (``runs/<mode>/``), the
-            evaluation table and the report (``report/``) go.
+        output_dir: where the phantoms (``demo_data/cta``, ``demo_data/echo``), runs
+            (``runs/<view>/<mode>/``), the evaluation table and the report (``report/``) go.
         size: side of the training images.
         cnn_epochs: epochs of CNN pre-training (default: the preset's).
         joint_epochs: epochs of joint training (default: the preset's).
         config: training preset (default ``configs/cpu.json``).
+        sets: which of :data:`DEMO_SETS` to run.
         progress: progress bars.
         log: where progress lines go.
 
     Returns:
-        The result, with the per-method mean Jaccard on the validation phantoms.
+        The result, with the per-view, per-method mean Jaccard on the validation cases.
+
+    Raises:
+        ValueError: an unknown data set.
     """
     from pipeline.data.samples import training_sets
     from pipeline.engines import (
@@ -119,6 +140,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
     )
     from pipeline.engines.evaluate import evaluate_runs_with_examples
     from pipeline.reports import (
+        QualitativeCases,
         build_report,
         collect_provenance,
         qualitative_figures,
@@ -126,36 +148,58 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
         write_report,
     )
 
+    unknown = [s for s in sets if s not in DEMO_SETS]
+    if unknown or not sets:
+        raise ValueError(f"demo sets must be a non-empty subset of {DEMO_SETS}, got {sets}")
     start = time.perf_counter()
     out = Path(output_dir)
     preset = config or DEFAULT_CONFIG
-    train_set, val_set = training_sets("demo", root=out / "demo_data", size=size)
-    log(f"demo data: {len(train_set)} training / {len(val_set)} validation axial slices "
-        f"({size}x{size}) of the CTA phantom cohort in {out / 'demo_data'}")
     runs: dict[str, str] = {}
+    rows: list[dict] = []
+    examples: list = []
     epochs_of = {"cnn": cnn_epochs, "piecewise": None, "joint": joint_epochs}
-    for mode in MODES:
-        cfg = TrainConfig.from_json(preset, mode=mode, epochs=epochs_of[mode])
-        init = previous_stage_checkpoint(out / "runs", mode)
-        log(f"training {mode} ({cfg.epochs if mode != 'piecewise' else 1} epoch(s)) ...")
-        result = train(cfg, train_set, val_set, out / "runs" / mode, init=init,
-                       progress=progress)
-        runs[mode] = str(result.best_checkpoint)
-        log(f"  {mode}: best validation Jaccard {result.best_metric:.4f} "
-            f"(epoch {result.best_epoch})" + ("" if result.weights is None else
-                                              f", CRF weights {result.weights}"))
-    evaluation = evaluate_runs_with_examples(runs, val_set, progress=progress)
-    table = write_eval_table(evaluation.rows, out / "evaluation.csv")
-    evaluation.examples.save(out / "examples.npz")
-    report = build_report([table], training_log=out / "runs" / "joint" / "log.csv",
-                          figures=qualitative_figures(evaluation.examples),
+    for name in sets:
+        if name == "echo":
+            train_set, val_set = training_sets("echo_demo", root=out / "demo_data" / "echo",
+                                               size=size)
+            what = "frames of the echo phantom cohort"
+        else:
+            train_set, val_set = training_sets("demo", root=out / "demo_data" / "cta",
+                                               view=name, size=size)
+            what = f"{name} slices of the CTA phantom cohort"
+        log(f"[{name}] {len(train_set)} training / {len(val_set)} validation {what} "
+            f"({size}x{size})")
+        view_runs: dict[str, str] = {}
+        for mode in MODES:
+            cfg = TrainConfig.from_json(preset, mode=mode, epochs=epochs_of[mode])
+            cfg.data = {"kind": "echo_demo" if name == "echo" else "demo", "view": name,
+                        "size": size}
+            init = previous_stage_checkpoint(out / "runs" / name, mode)
+            result = train(cfg, train_set, val_set, out / "runs" / name / mode, init=init,
+                           progress=progress)
+            view_runs[mode] = runs[f"{name}/{mode}"] = str(result.best_checkpoint)
+            log(f"  {mode:9s} best validation Jaccard {result.best_metric:.4f} "
+                f"(epoch {result.best_epoch})" + ("" if result.weights is None else
+                                                  f", CRF weights {result.weights}"))
+        evaluation = evaluate_runs_with_examples(view_runs, val_set, progress=progress)
+        rows.extend(evaluation.rows)
+        examples.extend(evaluation.examples.cases)
+    table = write_eval_table(rows, out / "evaluation.csv")
+    cases = QualitativeCases(method="joint", cases=examples)
+    cases.save(out / "examples.npz")
+    first = sets[0]
+    report = build_report([table], training_log=out / "runs" / first / "joint" / "log.csv",
+                          figures=qualitative_figures(cases),
                           provenance=collect_provenance(asdict(TrainConfig.from_json(preset))),
-                          title="mmcrf demo: CTA phantoms, axial view")
+                          title="mmcrf demo: CTA phantoms (three views) and echo phantoms")
     paths = write_report(report, out / "report")
-    summary = {s.method: s for s in report.summaries if s.view == "axial"}
-    means = {m: s.mean_jaccard for m, s in summary.items()}
-    any_summary = next(iter(summary.values()))
-    return DemoResult(mean_jaccard=means, scored=any_summary.n_scored,
-                      excluded=any_summary.n_excluded, runs=runs, table=str(table),
-                      report={k: str(v) for k, v in paths.items()},
+    means: dict[str, dict[str, float]] = {}
+    scored: dict[str, int] = {}
+    excluded: dict[str, int] = {}
+    for summary in report.summaries:
+        means.setdefault(summary.view, {})[summary.method] = summary.mean_jaccard
+        scored[summary.view] = summary.n_scored
+        excluded[summary.view] = summary.n_excluded
+    return DemoResult(mean_jaccard=means, scored=scored, excluded=excluded, runs=runs,
+                      table=str(table), report={k: str(v) for k, v in paths.items()},
                       seconds=time.perf_counter() - start)

@@ -36,3 +36,15 @@ def shared_data() -> Path:
     if not root.is_dir():
         pytest.skip(f"real data not found at {root} (set MMCRF_SHARED_DATA)")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks run fastest, and steadiest on a shared two-core machine, on one thread
+    (ten times slower with two under load); use with ``pytest.mark.usefixtures``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -41,28 +43,46 @@ def test_crf_demo_reports_bad_settings_clearly():
     assert "mmcrf crf-demo: error: noisy_blocks needs a shape of at least 8×8" in proc.stderr
 
 
-def test_demo_runs_the_three_methods_end_to_end(tmp_path):
+def test_demo_runs_the_three_methods_on_three_views_and_echo(tmp_path):
     out = tmp_path / "demo_output"
     proc = subprocess.run([_mmcrf(), "demo", "--output", str(out), "--size", "32",
                            "--cnn-epochs", "2", "--joint-epochs", "1"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for method in ("cnn", "piecewise", "joint"):
-        assert (out / "runs" / method / "best.pt").is_file()
-        assert f"  {method:10s}" in proc.stdout
-    table = (out / "evaluation.csv").read_text().splitlines()
-    assert table[0].startswith("case,view,slice,method,jaccard,dice,truth_empty,pred_empty")
-    assert len(table) == 1 + 3 * 40  # 40 validation slices x 3 methods
-    summary = json.loads((out / "report" / "report.json").read_text())
-    text = json.dumps(summary)
-    assert all(m in text for m in ("cnn", "piecewise", "joint")) and "axial" in text
+    views = ("axial", "coronal", "sagittal", "echo")
+    for view in views:
+        for method in ("cnn", "piecewise", "joint"):  # one model per view, as in the paper
+            assert (out / "runs" / view / method / "best.pt").is_file()
+        assert f"  {view:9s} " in proc.stdout
+    assert (out / "demo_data" / "echo" / "split.json").is_file()
+    with (out / "evaluation.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    per_view = Counter((r["view"], r["method"]) for r in rows)
+    assert {v for v, _ in per_view} == set(views)
+    for view in views:  # every method scored on the same images of each view
+        counts = {per_view[(view, m)] for m in ("cnn", "piecewise", "joint")}
+        assert len(counts) == 1 and counts.pop() > 0
+    assert per_view[("axial", "joint")] == 40  # the validation phantom's 40 axial slices
+    assert per_view[("echo", "joint")] == 2 * 12  # 2 validation cine loops of 12 frames
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert {(s["view"], s["method"]) for s in report["summaries"]} >= set(per_view)
     html = (out / "report" / "report.html").read_text()
-    assert "data:image/png;base64," in html
-    log = (out / "runs" / "cnn" / "log.csv").read_text().splitlines()
+    assert "data:image/png;base64," in html and "sagittal" in html and "echo" in html
+    log = (out / "runs" / "echo" / "cnn" / "log.csv").read_text().splitlines()
     assert len(log) == 3  # header + 2 epochs
     # a second run into the same folder starts fresh logs instead of appending
     proc = subprocess.run([_mmcrf(), "demo", "--output", str(out), "--size", "32",
-                           "--cnn-epochs", "2", "--joint-epochs", "1"],
+                           "--cnn-epochs", "2", "--joint-epochs", "1", "--sets", "echo"],
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0
-    assert len((out / "runs" / "cnn" / "log.csv").read_text().splitlines()) == 3
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((out / "runs" / "echo" / "cnn" / "log.csv").read_text().splitlines()) == 3
+
+
+def test_cli_lists_match_the_library():
+    from pipeline import cli
+    from pipeline.data.phantoms import GENERATED_KINDS
+    from pipeline.data.samples import DATA_KINDS
+    from pipeline.demo import DEMO_SETS
+
+    assert cli._DATA_KINDS == DATA_KINDS and cli._DEMO_SETS == DEMO_SETS
+    assert set(cli._DEMO_FOLDERS) == set(GENERATED_KINDS)

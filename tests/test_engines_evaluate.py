@@ -42,6 +42,8 @@ from pipeline.reports import (
     write_report,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TINY_NET = {"preset": "custom", "in_channels": 1, "width": 1 / 16, "batch_norm": True,
             "fc_kernel": 3, "dropout": 0.0, "fc_channels": 32}
 SHAPE = (40, 36, 32)  # x, y, z: every view's images are at least 32×32 (FCN-8s' minimum)
@@ -62,15 +64,6 @@ def _same_rows(a: list[dict], b: list[dict]) -> bool:
     def norm(row):
         return {k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
     return [norm(r) for r in a] == [norm(r) for r in b]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks run fastest, and steadiest on a shared machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

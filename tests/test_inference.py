@@ -14,12 +14,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from pipeline.data import write_cta_phantom, write_nifti
-from pipeline.data.manifests import build_manifest, manifest_entries
-from pipeline.data.phantoms import write_cta_cohort
-from pipeline.data.samples import cta_samples
-from pipeline.engines import TrainConfig, train
 from pipeline.inference import VolumePredictor, find_cases, run_batch
-from tests.test_engines_training import TINY_NET
+from tests._tiny_models import tiny_cta_model
 
 SHAPE = (40, 36, 24)
 
@@ -27,18 +23,8 @@ SHAPE = (40, 36, 24)
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """A tiny CNN + piecewise CRF trained on all three views of phantom volumes (32×32)."""
-    root = tmp_path_factory.mktemp("train")
-    write_cta_cohort(root / "data", shape=SHAPE)
-    manifest = build_manifest(root / "data", fractions=(1, 0, 0))
-    entries = manifest_entries(manifest, root / "data", ["training"])
-    samples = [s for view in ("axial", "coronal", "sagittal")
-               for s in cta_samples(entries, view, size=32)]
-    data = {"kind": "cta", "size": 32, "hu_window": [-200.0, 800.0]}
-    cnn = train(TrainConfig(mode="cnn", epochs=6, batch_size=8, lr=1e-2, network=TINY_NET,
-                            data=data), samples, [], root / "cnn")
-    crf = train(TrainConfig(mode="piecewise", C=10.0, network=TINY_NET, data=data),
-                samples[::4], [], root / "piecewise", init=cnn.last_checkpoint)
-    return crf.last_checkpoint
+    return tiny_cta_model(tmp_path_factory.mktemp("train"), SHAPE,
+                          ("axial", "coronal", "sagittal"))
 
 
 @pytest.fixture(scope="module")

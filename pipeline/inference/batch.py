@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from pipeline.engines import distributed as dist
 from pipeline.inference.discovery import Case
 from pipeline.inference.predictor import VolumePredictor
 
-__all__ = ["SUMMARY_COLUMNS", "output_paths", "run_batch"]
+__all__ = ["SUMMARY_COLUMNS", "output_paths", "run_batch", "run_cases"]
 
 SUMMARY_COLUMNS: tuple[str, ...] = ("case", "input", "output", "status", "error",
                                     "foreground_ml", "seconds", "series_uid", "shape",
@@ -43,8 +43,8 @@ def _check_writable(out_dir: Path) -> None:
         raise ValueError(f"{out_dir}: output folder is not writable ({err.strerror})") from None
 
 
-def _write_table(rows: list[dict], path: Path) -> None:
-    write_csv(rows, path, SUMMARY_COLUMNS)
+def _write_table(rows: list[dict], path: Path, columns: Sequence[str]) -> None:
+    write_csv(rows, path, columns)
     tmp_json = atomic_path(path.with_suffix(".json"))
     tmp_json.write_text(json.dumps(rows, indent=2) + "\n")
     tmp_json.replace(path.with_suffix(".json"))
@@ -94,6 +94,40 @@ def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Volu
     Raises:
         ValueError: the output folder cannot be written.
     """
+    def run_case(case: Case, out: Path) -> dict:
+        return _run_case(case, predictor, out, write_cnn=write_cnn,
+                         write_probability=write_probability)
+
+    return run_cases(cases, out_dir, run_case, overwrite=overwrite, progress=progress)
+
+
+def run_cases(cases: Sequence[Case], out_dir: str | os.PathLike,
+              run_case: Callable[[Case, Path], dict], *,
+              columns: Sequence[str] = SUMMARY_COLUMNS, overwrite: bool = False,
+              progress: bool = True) -> list[dict]:
+    """The batch loop that volumes (:func:`run_batch`) and ultrasound frames share.
+
+    A case is done when its mask (``output_paths(case, out_dir)["mask"]``) exists: it is
+    skipped unless ``overwrite``. ``run_case(case, out_dir)`` writes the case's outputs
+    (atomically, the mask last) and returns the row's other values. Failing cases (ValueError,
+    FileNotFoundError, OSError, RuntimeError) get status ``failed`` and the error; the others
+    go on. ``summary.csv``/``summary.json`` (``columns``) are rewritten after every case;
+    under torchrun, cases are sharded across ranks and rank 0 merges one summary at the end.
+
+    Args:
+        cases: the cases.
+        out_dir: output folder.
+        run_case: segments one case into the output folder; returns its row values.
+        columns: the summary's columns (every row holds each, empty where unknown).
+        overwrite: redo cases whose mask already exists.
+        progress: progress bar over cases.
+
+    Returns:
+        One summary row per case (this rank's cases merged with the others' on rank 0).
+
+    Raises:
+        ValueError: the output folder cannot be written.
+    """
     out = Path(out_dir)
     _check_writable(out)
     mine = list(cases)[dist.rank()::dist.world_size()]
@@ -101,9 +135,9 @@ def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Volu
                           else f"summary.rank{dist.rank()}.csv")
     rows: list[dict] = []
     for case in tqdm(mine, desc="cases", unit="case", disable=not progress):
-        row = {"case": case.name, "input": str(case.path), "output": "", "status": "",
-               "error": "", "foreground_ml": "", "seconds": "",
-               "series_uid": case.series_uid or ""}
+        row = {**dict.fromkeys(columns, ""), "case": case.name, "input": str(case.path)}
+        if "series_uid" in columns:
+            row["series_uid"] = case.series_uid or ""
         mask_path = output_paths(case, out)["mask"]
         start = time.perf_counter()
         if mask_path.exists() and not overwrite:
@@ -111,17 +145,16 @@ def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Volu
                        error="output exists (use --overwrite to redo)")
         else:
             try:
-                row.update(_run_case(case, predictor, out, write_cnn=write_cnn,
-                                     write_probability=write_probability))
+                row.update(run_case(case, out))
                 row["status"] = "ok"
             except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
                 row.update(status="failed", error=str(err))
         row["seconds"] = round(time.perf_counter() - start, 3)
         rows.append(row)
-        _write_table(rows, summary_path)
+        _write_table(rows, summary_path, columns)
     if dist.world_size() > 1:
         gathered = dist.all_gather_objects(rows)
         rows = sorted((r for part in gathered for r in part), key=lambda r: r["case"])
         if dist.is_main():
-            _write_table(rows, out / "summary.csv")
+            _write_table(rows, out / "summary.csv", columns)
     return rows

@@ -1,5 +1,5 @@
-"""A trained 2-D model over a 3-D volume: per view, fused across views, CRF per slice, and the
-result put back on the input's own voxel grid."""
+"""A trained 2-D model over a 3-D volume: per view, fused across views, CRF per slice (or one
+3-D graph cut over the volume), and the result put back on the input's own voxel grid."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Resize, ScaleIntensityRange
 
-from pipeline.crf import CRFWeights, GraphCutPool, map_labelling
+from pipeline.crf import CRFWeights, GraphCutPool, map_labelling, volume_map_labelling
 from pipeline.data.alignment import resample_to_grid
 from pipeline.data.cta import CTA_HU_WINDOW
 from pipeline.data.views import VIEWS, restack_slices, slice_volume
@@ -44,9 +44,31 @@ class ViewModel:
                    config.get("connectivity", 4), config.get("beta"))
 
 
+class _GraphCutWorkers:
+    """Owns an optional pool of graph-cut processes; ``close()`` (or ``with``) stops it."""
+
+    pool: GraphCutPool | None = None
+
+    def close(self) -> None:
+        """Stops the graph-cut workers."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @dataclass
 class VolumePrediction:
-    """Results on the input volume's own grid (same shape and affine)."""
+    """Results on the input volume's own grid (same shape and affine).
+
+    ``seconds`` holds ``cnn`` (all views' networks) and ``crf`` (the CRF step, whichever ran);
+    with the 3-D graph cut it also holds ``crf_3d``, the seconds of that cut.
+    """
 
     probability: np.ndarray
     cnn: np.ndarray
@@ -59,7 +81,7 @@ class VolumePrediction:
         return self.cnn if self.crf is None else self.crf
 
 
-class VolumePredictor:
+class VolumePredictor(_GraphCutWorkers):
     """Segments 3-D volumes with 2-D models, slice by slice.
 
     Args:
@@ -70,6 +92,14 @@ class VolumePredictor:
         batch_size: slices per CNN forward pass.
         workers: graph-cut worker processes (0: in this process).
         device: torch device for the CNN.
+        crf_3d: where the model has CRF weights, replace the slice-by-slice CRF by one exact
+            graph cut over the (fused) probability volume on the RAS working grid, 6-connected
+            whatever the run's 2-D connectivity, with the first view's learned weights (see
+            :func:`pipeline.crf.volume_map_labelling`: pairwise weights scaled by
+            min(spacing)/spacing per axis; β data-driven over the volume unless the run fixed
+            one). It is one graph of the whole volume, so its memory grows with the voxel
+            count (about 0.3 kB per voxel), and it runs in this process (``workers`` only
+            serve the per-slice CRF).
 
     Raises:
         ValueError: unknown view, or no model for a requested view.
@@ -77,8 +107,9 @@ class VolumePredictor:
 
     def __init__(self, models: str | os.PathLike | Mapping[str, str | os.PathLike],
                  views: Sequence[str] = ("axial",), *, batch_size: int = 16, workers: int = 0,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", crf_3d: bool = False) -> None:
         self.views = tuple(views)
+        self.crf_3d = bool(crf_3d)
         for view in self.views:
             if view not in VIEWS:
                 raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
@@ -101,12 +132,6 @@ class VolumePredictor:
         self.batch_size = batch_size
         self.pool = GraphCutPool(workers) if workers > 0 else None
 
-    def close(self) -> None:
-        """Stops the graph-cut workers."""
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
-
     def _view_probability(self, windowed: np.ndarray, view: str) -> np.ndarray:
         vm = self.models[view]
         slices = slice_volume(windowed[None], view)  # N×1×H×W
@@ -126,11 +151,15 @@ class VolumePredictor:
         stacked = np.concatenate(probs)[:, None].clip(0.0, 1.0)
         return restack_slices(stacked, view)[0]
 
-    def _crf(self, probability: np.ndarray, windowed: np.ndarray) -> np.ndarray | None:
+    def _crf(self, probability: np.ndarray, windowed: np.ndarray,
+             spacing: np.ndarray) -> np.ndarray | None:
         view = self.views[0]
         vm = self.models[view]
         if vm.weights is None:
             return None
+        if self.crf_3d:
+            return volume_map_labelling(probability, windowed, vm.weights, spacing=spacing,
+                                        beta=vm.beta)
         probs = slice_volume(probability[None], view)[:, 0]
         images = slice_volume(windowed[None], view)[:, 0]
         if self.pool is not None:
@@ -160,8 +189,12 @@ class VolumePredictor:
         probability = np.mean([self._view_probability(windowed, v) for v in self.views], axis=0)
         cnn_s = time.perf_counter() - start
         start = time.perf_counter()
-        crf = self._crf(probability, windowed)
+        spacing = np.linalg.norm(ras_affine[:3, :3], axis=0)  # mm per voxel along each axis
+        crf = self._crf(probability, windowed, spacing)
         crf_s = time.perf_counter() - start
+        seconds = {"cnn": cnn_s, "crf": crf_s}
+        if self.crf_3d and crf is not None:
+            seconds["crf_3d"] = crf_s
 
         def back(array: np.ndarray, order: int) -> np.ndarray:
             return resample_to_grid(array, ras_affine, original_affine, original_shape,
@@ -172,5 +205,5 @@ class VolumePredictor:
             probability=back(probability.astype(np.float32), 1),
             cnn=back(cnn, 0),
             crf=None if crf is None else back(crf.astype(np.uint8), 0),
-            seconds={"cnn": cnn_s, "crf": crf_s},
+            seconds=seconds,
         )

@@ -1,0 +1,346 @@
+"""Batch segmentation of ultrasound frames and cine loops with a 2-D model, frame by frame."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import Resize
+
+from pipeline.crf import GraphCutPool, map_labelling
+from pipeline.data.ultrasound import SUPPORTED_SUFFIXES, load_ultrasound, normalise_frames
+from pipeline.data.writers import write_nifti
+from pipeline.engines.checkpoint import load_checkpoint
+from pipeline.engines.trainer import predict_probabilities
+from pipeline.inference.batch import output_paths, run_cases
+from pipeline.inference.discovery import Case
+from pipeline.inference.predictor import ViewModel, VolumePrediction, _GraphCutWorkers
+
+__all__ = [
+    "DEFAULT_FRAME_EXCLUDE",
+    "FRAME_DATA_KINDS",
+    "FRAME_SUMMARY_COLUMNS",
+    "FramePredictor",
+    "find_frame_cases",
+    "is_frame_model",
+    "run_frames",
+]
+
+#: Data kinds (a checkpoint's ``config["data"]["kind"]``) of models trained on ultrasound frames.
+FRAME_DATA_KINDS: tuple[str, ...] = ("echo", "echo_demo")
+
+#: Glob patterns of files that are masks, not images, skipped by :func:`find_frame_cases`
+#: (matched case-insensitively against the file name and the path relative to the input
+#: folder): ``*_mask*`` (``cine_mask.nii.gz``, ``echo_mask_000.png``, this module's own
+#: outputs) and ``*_gt.*`` / ``*_gt_*`` (CAMUS ground truth, ``patient0001_2CH_ED_gt.mhd``).
+DEFAULT_FRAME_EXCLUDE: tuple[str, ...] = ("*_mask*", "*_gt.*", "*_gt_*")
+
+#: Columns of the frame summary. ``frames``: frame count; ``shape``: ``HxW`` of a frame;
+#: ``foreground_px``: mean foreground pixels per frame; ``foreground_mm2``: mean foreground
+#: area per frame in mm² (empty where the file carries no pixel spacing, e.g. PNG);
+#: ``foreground_ml`` stays empty (a 2-D frame has no volume) so the summary keeps the columns
+#: of the volume summary.
+FRAME_SUMMARY_COLUMNS: tuple[str, ...] = ("case", "input", "output", "status", "error",
+                                          "frames", "foreground_ml", "foreground_px",
+                                          "foreground_mm2", "seconds", "shape", "cnn_seconds",
+                                          "crf_seconds")
+
+_FILE_KINDS = {".dcm": "dicom", ".dicom": "dicom", ".nii": "nifti", ".nii.gz": "nifti",
+               ".mhd": "metaimage", ".mha": "metaimage", ".png": "png", ".jpg": "jpeg",
+               ".jpeg": "jpeg"}
+
+
+def is_frame_model(checkpoint: str | os.PathLike) -> bool:
+    """Whether a checkpoint was trained on ultrasound frames (its data kind is one of
+    :data:`FRAME_DATA_KINDS`).
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        ValueError: not an mmcrf checkpoint.
+    """
+    config = load_checkpoint(checkpoint).get("config") or {}
+    return (config.get("data") or {}).get("kind") in FRAME_DATA_KINDS
+
+
+# Discovery -------------------------------------------------------------------------------------
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _file_kind(path: Path) -> str | None:
+    """The ultrasound format of a file by suffix or DICOM preamble, or None."""
+    kind = _FILE_KINDS.get(_suffix(path))
+    if kind is not None:
+        return kind
+    if path.suffix.lower() in (".raw", ".zraw"):  # MetaImage data, read through the header
+        return None
+    try:
+        with path.open("rb") as fh:
+            return "dicom" if fh.read(132)[128:] == b"DICM" else None
+    except OSError:
+        return None
+
+
+def _excluded(rel: Path, patterns: Sequence[str]) -> bool:
+    names = (rel.as_posix().lower(), rel.name.lower())
+    return any(fnmatch.fnmatchcase(n, p.lower()) for p in patterns for n in names)
+
+
+def _case_names(files: Sequence[Path], root: Path) -> list[str]:
+    """Output names from relative paths without the suffix; where two files would share a
+    name (``echo.dcm`` and ``echo.nii.gz``), each keeps its suffix (``echo_dcm``,
+    ``echo_nii``), and a numbered name resolves what is left."""
+    rels = [f.relative_to(root) if f != root else Path(f.name) for f in files]
+    stems = []
+    for rel in rels:
+        suffix = _suffix(rel)
+        stems.append(rel.as_posix()[: -len(suffix)] if suffix else rel.as_posix())
+    names = []
+    for rel, stem in zip(rels, stems, strict=True):
+        tag = _suffix(rel).removesuffix(".gz").lstrip(".")
+        names.append(f"{stem}_{tag}" if stems.count(stem) > 1 and tag else stem)
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        n = seen.get(name, 0)
+        seen[name] = n + 1
+        unique.append(name if n == 0 else f"{name}_{n}")
+    return unique
+
+
+def find_frame_cases(source: str | os.PathLike, *,
+                     exclude: Sequence[str] | None = DEFAULT_FRAME_EXCLUDE,
+                     recursive: bool = True, skip: Sequence[str | os.PathLike] = ()
+                     ) -> list[Case]:
+    """The ultrasound files under ``source`` (or ``source`` itself), one case per file.
+
+    A file is an ultrasound file by its suffix (:data:`~pipeline.data.ultrasound.
+    SUPPORTED_SUFFIXES`: DICOM, NIfTI, MetaImage, PNG/JPEG) or, without a known suffix, by
+    the DICOM ``DICM`` preamble; other files (``.raw`` data of MetaImage headers, text, ...)
+    and hidden files and folders are left out. A multi-frame DICOM or a NIfTI/MetaImage cine
+    is one case; so is each PNG/JPEG frame. Files that match an ``exclude`` pattern (globs,
+    case-insensitive, against the file name and the path relative to ``source``; default
+    :data:`DEFAULT_FRAME_EXCLUDE`, i.e. masks) are skipped, as is everything under a
+    ``skip`` folder (e.g. the output folder when it lies inside the input). A file given as
+    ``source`` is always a case. Case names are the relative paths without the suffix
+    (``p1/cine``), kept unique.
+
+    Args:
+        source: a folder (searched recursively unless ``recursive`` is False) or one file.
+        exclude: glob patterns of files to skip; None or empty skips nothing.
+        recursive: search sub-folders.
+        skip: folders whose files are never cases.
+
+    Returns:
+        The cases, sorted by path; ``kind`` is the format (dicom, nifti, metaimage, png, jpeg).
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        ValueError: ``source`` is a file of no supported format, or a folder holding no
+            ultrasound file (after exclusion).
+    """
+    root = Path(source)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such file or folder")
+    if root.is_file():
+        kind = _file_kind(root)
+        if kind is None:
+            raise ValueError(f"{root}: unsupported input; expected an ultrasound file "
+                             f"({', '.join(SUPPORTED_SUFFIXES)} or DICOM without a suffix) or "
+                             "a folder of them")
+        return [Case(_case_names([root], root.parent)[0], root, kind)]
+    skipped = [Path(s).resolve() for s in skip]
+    files: list[tuple[Path, str]] = []
+    for path in sorted(root.rglob("*") if recursive else root.iterdir()):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if any(path.resolve().is_relative_to(s) for s in skipped):
+            continue
+        if exclude and _excluded(rel, exclude):
+            continue
+        kind = _file_kind(path)
+        if kind is not None:
+            files.append((path, kind))
+    if not files:
+        raise ValueError(f"{root}: no ultrasound files ({', '.join(SUPPORTED_SUFFIXES)} or "
+                         "DICOM without a suffix) found"
+                         + (f" (after excluding {', '.join(exclude)})" if exclude else ""))
+    names = _case_names([f for f, _ in files], root)
+    return [Case(name, path, kind) for name, (path, kind) in zip(names, files, strict=True)]
+
+
+# Prediction ------------------------------------------------------------------------------------
+
+class FramePredictor(_GraphCutWorkers):
+    """Segments the frames of ultrasound files with a 2-D model trained on 1-channel frames.
+
+    Each frame, normalised by :func:`~pipeline.data.ultrasound.normalise_frames` as the
+    training samples were, is resized to the model's training size (bilinear) for the CNN
+    (``batch_size`` frames a pass); the probability is resized back to the frame's size,
+    where the CRF (the run's weights, connectivity and beta) labels it against the frame's own
+    contrast. A CNN-only model gives the mask ``probability > 0.5``.
+
+    Args:
+        model: the checkpoint.
+        batch_size: frames per CNN forward pass.
+        workers: graph-cut worker processes (0: in this process).
+        device: torch device for the CNN.
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        ValueError: not an mmcrf checkpoint, or a model taking other than 1 input channel.
+    """
+
+    def __init__(self, model: str | os.PathLike, *, batch_size: int = 16, workers: int = 0,
+                 device: str | torch.device = "cpu") -> None:
+        config = load_checkpoint(model).get("config") or {}
+        channels = (config.get("network") or {}).get("in_channels", 1)
+        if channels != 1:
+            raise ValueError(f"{model}: the model takes {channels} input channels; ultrasound "
+                             "frames need a model trained on 1-channel (grey) frames")
+        self.model = ViewModel.from_checkpoint(model)
+        self.model.model.to(device)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.pool = GraphCutPool(workers) if workers > 0 else None
+
+    def _probability(self, frames: np.ndarray) -> np.ndarray:
+        vm = self.model
+        height, width = frames.shape[1:]
+        # Resize treats the frames as channels: each is resized on its own
+        down = Resize((vm.size, vm.size), mode="bilinear") if vm.size else None
+        up = Resize((height, width), mode="bilinear") if vm.size else None
+        probs = []
+        for start in range(0, len(frames), self.batch_size):
+            chunk = torch.as_tensor(frames[start:start + self.batch_size], dtype=torch.float32)
+            if down is not None:
+                chunk = torch.as_tensor(np.asarray(down(chunk)))
+            p = predict_probabilities(vm.model, chunk[:, None].to(self.device)).cpu()
+            if up is not None:
+                p = torch.as_tensor(np.asarray(up(p)))
+            probs.append(p.numpy())
+        return np.concatenate(probs).clip(0.0, 1.0).astype(np.float32)
+
+    def predict(self, frames: np.ndarray) -> VolumePrediction:
+        """Segments T×H×W frames already normalised to [0, 1].
+
+        Returns:
+            T×H×W probability, CNN mask and CRF mask (None without CRF weights), with the
+            seconds spent in the CNN and the CRF.
+
+        Raises:
+            ValueError: not a T×H×W stack.
+        """
+        frames = np.asarray(frames, dtype=np.float32)
+        if frames.ndim != 3:
+            raise ValueError(f"expected T×H×W frames, got shape {frames.shape}")
+        vm = self.model
+        start = time.perf_counter()
+        probability = self._probability(frames)
+        cnn_s = time.perf_counter() - start
+        start = time.perf_counter()
+        crf = None
+        if vm.weights is not None:
+            if self.pool is not None:
+                masks = self.pool.map_labellings(list(probability), list(frames), vm.weights,
+                                                 connectivity=vm.connectivity, beta=vm.beta)
+            else:
+                masks = [map_labelling(p, x, vm.weights, connectivity=vm.connectivity,
+                                       beta=vm.beta) for p, x in zip(probability, frames,
+                                                                     strict=True)]
+            crf = np.stack(masks).astype(np.uint8)
+        return VolumePrediction(probability=probability,
+                                cnn=(probability > 0.5).astype(np.uint8), crf=crf,
+                                seconds={"cnn": cnn_s, "crf": time.perf_counter() - start})
+
+
+# Batch -----------------------------------------------------------------------------------------
+
+def _frame_affine(path: Path, spacing: tuple[float, float] | None) -> np.ndarray:
+    """The output's affine: a NIfTI input's own (in mm units), else the pixel spacing."""
+    if _suffix(path) in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        img = nib.load(path)
+        if img.header.get_xyzt_units()[0] in ("mm", "unknown"):
+            return np.asarray(img.affine, dtype=np.float64)
+    row, col = spacing if spacing is not None else (1.0, 1.0)
+    return np.diag([col, row, 1.0, 1.0])
+
+
+def _as_nifti_cine(frames: np.ndarray) -> np.ndarray:
+    """T×H×W frames in the ultrasound reader's NIfTI layout: X×Y×1×T (i = column, j = row)."""
+    return np.ascontiguousarray(np.asarray(frames).transpose(2, 1, 0)[:, :, None, :])
+
+
+def _run_frame_case(case: Case, predictor: FramePredictor, out_dir: Path, *, write_cnn: bool,
+                    write_probability: bool) -> dict:
+    paths = output_paths(case, out_dir)
+    frames = load_ultrasound(case.path)
+    images = normalise_frames(case.path, [f.image for f in frames])
+    try:
+        result = predictor.predict(images)
+    except RuntimeError as err:  # e.g. a frame too small for the network
+        raise RuntimeError(f"{case.path}: {err}") from err
+    spacing = frames[0].spacing
+    affine = _frame_affine(case.path, spacing)
+    if write_probability:
+        write_nifti(_as_nifti_cine(result.probability), affine, paths["probability"],
+                    dtype=np.float32)
+    if write_cnn and result.crf is not None:
+        write_nifti(_as_nifti_cine(result.cnn), affine, paths["cnn"], dtype=np.uint8)
+    write_nifti(_as_nifti_cine(result.mask), affine, paths["mask"], dtype=np.uint8)  # last
+    pixels = float(result.mask.reshape(len(frames), -1).sum(axis=1).mean())
+    return {"output": str(paths["mask"]), "frames": len(frames),
+            "shape": "x".join(map(str, images.shape[1:])),
+            "foreground_px": round(pixels, 1),
+            "foreground_mm2": "" if spacing is None else round(pixels * spacing[0] * spacing[1],
+                                                               3),
+            "cnn_seconds": round(result.seconds["cnn"], 3),
+            "crf_seconds": round(result.seconds["crf"], 3)}
+
+
+def run_frames(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: FramePredictor,
+               *, overwrite: bool = False, write_cnn: bool = False,
+               write_probability: bool = False, progress: bool = True) -> list[dict]:
+    """Segments every frame of every ultrasound case, one NIfTI mask per case, and a summary.
+
+    The mask of a case holds all its frames, uint8 0/1, in the layout the ultrasound reader
+    expects of NIfTI (X×Y×1×T, i = column, j = row), so ``load_ultrasound(mask)`` gives H×W
+    frames aligned with the input's, in the input's order. Its affine is a NIfTI input's own,
+    else ``diag(col spacing, row spacing, 1)`` from the input's pixel spacing (1 mm where the
+    input has none, e.g. PNG). Files go to ``<out>/<case name>_mask.nii.gz`` (and
+    ``_cnn_mask``, ``_prob``), written under temporary names and renamed, the mask last;
+    the skipping of done cases, per-case failures and ``summary.csv``/``summary.json``
+    (columns :data:`FRAME_SUMMARY_COLUMNS`) are those of
+    :func:`~pipeline.inference.batch.run_cases`.
+
+    Args:
+        cases: the cases (see :func:`find_frame_cases`).
+        out_dir: output folder.
+        predictor: the loaded model.
+        overwrite: redo cases whose mask already exists.
+        write_cnn: also write the CNN-only mask where the CRF is used.
+        write_probability: also write the foreground probability (float32).
+        progress: progress bar over cases.
+
+    Returns:
+        One summary row per case.
+
+    Raises:
+        ValueError: the output folder cannot be written.
+    """
+    def run_case(case: Case, out: Path) -> dict:
+        return _run_frame_case(case, predictor, out, write_cnn=write_cnn,
+                               write_probability=write_probability)
+
+    return run_cases(cases, out_dir, run_case, columns=FRAME_SUMMARY_COLUMNS,
+                     overwrite=overwrite, progress=progress)

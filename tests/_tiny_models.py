@@ -1,0 +1,27 @@
+"""Tiny CNN + piecewise-CRF checkpoints trained in seconds on phantom volumes, for tests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.data.manifests import build_manifest, manifest_entries
+from pipeline.data.phantoms import write_cta_cohort
+from pipeline.data.samples import cta_samples
+from pipeline.engines import TrainConfig, train
+from tests.test_engines_training import TINY_NET
+
+
+def tiny_cta_model(root: Path, shape: Sequence[int], views: Sequence[str] = ("axial",)) -> Path:
+    """Trains a tiny CNN (6 epochs) and its piecewise CRF on 32×32 slices of the given views
+    of the phantom cohort written under ``root``; returns the CRF run's checkpoint."""
+    write_cta_cohort(root / "data", shape=tuple(shape))
+    manifest = build_manifest(root / "data", fractions=(1, 0, 0))
+    entries = manifest_entries(manifest, root / "data", ["training"])
+    samples = [s for view in views for s in cta_samples(entries, view, size=32)]
+    data = {"kind": "cta", "size": 32, "hu_window": [-200.0, 800.0]}
+    cnn = train(TrainConfig(mode="cnn", epochs=6, batch_size=8, lr=1e-2, network=TINY_NET,
+                            data=data), samples, [], root / "cnn")
+    crf = train(TrainConfig(mode="piecewise", C=10.0, network=TINY_NET, data=data),
+                samples[::4], [], root / "piecewise", init=cnn.last_checkpoint)
+    return crf.last_checkpoint
