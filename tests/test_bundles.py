@@ -3,6 +3,7 @@ run for real (MONAI's bundle runner, torchrun, ckpt_export, verify_metadata) on 
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import jsonschema
 import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -26,7 +28,7 @@ TENSOR_KEYS = {"type": str, "format": str, "num_channels": int, "spatial_shape":
 
 def test_there_are_bundles_to_check():
     names = {b.name for b in BUNDLES}
-    assert {"cta_pericardium_crf", "weizmann_horse_crf"} <= names
+    assert names == {"cta_pericardium_crf", "echo_lv_crf", "weizmann_horse_crf"}
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
@@ -62,13 +64,22 @@ def _monai_bundle(bundle_dir: Path, *args: str, torchrun: bool = False):
     return proc
 
 
-@pytest.fixture(scope="module")
-def cta_bundle(tmp_path_factory):
-    """A working copy of the CTA bundle (commands write runs/, demo_data/ beside configs)."""
-    dst = tmp_path_factory.mktemp("bundle") / "cta_pericardium_crf"
-    shutil.copytree(REPO / "bundles" / "cta_pericardium_crf", dst,
+def _copy(name: str, tmp_path_factory) -> Path:
+    """A working copy of a bundle (commands write runs/, demo_data/ beside configs)."""
+    dst = tmp_path_factory.mktemp("bundle") / name
+    shutil.copytree(REPO / "bundles" / name, dst,
                     ignore=shutil.ignore_patterns("runs*", "demo_data", "eval", "*.ts"))
     return dst
+
+
+@pytest.fixture(scope="module")
+def cta_bundle(tmp_path_factory):
+    return _copy("cta_pericardium_crf", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def echo_bundle(tmp_path_factory):
+    return _copy("echo_lv_crf", tmp_path_factory)
 
 
 def test_train_all_stages_then_evaluate(cta_bundle):
@@ -112,37 +123,94 @@ def test_inference_writes_masks_on_the_inputs_grid(cta_bundle, tmp_path):
         assert out.shape == ref.shape
         assert abs(out.affine - ref.affine).max() < 1e-5
         assert out.get_fdata().sum() > 0
+    # the three views' own models (models/model_{view}.pt), fused, then one 3-D graph cut
+    proc = _monai_bundle(cta_bundle, "run", "--config_file", "configs/inference.json",
+                         "--input_dir", str(tmp_path / "in" / "a"), "--output_dir",
+                         str(tmp_path / "out3d"), "--view", "all", "--crf_3d", "True")
+    assert "cases: 1" in proc.stdout
+    out = nib.load(tmp_path / "out3d" / "image_mask.nii.gz")
+    ref = nib.load(tmp_path / "in" / "a" / "image.nii.gz")
+    assert out.shape == ref.shape and abs(out.affine - ref.affine).max() < 1e-5
+    truth = nib.load(tmp_path / "in" / "a" / "label.nii.gz").get_fdata() > 0
+    mask = out.get_fdata() > 0
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.5  # the shipped models find it
 
 
-def test_checkpoint_exports_to_torchscript(cta_bundle):
-    _monai_bundle(cta_bundle, "ckpt_export", "network_def", "--filepath", "models/model.ts",
-                  "--ckpt_file", "models/model.pt", "--meta_file", "configs/metadata.json",
+@pytest.mark.parametrize(("name", "model", "shape"), [
+    ("cta_pericardium_crf", "model_axial", "[1, 1, 64, 64]"),
+    ("echo_lv_crf", "model", "[1, 1, 64, 64]"),
+    ("weizmann_horse_crf", "joint", "[1, 3, 128, 128]")])
+def test_checkpoint_exports_to_torchscript(name, model, shape, tmp_path_factory):
+    bundle = _copy(name, tmp_path_factory)
+    _monai_bundle(bundle, "ckpt_export", "network_def", "--filepath", f"models/{model}.ts",
+                  "--ckpt_file", f"models/{model}.pt", "--meta_file", "configs/metadata.json",
                   "--config_file", "configs/inference.json", "--key_in_ckpt", "model",
-                  "--use_trace", "True", "--input_shape", "[1, 1, 64, 64]")
-    scripted = torch.jit.load(cta_bundle / "models" / "model.ts")
-    assert scripted(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+                  "--use_trace", "True", "--input_shape", shape)
+    scripted = torch.jit.load(bundle / "models" / f"{model}.ts")
+    x = torch.rand(*json.loads(shape))
+    assert scripted(x).shape == (1, 1, *x.shape[2:])
+    assert (name in ("cta_pericardium_crf", "echo_lv_crf")) == (x.shape[1] == 1)
 
 
-def test_verify_metadata_with_the_schema_on_disk(cta_bundle):
-    proc = _monai_bundle(cta_bundle, "verify_metadata", "--meta_file", "configs/metadata.json",
+@pytest.mark.parametrize("name", [b.name for b in BUNDLES])
+def test_verify_metadata_with_the_schema_on_disk(name, tmp_path_factory):
+    bundle = _copy(name, tmp_path_factory)
+    proc = _monai_bundle(bundle, "verify_metadata", "--meta_file", "configs/metadata.json",
                          "--filepath", str(SCHEMA))
     assert "metadata is verified with no error" in proc.stdout + proc.stderr
-    bad = json.loads((cta_bundle / "configs" / "metadata.json").read_text())
+    bad = json.loads((bundle / "configs" / "metadata.json").read_text())
     del bad["network_data_format"]["inputs"]["image"]["num_channels"]
-    (cta_bundle / "configs" / "bad.json").write_text(json.dumps(bad))
+    (bundle / "configs" / "bad.json").write_text(json.dumps(bad))
     python = Path(sys.executable)
     proc = subprocess.run([str(python), "-m", "monai.bundle", "verify_metadata", "--meta_file",
-                           "configs/bad.json", "--filepath", str(SCHEMA)], cwd=cta_bundle,
+                           "configs/bad.json", "--filepath", str(SCHEMA)], cwd=bundle,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "num_channels" in proc.stdout + proc.stderr
 
 
+def test_echo_bundle_segments_its_demo_cine_loops_out_of_the_box(echo_bundle):
+    from pipeline.data.ultrasound import load_ultrasound
+
+    proc = _monai_bundle(echo_bundle, "run", "--config_file", "configs/inference.json")
+    assert "cases: 8" in proc.stdout  # 8 cine loops; their *_mask files are skipped
+    ious = []
+    for case in sorted((echo_bundle / "demo_data").glob("echo_*")):
+        frames = load_ultrasound(case / "cine.dcm", case / "cine_mask.nii.gz")
+        predicted = load_ultrasound(echo_bundle / "eval" / case.name / "cine_mask.nii.gz")
+        assert len(predicted) == len(frames) == 12
+        for truth, pred in zip(frames, predicted, strict=True):
+            assert pred.image.shape == truth.mask.shape == (96, 96)
+            inter = np.logical_and(pred.image > 0, truth.mask > 0).sum()
+            ious.append(inter / np.logical_or(pred.image > 0, truth.mask > 0).sum())
+    assert np.mean(ious) > 0.6  # the shipped weights find the cavity, frame by frame
+
+
+def test_echo_bundle_trains_all_stages_then_evaluates(echo_bundle):
+    tiny = ("--size", "32", "--epochs", "1")
+    for mode in ("cnn", "piecewise", "joint"):
+        _monai_bundle(echo_bundle, "run", "--config_file", "configs/train.json", "--mode",
+                      mode, *tiny)
+    payload = torch.load(echo_bundle / "runs" / "joint" / "last.pt", weights_only=True)
+    assert payload["crf"] is not None and payload["config"]["data"]["kind"] == "echo_demo"
+    _monai_bundle(echo_bundle, "run", "--config_file",
+                  "['configs/train.json','configs/evaluate.json']", "--size", "32")
+    with (echo_bundle / "runs" / "evaluation.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["view"] for r in rows} == {"echo"}
+    assert len(rows) == 3 * 24  # three methods x 2 validation loops x 12 frames
+
+
+def test_echo_multi_gpu_config_trains_with_two_gloo_processes(echo_bundle):
+    _monai_bundle(echo_bundle, "run", "--config_file",
+                  "['configs/train.json','configs/multi_gpu_train.json']", "--size", "32",
+                  "--epochs", "1", "--output_dir", "runs_ddp", torchrun=True)
+    log = (echo_bundle / "runs_ddp" / "cnn" / "log.csv").read_text().splitlines()
+    assert len(log) == 2
+
+
 @pytest.fixture(scope="module")
 def horse_bundle(tmp_path_factory):
-    dst = tmp_path_factory.mktemp("bundle") / "weizmann_horse_crf"
-    shutil.copytree(REPO / "bundles" / "weizmann_horse_crf", dst,
-                    ignore=shutil.ignore_patterns("runs*", "demo_data", "eval", "*.ts"))
-    return dst
+    return _copy("weizmann_horse_crf", tmp_path_factory)
 
 
 def test_horse_bundle_runs_out_of_the_box(horse_bundle):
