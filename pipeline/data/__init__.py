@@ -6,9 +6,11 @@ from pipeline.data.alignment import AlignLabel, AlignLabeld, align_label_to_imag
 from pipeline.data.cta import (
     CTA_HU_WINDOW,
     LoadVolumed,
+    SliceSplit,
     cta_slice_transforms,
     cta_volume_transforms,
     run_transforms,
+    select_slices,
     slice_datalist,
 )
 from pipeline.data.horse import (
@@ -59,6 +61,7 @@ __all__ = [
     "LoadUltrasoundFramesd",
     "LoadVolumed",
     "NoisyBlocks",
+    "SliceSplit",
     "SliceView",
     "SliceViewsd",
     "UltrasoundFrame",
@@ -80,6 +83,7 @@ __all__ = [
     "restack_slices",
     "run_transforms",
     "scan_horse_folder",
+    "select_slices",
     "slice_affine",
     "slice_datalist",
     "slice_volume",

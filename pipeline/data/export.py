@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.data.cta import cta_slice_transforms, run_transforms
+from pipeline.data.cta import cta_slice_transforms, run_transforms, select_slices
 from pipeline.data.views import VIEWS
 from pipeline.data.writers import atomic_path, write_csv, write_nifti
 
 __all__ = ["INDEX_COLUMNS", "export_slices"]
 
 INDEX_COLUMNS: tuple[str, ...] = ("source", "view", "slice", "empty", "image_file",
-                                  "label_file")
+                                  "label_file", "split")
 
 
 def _safe_name(source: str) -> str:
@@ -41,6 +41,9 @@ def export_slices(cases: Iterable[Mapping], out_dir: str | os.PathLike, *,
 
     Files go to ``<out_dir>/<view>/<case>_<index>.png`` (image, windowed to 0–255) and
     ``..._label.png`` (0/255), or ``.nii.gz`` holding the 2-D slice with its world affine.
+    A case split by slices (``slice_split`` and ``slice_part``, from
+    :func:`pipeline.data.manifests.manifest_entries`) gives only that part's slices; the
+    index's ``split`` column says which split each slice belongs to (empty when unknown).
 
     Args:
         cases: volume entries ``{"image": path, "label": path (optional)}``.
@@ -65,6 +68,8 @@ def export_slices(cases: Iterable[Mapping], out_dir: str | os.PathLike, *,
     rows = []
     for case in cases:
         samples = run_transforms(pipeline, dict(case))
+        if case.get("slice_part") is not None:
+            samples = select_slices(samples, case["slice_split"], case["slice_part"])
         name = _safe_name(str(case["image"]))
         for sample in samples:
             stem = out / sample["view"] / f"{name}_{sample['slice']:04d}"
@@ -89,6 +94,7 @@ def export_slices(cases: Iterable[Mapping], out_dir: str | os.PathLike, *,
                 "empty": "" if not has_label else int(sample["label_empty"]),
                 "image_file": image_file.relative_to(out).as_posix(),
                 "label_file": label_file.relative_to(out).as_posix() if has_label else "",
+                "split": case.get("split", ""),
             })
     index = write_csv(rows, out / "index.csv", INDEX_COLUMNS)
     return index

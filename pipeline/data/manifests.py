@@ -1,4 +1,11 @@
-"""Decathlon-style data manifests: build from a folder convention (split by patient), check."""
+"""Decathlon-style data manifests: build from a folder convention (split by patient), check.
+
+An entry may also be split by SLICES (leave-slices-out within one volume, for data sets of a
+single labelled volume): ``"slice_split": {"held_out": [0.4, 0.6], "gap": 3, "split":
+"validation"}`` in an entry of the ``training`` list puts, view by view, the block of slice
+positions 40–60 % along the view's axis into ``validation``, drops 3 slices on each side of it,
+and keeps the rest in ``training`` (see :class:`pipeline.data.cta.SliceSplit`).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.alignment import AlignLabel
+from pipeline.data.cta import SliceSplit
 from pipeline.data.readers import find_dicom_series, is_nifti, read_volume
 
 __all__ = [
@@ -24,6 +32,7 @@ __all__ = [
     "load_manifest",
     "manifest_entries",
     "manifest_hash",
+    "slice_split_of",
     "write_manifest",
 ]
 
@@ -194,21 +203,63 @@ def load_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
+def slice_split_of(entry: Mapping, split: str, where: str | None = None) -> SliceSplit | None:
+    """The checked :class:`~pipeline.data.cta.SliceSplit` of a manifest entry listed under
+    ``split``, or None when the entry is not split by slices.
+
+    Raises:
+        ValueError: a bad ``slice_split`` (see :meth:`SliceSplit.from_spec`), one on an entry
+            without a label, or one whose held-out block goes to the entry's own split.
+    """
+    spec = entry.get("slice_split")
+    if spec is None:
+        return None
+    where = where or f"{split} entry {entry.get('id', entry.get('image'))}"
+    rule = SliceSplit.from_spec(spec, where=where)
+    if rule.split == split:
+        raise ValueError(f"{where}: slice_split sends the held-out slices to {split!r}, the "
+                         f"split the entry is listed in; list it under another split (e.g. "
+                         f"training)")
+    if not entry.get("label"):
+        raise ValueError(f"{where}: slice_split needs a labelled entry (no 'label')")
+    return rule
+
+
 def manifest_entries(manifest: Mapping, root: str | os.PathLike,
                      splits: Iterable[str] = SPLITS) -> list[dict]:
     """Entries of the given splits with ``image``/``label`` resolved against ``root``; each
-    entry gets ``split`` and ``source`` (its image path as written in the manifest)."""
+    entry gets ``split`` and ``source`` (its image path as written in the manifest).
+
+    An entry with a ``slice_split`` appears in two splits: in its own list's split with
+    ``slice_part = "rest"`` (the slices outside the held-out block and its gaps) and in the
+    slice split's ``split`` with ``slice_part = "held_out"`` (the block);
+    :func:`pipeline.data.cta.slice_datalist` then keeps only that part of its slices.
+
+    Raises:
+        ValueError: a bad ``slice_split`` (names the entry).
+    """
     base = Path(root)
     out = []
     for split in splits:
-        for entry in manifest.get(split, []) or []:
-            resolved = dict(entry)
-            resolved["split"] = split
-            resolved["source"] = entry["image"]
-            for key in ("image", "label"):
-                if key in entry:
-                    resolved[key] = str(base / entry[key])
-            out.append(resolved)
+        for home in SPLITS:
+            for i, entry in enumerate(manifest.get(home, []) or []):
+                rule = slice_split_of(entry, home, f"{home}[{i}] {entry.get('id', '')}".strip())
+                if home == split:
+                    part = None if rule is None else "rest"
+                elif rule is not None and rule.split == split:
+                    part = "held_out"
+                else:
+                    continue
+                resolved = dict(entry)
+                resolved["split"] = split
+                resolved["source"] = entry["image"]
+                for key in ("image", "label"):
+                    if key in entry:
+                        resolved[key] = str(base / entry[key])
+                if rule is not None:
+                    resolved["slice_split"] = rule.to_spec()
+                    resolved["slice_part"] = part
+                out.append(resolved)
     return out
 
 
@@ -254,7 +305,8 @@ def check_manifest(manifest: Mapping, root: str | os.PathLike) -> list[ManifestP
 
     Checks: files exist and are readable; volumes are 3-D; labels are binary and on (or
     alignable onto) their image's grid; 2-D labels have their image's size; no group
-    (patient) or image appears in two splits.
+    (patient) or image appears in two splits; ``slice_split`` specs are valid (fractions,
+    gap, target split; whether a block holds slices is checked when the volume is sliced).
 
     Args:
         manifest: the manifest dict.
@@ -271,6 +323,11 @@ def check_manifest(manifest: Mapping, root: str | os.PathLike) -> list[ManifestP
         for i, entry in enumerate(manifest.get(split, []) or []):
             image = base / entry["image"]
             label = base / entry["label"] if entry.get("label") else None
+            try:
+                slice_split_of(entry, split, "entry")
+            except ValueError as err:
+                problems.append(ManifestProblem(split, i, "slice_split", str(image),
+                                                str(err).removeprefix("entry: ")))
             for key, path in (("image", image), ("label", label)):
                 if path is not None and not path.exists():
                     problems.append(ManifestProblem(split, i, key, str(path), "no such file"))

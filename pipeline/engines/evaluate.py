@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pipeline.crf import CRFWeights
 from pipeline.crf.inference import map_labelling
 from pipeline.data.alignment import align_label_to_image
-from pipeline.data.cta import cta_volume_transforms, run_transforms
+from pipeline.data.cta import SliceSplit, cta_volume_transforms, run_transforms
 from pipeline.data.horse import MASK_THRESHOLD
 from pipeline.data.phantoms import ensure_demo_data
 from pipeline.data.readers import is_nifti, read_volume
@@ -501,6 +501,8 @@ class _Pair:
     image: Path | None
     case: str
     names: tuple[str, ...]  # candidate names of the prediction, in order
+    slice_split: Mapping | None = None  # leave-slices-out: score only this part's slices
+    slice_part: str | None = None
 
 
 def _pairs_from_folder(labels: Path, label_suffix: str) -> list[_Pair]:
@@ -536,7 +538,7 @@ def _pairs_from_entries(entries: Sequence[Mapping]) -> list[_Pair]:
         if entry.get("id") and str(entry["id"]) not in names:
             names.append(str(entry["id"]))
         pairs.append(_Pair(Path(entry["label"]), None if image is None else Path(image), case,
-                           tuple(names)))
+                           tuple(names), entry.get("slice_split"), entry.get("slice_part")))
     if not pairs:
         raise ValueError("no entries to evaluate")
     return pairs
@@ -620,10 +622,13 @@ def _score_3d(pair: _Pair, pred_path: Path, *, method: str, views: Sequence[str]
         masks = slice_volume(np.asarray(pred), view)[:, 0]
         step = slice_affine(affine, shape, view, 0)[:3, :2]
         spacing = tuple(float(s) for s in np.linalg.norm(step, axis=0))
-        n = len(truth)
-        rows.extend(evaluation_rows(masks, truth, case=pair.case, view=view, method=method,
-                                    slices=list(range(n)),
-                                    images=[f"{pair.case}:{view}:{k}" for k in range(n)],
+        keep = list(range(len(truth)))
+        if pair.slice_part is not None and pair.slice_split is not None:
+            keep = SliceSplit.from_spec(pair.slice_split, where=pair.case).indices(
+                view, len(truth), pair.slice_part, where=pair.case)
+        rows.extend(evaluation_rows(masks[keep], truth[keep], case=pair.case, view=view,
+                                    method=method, slices=keep,
+                                    images=[f"{pair.case}:{view}:{k}" for k in keep],
                                     spacing=spacing, empty=empty, surface=surface))
     return rows
 

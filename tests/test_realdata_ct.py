@@ -1,0 +1,139 @@
+"""Real-data tier, end to end: the shared heart CT split by slices (data_manifests/ct_heart.json),
+a tiny leave-slices-out training, batch inference of the whole CT, and the real JPEG 2000 DICOM
+series through batch inference, each mask checked against its input's grid."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from pipeline.cli import main
+from pipeline.data import read_volume, slice_datalist
+from pipeline.data.alignment import resample_to_grid
+from pipeline.data.manifests import check_manifest, load_manifest, manifest_entries
+
+pytestmark = pytest.mark.realdata
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = REPO / "data_manifests" / "ct_heart.json"
+CONFIG = REPO / "configs" / "ct_heart_smoke.json"
+
+
+def _sitk_ras_affine(image: sitk.Image) -> np.ndarray:
+    """SimpleITK's LPS geometry (spacing, origin, direction) as a voxel → RAS affine."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.asarray(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def _mmcrf(*args: str) -> None:
+    assert main([str(a) for a in args]) == 0, args
+
+
+@pytest.fixture(scope="module")
+def _trained() -> dict:
+    return {}
+
+
+@pytest.fixture
+def heart_model(shared_data, tmp_path_factory, _trained) -> Path:
+    """An axial CNN + piecewise CRF trained for one epoch at 32×32 on the training slices of
+    the heart CT (leave-slices-out); trained once per module."""
+    if "model" not in _trained:
+        runs = tmp_path_factory.mktemp("heart_runs")
+        common = ["--config", CONFIG, "--data", "cta", "--manifest", MANIFEST, "--root",
+                  shared_data, "--view", "axial", "--size", "32", "--epochs", "1"]
+        _mmcrf("train", "--mode", "cnn", *common, "--out", runs / "cnn")
+        _mmcrf("train", "--mode", "piecewise", *common, "--init", runs / "cnn" / "best.pt",
+               "--out", runs / "piecewise")
+        _trained["model"] = runs / "piecewise" / "best.pt"
+    return _trained["model"]
+
+
+def test_heart_manifest_slices_with_the_label_resampled_and_split_by_slices(shared_data):
+    manifest = load_manifest(MANIFEST)
+    assert check_manifest(manifest, shared_data) == []
+    (train,) = manifest_entries(manifest, shared_data, ["training"])
+    (val,) = manifest_entries(manifest, shared_data, ["validation"])
+    whole = slice_datalist([{k: v for k, v in train.items() if k != "slice_part"}],
+                           views=("axial",))
+    assert len(whole) == 112  # the label (233×167×191) was put on the CT's 122×102×112 grid
+    assert sum(not s["label_empty"] for s in whole) == 86
+    assert sum(int(np.asarray(s["label"]).sum()) for s in whole) == 198_176  # nothing lost
+    parts = {name: slice_datalist([entry]) for name, entry in (("rest", train), ("held", val))}
+    for view, n in (("axial", 112), ("coronal", 102), ("sagittal", 122)):
+        held = [s["slice"] for s in parts["held"] if s["view"] == view]
+        rest = [s["slice"] for s in parts["rest"] if s["view"] == view]
+        assert held == list(range(round(0.4 * n), round(0.6 * n)))
+        assert not set(rest) & set(range(held[0] - 3, held[-1] + 4))
+        assert len(rest) == n - len(held) - 6
+        # the block sits in the heart: every held-out slice shows heart
+        assert not any(s["label_empty"] for s in parts["held"] if s["view"] == view)
+
+
+def test_tiny_training_then_batch_inference_gives_a_mask_on_the_ct_grid(
+        heart_model, shared_data, tmp_path):
+    ct_path = shared_data / "ct_heart" / "ct_cropped.nii.gz"
+    ct = nib.load(ct_path)
+    for view in ("axial", "all"):  # one view, and the three views fused (same model)
+        out = tmp_path / view
+        _mmcrf("infer", "--input", ct_path, "--output", out, "--model", heart_model,
+               "--view", view, "--no-progress")
+        (row,) = list(csv.DictReader((out / "summary.csv").open()))
+        assert row["status"] == "ok", row["error"]
+        mask = nib.load(out / "ct_cropped_mask.nii.gz")
+        assert mask.shape == ct.shape == (122, 102, 112)
+        np.testing.assert_allclose(mask.affine, ct.affine, atol=1e-5)
+        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+
+
+def test_dicom_series_batch_inference_gives_a_mask_on_the_series_grid(
+        heart_model, shared_data, tmp_path):
+    """The abdomen series segmented with the heart model (the content is meaningless; the
+    grid is the point): SimpleITK reads the mask with the series' own size, spacing, origin
+    and direction, and the LAS segmentation shipped with the series lands on the same grid."""
+    folder = shared_data / "ct_dicom_series"
+    _mmcrf("infer", "--input", folder, "--output", tmp_path, "--model", heart_model,
+           "--no-progress")
+    (row,) = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert row["status"] == "ok", row["error"]
+    mask_path = tmp_path / "ct_dicom_series_mask.nii.gz"
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    series = reader.Execute()
+    ours = sitk.ReadImage(str(mask_path))
+    assert ours.GetSize() == series.GetSize() == (512, 512, 20)
+    np.testing.assert_allclose(ours.GetSpacing(), series.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(ours.GetOrigin(), series.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(ours.GetDirection(), series.GetDirection(), atol=1e-6)
+    mask = nib.load(mask_path)
+    np.testing.assert_allclose(mask.affine, _sitk_ras_affine(series), atol=1e-4)
+
+    # the shipped segmentation is stored LAS on the same 512×512×20 grid: after putting both
+    # in canonical (RAS) order they share shape and affine ...
+    seg = nib.load(shared_data / "ct_dicom_series_seg" / "example_seg_dicom.nii.gz")
+    assert nib.aff2axcodes(seg.affine) == ("L", "A", "S")
+    assert nib.aff2axcodes(mask.affine) == ("L", "P", "S")
+    seg_ras, mask_ras = nib.as_closest_canonical(seg), nib.as_closest_canonical(mask)
+    assert seg_ras.shape == mask_ras.shape
+    np.testing.assert_allclose(seg_ras.affine, mask_ras.affine, atol=1e-4)
+    # ... and, through the affines, every one of its organ voxels falls inside the body
+    # outline of the series (HU > -500, holes filled slice by slice) on the mask's grid;
+    # taking the LAS array for LPS (same indices, no flip) would put about a quarter outside
+    hu = read_volume(folder).numpy()
+    body = np.stack([ndimage.binary_fill_holes(hu[..., k] > -500) for k in range(hu.shape[2])],
+                    axis=-1)
+    organs = np.asarray(seg.dataobj) > 0
+    on_grid = resample_to_grid(organs.astype(np.uint8), seg.affine, mask.affine, mask.shape)
+    assert int(on_grid.sum()) == int(organs.sum())
+    inside, naive = body[on_grid > 0].mean(), body[organs].mean()
+    assert inside > 0.999 and naive < 0.9, (inside, naive)
