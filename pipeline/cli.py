@@ -188,13 +188,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError("--images needs --model (a checkpoint or a bundle folder)")
         runs = model_files(args.model)
         rows = evaluate_image_folder(runs, args.images, args.out, colour=args.colour,
-                                     progress=args.progress)
+                                     split=args.split, progress=args.progress)
         for method in runs:
             scores = [r["jaccard"] for r in rows if r["method"] == method and r["status"] == "ok"]
             mean = f"{100 * sum(scores) / len(scores):.2f} %" if scores else "undefined"
             print(f"  {method:10s} mean Jaccard {mean} over {len(scores)} images")
         failed = {r["image"] for r in rows if r["status"] == "failed"}
-        print(f"wrote {args.out}/per_image.csv and {args.out}/<method>/<image>.png"
+        print(f"wrote {args.out}/per_image.csv, {args.out}/evaluation.csv (for mmcrf report) "
+              f"and {args.out}/<method>/<image>.png"
               + (f"; {len(failed)} image(s) failed: {', '.join(sorted(failed))}" if failed
                  else ""))
         return 1 if failed else 0
@@ -212,7 +213,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                              "folder)")
         else:
             labels = evaluation_entries(args.data, root=root, manifest=args.manifest,
-                                        split=args.split)
+                                        split=args.split or "validation")
         rows = evaluate_predictions(args.predictions, labels, method=args.method, views=views,
                                     label_suffix=args.label_suffix,
                                     label_value=args.label_value, empty=args.empty,
@@ -227,7 +228,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                          "DIR --method NAME")
     runs = _parse_runs(args.run)
     samples = evaluation_samples(args.data, root=root, manifest=args.manifest,
-                                 split=args.split, views=views, size=args.size,
+                                 split=args.split or "validation", views=views,
+                                 size=args.size,
                                  colour=args.colour)
     if args.examples:
         evaluation = evaluate_runs_with_examples(runs, samples, method=args.examples_method,
@@ -459,7 +461,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="as for `mmcrf train`")
     ev.add_argument("--root", default=None)
     ev.add_argument("--manifest", default=None)
-    ev.add_argument("--split", choices=["training", "validation", "test"], default="validation")
+    ev.add_argument("--split", choices=["training", "validation", "test"], default=None,
+                    help="the split to score (default validation; with --images: every image "
+                         "unless given, then that split of the folder's split.json)")
     ev.add_argument("--view", choices=["axial", "coronal", "sagittal"], default="axial")
     ev.add_argument("--views", nargs="+", choices=["axial", "coronal", "sagittal"],
                     default=None, help="several CTA views in one table (overrides --view)")

@@ -15,7 +15,7 @@ from PIL import Image
 from pipeline.data.samples import horse_samples
 from pipeline.engines import TrainConfig, train
 from pipeline.engines.checkpoint import export_model
-from pipeline.inference.images import model_files
+from pipeline.inference.images import evaluate_image_folder, model_files
 from tests.test_data_horse import MASK_H, MASK_W, SPLIT, _make_horse
 from tests.test_engines_training import TINY_NET
 
@@ -78,3 +78,33 @@ def test_evaluate_scores_any_horse_like_folder(bundle, tmp_path):
     broken = [r for r in rows if r["image"] == "c3"]
     assert all("scored on the gray image" in r["error"] for r in broken)
     assert "mean Jaccard" in proc.stdout
+
+
+def test_evaluate_one_split_of_a_folder_and_report_it(bundle, tmp_path):
+    import json
+
+    from pipeline.reports import build_report, read_eval_table
+
+    images = tmp_path / "set"
+    for seed, name in enumerate(["t1", "t2", "v1", "v2"], start=50):
+        _make_horse(images, name, seed)
+    (images / "split.json").write_text(json.dumps({"training": ["t1", "t2"],
+                                                   "validation": ["v1", "v2"]}))
+    out = tmp_path / "out"
+    rows = evaluate_image_folder(model_files(bundle), images, out, split="validation",
+                                 progress=False)
+    assert sorted({r["image"] for r in rows}) == ["v1", "v2"]
+    table = read_eval_table(out / "evaluation.csv")  # the report's schema, same scores
+    scores = {(r["image"], r["method"]): float(r["jaccard"]) for r in rows}
+    assert len(table) == len(scores)
+    for case, method, jaccard in zip(table["case"], table["method"], table["jaccard"],
+                                     strict=True):
+        assert jaccard == pytest.approx(scores[(case, method)])
+    report = build_report(out / "evaluation.csv")
+    assert report.comparison("joint", "cnn", "2d") is not None
+    with pytest.raises(ValueError, match="no split 'test'"):
+        evaluate_image_folder(model_files(bundle), images, out, split="test", progress=False)
+    (images / "split.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no split file"):
+        evaluate_image_folder(model_files(bundle), images, out, split="validation",
+                              progress=False)

@@ -14,11 +14,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.crf.inference import map_labelling
-from pipeline.data.horse import BrokenImageError, load_horse, scan_horse_folder
+from pipeline.data.horse import BrokenImageError, horse_split, load_horse, scan_horse_folder
 from pipeline.data.writers import atomic_path, write_csv
 from pipeline.engines.trainer import predict_probabilities
 from pipeline.inference.predictor import ViewModel
 from pipeline.metrics import compute_dice, compute_jaccard
+from pipeline.reports.tables import evaluation_rows, write_eval_table
 
 __all__ = ["IMAGE_SUMMARY_COLUMNS", "IMAGE_TABLE_COLUMNS", "evaluate_image_folder",
            "model_files", "predict_image", "segment_image_folder"]
@@ -80,27 +81,50 @@ def _save_png(mask: np.ndarray, path: Path) -> None:
 
 def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str | os.PathLike,
                           out_dir: str | os.PathLike, *, colour: str = "rgb",
-                          progress: bool = True) -> list[dict]:
+                          split: str | None = None, progress: bool = True) -> list[dict]:
     """Scores models on every image of a folder laid out like the Weizmann Horse set
     (``rgb/``, ``gray/``, ``figure_ground/`` with the same names; no split file needed).
 
     Writes ``<out>/<method>/<image>.png`` (0/255, the mask's size) and ``<out>/per_image.csv``
-    (columns :data:`IMAGE_TABLE_COLUMNS`). A CNN-only checkpoint is scored by thresholding at
-    0.5, one with CRF weights by its graph-cut mask. A broken rgb image is scored on its gray
-    twin (noted in the row); an image that cannot be used at all (unreadable, no mask) gets a
-    row with its error and the others carry on.
+    (columns :data:`IMAGE_TABLE_COLUMNS`), and the same scores as an evaluation table
+    ``<out>/evaluation.csv`` (view ``2d``) for ``mmcrf report``: paired comparisons with
+    bootstrap intervals. A CNN-only checkpoint is scored by thresholding at 0.5, one with CRF
+    weights by its graph-cut mask. A broken rgb image is scored on its gray twin (noted in the
+    row); an image that cannot be used at all (unreadable, no mask) gets a row with its error
+    and the others carry on.
+
+    Args:
+        models: method name → checkpoint.
+        images: the folder.
+        out_dir: where the masks and tables go.
+        colour: ``rgb`` or ``gray`` images.
+        split: only the images of this split of the folder's ``split.json`` (default: every
+            image with a mask).
+        progress: a progress bar.
 
     Returns:
         The table's rows.
+
+    Raises:
+        ValueError: no usable image, or an unknown split.
+        FileNotFoundError: a split is asked and the folder has no ``split.json``.
     """
     root = Path(images)
     scan = scan_horse_folder(root)
     names = scan.usable(colour)  # type: ignore[arg-type]
+    if split is not None:
+        splits = horse_split(root)
+        if split not in splits:
+            raise ValueError(f"{root / 'split.json'}: no split {split!r} (has {sorted(splits)})")
+        wanted = set(splits[split])
+        names = [n for n in names if n in wanted]
     if not names:
-        raise ValueError(f"{root}: no image with a mask in {colour}/ and figure_ground/")
+        raise ValueError(f"{root}: no image with a mask in {colour}/ and figure_ground/"
+                         + (f" in split {split!r}" if split else ""))
     out = Path(out_dir)
     loaded = {method: ViewModel.from_checkpoint(path) for method, path in models.items()}
     rows: list[dict] = []
+    table: list[dict] = []
     for name in tqdm(names, desc="images", disable=not progress):
         try:
             # a broken rgb image (e.g. horse318, almost all black) is scored on its gray twin,
@@ -123,7 +147,11 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
                          "jaccard": float(compute_jaccard(mask, truth)[0]),
                          "dice": float(compute_dice(mask, truth)[0]),
                          "mask_file": mask_file.relative_to(out).as_posix()})
+            table.extend(evaluation_rows(mask, truth, case=name, view="2d", method=method,
+                                         slices=[""], images=[name], surface=False))
     write_csv(rows, out / "per_image.csv", IMAGE_TABLE_COLUMNS)
+    if table:
+        write_eval_table(table, out / "evaluation.csv")
     return rows
 
 
