@@ -110,6 +110,17 @@ def _cmd_slices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_model(args: argparse.Namespace) -> int:
+    from pipeline.engines.checkpoint import export_model, load_checkpoint
+
+    out = export_model(args.checkpoint, args.out)
+    payload = load_checkpoint(out)
+    crf = "with CRF weights" if payload.get("crf") is not None else "CNN only"
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {payload.get('mode')} model, "
+          f"{crf}; no optimiser state)")
+    return 0
+
+
 def _cmd_phantoms(args: argparse.Namespace) -> int:
     from pipeline.data.phantoms import write_cta_cohort
 
@@ -402,6 +413,12 @@ def _parser() -> argparse.ArgumentParser:
     slices.add_argument("--label-value", type=int, default=None,
                         help="foreground value in a multi-label map")
     slices.set_defaults(func=_cmd_slices)
+
+    exp = sub.add_parser("export-model", help="the slim model file a bundle ships, from a "
+                         "training checkpoint (weights, CRF weights, settings)")
+    exp.add_argument("checkpoint", help="a run's checkpoint, e.g. runs/joint/best.pt")
+    exp.add_argument("out", help="the model file to write, e.g. bundles/X/models/joint.pt")
+    exp.set_defaults(func=_cmd_export_model)
 
     phantoms = sub.add_parser("phantoms", help="write the demo cohort of CTA phantoms")
     phantoms.add_argument("--out", required=True, help="folder to write the cases to")

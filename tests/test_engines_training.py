@@ -67,6 +67,21 @@ def test_checkpoints_load_weights_only_and_hold_everything(cnn_run):
     assert load_checkpoint(cnn_run.best_checkpoint)["epoch"] == cnn_run.best_epoch
 
 
+def test_export_model_writes_the_slim_model_a_bundle_ships(cnn_run, tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "models" / "cnn.pt"
+    assert main(["export-model", str(cnn_run.last_checkpoint), str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    slim = torch.load(out, map_location="cpu", weights_only=True)
+    full = load_checkpoint(cnn_run.last_checkpoint)
+    assert "optimizer" in full and "optimizer" not in slim and "rng" not in slim
+    assert slim["config"] == full["config"] and slim["mode"] == "cnn"
+    for key, value in full["model"].items():
+        assert torch.equal(slim["model"][key], value), key
+    assert out.stat().st_size < cnn_run.last_checkpoint.stat().st_size
+
+
 def test_piecewise_keeps_the_cnn_frozen_and_learns_a_crf(data, cnn_run, tmp_path):
     result = train(_config(mode="piecewise"), *data, tmp_path, init=cnn_run.last_checkpoint)
     before = load_checkpoint(cnn_run.last_checkpoint)["model"]
