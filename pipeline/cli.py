@@ -195,9 +195,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.images:
         from pipeline.inference.images import evaluate_image_folder, model_files
 
-        if not args.model:
-            raise ValueError("--images needs --model (a checkpoint or a bundle folder)")
-        runs = model_files(args.model)
+        if bool(args.model) == bool(args.run):
+            raise ValueError("--images needs --model (a checkpoint or a bundle folder) or "
+                             "--run METHOD=CHECKPOINT (repeatable), not both")
+        runs = model_files(args.model) if args.model else _parse_runs(args.run)
         rows = evaluate_image_folder(runs, args.images, args.out, colour=args.colour,
                                      split=args.split, progress=args.progress)
         for method in runs:
