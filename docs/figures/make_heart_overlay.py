@@ -13,7 +13,7 @@ three views fused), and the slice split of ``data_manifests/ct_heart.json``. Wri
   no view saw (the three slabs' intersection), and the distance between the predicted and the
   reference heart centroids in mm.
 
-Run from the repository root (after the commands in ``docs/results/heart_ct.md``)::
+Run from the repository root (after the commands in ``docs/RESULTS.md`` (heart CT section))::
 
     .venv/bin/python docs/figures/make_heart_overlay.py --data ../shared/data \\
         --infer ../runs/heart_ct/infer --out docs/figures/heart_ct_overlay.png \\
