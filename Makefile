@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: install
-	$(BIN)/mmcrf demo --output demo_output
+	$(BIN)/mmcrf demo --output demo_output --progress
 
 lint: install
 	$(BIN)/ruff check .

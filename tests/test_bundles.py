@@ -218,10 +218,17 @@ def test_horse_bundle_runs_out_of_the_box(horse_bundle):
     assert "images: 16" in proc.stdout
     masks = sorted((horse_bundle / "eval").glob("*.png"))
     assert len(masks) == 16
-    _monai_bundle(horse_bundle, "run", "--config_file", "configs/train.json", "--size", "32",
-                  "--epochs", "1")
-    payload = torch.load(horse_bundle / "runs" / "cnn" / "last.pt", weights_only=True)
-    assert payload["network"]["in_channels"] == 3
+    tiny = ("--size", "32", "--epochs", "1")
+    for mode in ("cnn", "piecewise", "joint"):
+        _monai_bundle(horse_bundle, "run", "--config_file", "configs/train.json", "--mode",
+                      mode, *tiny)
+    payload = torch.load(horse_bundle / "runs" / "joint" / "last.pt", weights_only=True)
+    assert payload["network"]["in_channels"] == 3 and payload["crf"] is not None
+    _monai_bundle(horse_bundle, "run", "--config_file",
+                  "['configs/train.json','configs/evaluate.json']", "--size", "32")
+    with (horse_bundle / "runs" / "evaluation.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["method"] for r in rows} == {"cnn", "piecewise", "joint"}
 
 
 def test_horse_models_score_any_weizmann_style_folder(horse_bundle, tmp_path):
