@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.crf import CRFWeights, GraphCutPool, GridCRF, cutting_plane, graph_cut
+from pipeline.crf import (
+    CRFWeights,
+    GraphCutPool,
+    GridCRF,
+    cutting_plane,
+    graph_cut,
+    map_labelling,
+)
 from pipeline.data import noisy_blocks
 
 
@@ -24,6 +31,17 @@ def test_pool_cuts_equal_in_process_cuts(pool):
         np.testing.assert_array_equal(pooled, graph_cut(crf, weights, truth))
     for pooled, crf in zip(pool.cut_all(crfs, weights), crfs, strict=True):
         np.testing.assert_array_equal(pooled, graph_cut(crf, weights))
+
+
+def test_many_cuts_come_back_in_order(pool):
+    # 19 images over 8 strided chunks: every chunk holds several, results reassembled
+    samples = [noisy_blocks((24, 20), rng=100 + i) for i in range(19)]
+    weights = CRFWeights(0.6, 0.3, 0.4)
+    pooled = pool.map_labellings([s.prob for s in samples], [s.image for s in samples], weights)
+    assert len(pooled) == 19
+    for got, s in zip(pooled, samples, strict=True):
+        np.testing.assert_array_equal(got, map_labelling(s.prob, s.image, weights))
+    assert pool.map_labellings([], [], weights) == []
 
 
 def test_cutting_plane_with_pool_matches_serial(pool):

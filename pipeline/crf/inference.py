@@ -51,6 +51,11 @@ def _map_task(task) -> np.ndarray:
     return map_labelling(prob, image, weights, connectivity=connectivity, beta=beta)
 
 
+def _chunk_task(chunk) -> list[np.ndarray]:
+    run, tasks = chunk
+    return [run(task) for task in tasks]
+
+
 def graph_cut(crf: GridCRF, weights: CRFWeights, truth: np.ndarray | None = None) -> np.ndarray:
     """Minimises E(y) (or E(y) − Δ(truth, y) when ``truth`` is given) exactly by graph cut.
 
@@ -100,7 +105,7 @@ class GraphCutPool:
         tasks = [(crf.unary_difference, crf.edges, w,
                   None if t is None else crf.check_labelling(t, "truth"))
                  for crf, t in zip(crfs, truths, strict=True)]
-        return list(self._executor.map(_cut_task, tasks, chunksize=self._chunksize(len(tasks))))
+        return self._run(_cut_task, tasks)
 
     def map_labellings(self, probs: Sequence[np.ndarray], images: Sequence[np.ndarray],
                        weights: CRFWeights, *, connectivity: int = 4,
@@ -112,12 +117,21 @@ class GraphCutPool:
             raise ValueError(f"got {len(probs)} probability maps but {len(images)} images")
         tasks = [(np.asarray(p, dtype=np.float32), np.asarray(x, dtype=np.float32), weights,
                   connectivity, beta) for p, x in zip(probs, images, strict=True)]
-        return list(self._executor.map(_map_task, tasks, chunksize=self._chunksize(len(tasks))))
+        return self._run(_map_task, tasks)
 
-    def _chunksize(self, n_tasks: int) -> int:
-        # about 4 chunks per worker: fewer round trips for many cheap cuts (a volume's mostly
-        # empty slices), still balanced when cut costs differ from slice to slice
-        return max(1, n_tasks // (4 * self.workers))
+    def _run(self, run, tasks: list) -> list[np.ndarray]:
+        """``run`` over ``tasks`` in the workers, results in task order. Tasks go in about 4
+        chunks per worker (few round trips for many cheap cuts, such as a volume's mostly
+        empty slices), each chunk a stride through the tasks, so that neighbouring slices,
+        whose cuts cost alike, spread over the workers."""
+        n_chunks = min(len(tasks), 4 * self.workers)
+        if n_chunks == 0:
+            return []
+        chunks = [(run, tasks[k::n_chunks]) for k in range(n_chunks)]
+        out: list[np.ndarray | None] = [None] * len(tasks)
+        for k, results in enumerate(self._executor.map(_chunk_task, chunks)):
+            out[k::n_chunks] = results
+        return out  # type: ignore[return-value]
 
     def close(self) -> None:
         """Stops the workers."""
