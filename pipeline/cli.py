@@ -306,6 +306,9 @@ def _infer_frames(args: argparse.Namespace) -> list[dict]:
         raise ValueError("ultrasound frames take one --model CHECKPOINT, not one per view")
     if args.crf_3d:
         raise ValueError("--crf-3d is for volumes; ultrasound frames get a 2-D CRF each")
+    if args.dicom_seg:
+        raise ValueError("--dicom-seg is for CT volumes read from DICOM series, not for "
+                         "ultrasound frames")
     exclude = DEFAULT_FRAME_EXCLUDE if args.exclude is None else args.exclude
     cases = find_frame_cases(args.input, exclude=exclude, skip=[args.output])
     predictor = FramePredictor(args.model[0], workers=args.workers, batch_size=args.batch_size)
@@ -348,7 +351,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     try:
         rows = run_batch(cases, args.output, predictor, overwrite=args.overwrite,
                          write_cnn=args.cnn, write_probability=args.probabilities,
-                         progress=not args.no_progress)
+                         write_dicom_seg=args.dicom_seg, progress=not args.no_progress)
     finally:
         predictor.close()
     return _report_cases(rows, args.output)
@@ -527,6 +530,11 @@ def _parser() -> argparse.ArgumentParser:
                           "kind is echo or echo_demo")
     inf.add_argument("--cnn", action="store_true", help="also write the CNN-only mask")
     inf.add_argument("--probabilities", action="store_true", help="also write probabilities")
+    inf.add_argument("--dicom-seg", action="store_true",
+                     help="for DICOM series inputs only, also write <name>_seg.dcm: a binary "
+                          "DICOM SEG whose frames reference the series' instances (highdicom); "
+                          "NIfTI inputs get no SEG and are not failed for it; a SEG that "
+                          "cannot be written fails its case")
     inf.add_argument("--overwrite", action="store_true", help="redo finished cases")
     inf.add_argument("--workers", type=int, default=0, help="graph-cut processes")
     inf.add_argument("--crf-3d", action="store_true",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage
@@ -16,6 +17,7 @@ from scipy import ndimage
 from pipeline.cli import main
 from pipeline.data import read_volume, slice_datalist
 from pipeline.data.alignment import resample_to_grid
+from pipeline.data.dicom_seg import write_dicom_seg
 from pipeline.data.manifests import check_manifest, load_manifest, manifest_entries
 
 pytestmark = pytest.mark.realdata
@@ -137,3 +139,51 @@ def test_dicom_series_batch_inference_gives_a_mask_on_the_series_grid(
     assert int(on_grid.sum()) == int(organs.sum())
     inside, naive = body[on_grid > 0].mean(), body[organs].mean()
     assert inside > 0.999 and naive < 0.9, (inside, naive)
+
+
+def test_dicom_seg_of_the_real_series_references_its_instances(heart_model, shared_data,
+                                                               tmp_path):
+    """The shared series was anonymised down to empty UIDs (SOP instance, SOP class, series,
+    study), so no SEG can reference it and the writer says so. With UIDs filled in (headers
+    only, the JPEG 2000 pixel data untouched) ``--dicom-seg`` writes a SEG that references
+    the series and its instances, each frame holding the NIfTI mask's slice at its instance's
+    position."""
+    folder = shared_data / "ct_dicom_series"
+    with pytest.raises(ValueError, match=r"has no SOPInstanceUID.*anonymisation"):
+        write_dicom_seg(np.zeros((512, 512, 20), np.uint8), sorted(folder.iterdir()),
+                        tmp_path / "refused_seg.dcm")
+    series, study = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    (tmp_path / "in").mkdir()
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.SeriesInstanceUID, ds.StudyInstanceUID = series, study
+        ds.save_as(tmp_path / "in" / path.name)
+    _mmcrf("infer", "--input", tmp_path / "in", "--output", tmp_path / "out", "--model",
+           heart_model, "--dicom-seg", "--no-progress")
+    sources = {str(ds.SOPInstanceUID): ds for ds in
+               (pydicom.dcmread(p, stop_before_pixels=True) for p in (tmp_path / "in").iterdir())}
+    assert {str(ds.file_meta.TransferSyntaxUID) for ds in sources.values()} == {
+        pydicom.uid.JPEG2000Lossless}
+    seg = pydicom.dcmread(tmp_path / "out" / "in_seg.dcm")
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == study
+    (referenced,) = seg.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == series
+    assert {str(r.ReferencedSOPInstanceUID) for r in referenced.ReferencedInstanceSequence} \
+        == set(sources)
+    mask = nib.load(tmp_path / "out" / "in_mask.nii.gz")
+    data, to_voxel = np.asarray(mask.dataobj), np.linalg.inv(mask.affine)
+    frames = seg.pixel_array.reshape(-1, 512, 512)
+    assert len(frames) == int(seg.NumberOfFrames) >= 1
+    covered = set()
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        (source,) = item.DerivationImageSequence[0].SourceImageSequence
+        uid = str(source.ReferencedSOPInstanceUID)
+        position = np.append(np.asarray(sources[uid].ImagePositionPatient, float), 1.0)
+        x, y, z = (to_voxel @ np.diag([-1.0, -1.0, 1.0, 1.0]) @ position)[:3]
+        assert abs(x) < 1e-3 and abs(y) < 1e-3 and abs(z - round(z)) < 1e-3
+        np.testing.assert_array_equal(frame, data[:, :, round(z)].T, err_msg=uid)
+        covered.add(round(z))
+    for k in set(range(data.shape[2])) - covered:  # slices without a frame are empty
+        assert not data[:, :, k].any()

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
 from pipeline.data.readers import read_volume
@@ -26,11 +27,13 @@ SUMMARY_COLUMNS: tuple[str, ...] = ("case", "input", "output", "status", "error"
 
 
 def output_paths(case: Case, out_dir: Path) -> dict[str, Path]:
-    """Where a case's results go: ``<out>/<relative name>_mask.nii.gz`` and friends."""
+    """Where a case's results go: ``<out>/<relative name>_mask.nii.gz`` and friends
+    (``_seg.dcm``: the DICOM SEG of a DICOM series case)."""
     base = out_dir / case.name
     return {"mask": base.with_name(base.name + "_mask.nii.gz"),
             "cnn": base.with_name(base.name + "_cnn_mask.nii.gz"),
-            "probability": base.with_name(base.name + "_prob.nii.gz")}
+            "probability": base.with_name(base.name + "_prob.nii.gz"),
+            "dicom_seg": base.with_name(base.name + "_seg.dcm")}
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -50,8 +53,25 @@ def _write_table(rows: list[dict], path: Path, columns: Sequence[str]) -> None:
     tmp_json.replace(path.with_suffix(".json"))
 
 
+def _write_case_seg(volume: MetaTensor, mask: np.ndarray, predictor: VolumePredictor,
+                    path: Path) -> None:
+    """The DICOM SEG of a DICOM series case, referencing the instances ``volume`` was read
+    from; any failure becomes a ValueError naming the SEG (the case then fails)."""
+    from pipeline.data.dicom_seg import write_dicom_seg
+
+    first = predictor.models[predictor.views[0]]
+    crf = ("none" if first.weights is None
+           else "3-D graph cut" if predictor.crf_3d else "per-slice graph cut")
+    try:
+        write_dicom_seg(mask, volume.meta["files"], path,
+                        affine=np.asarray(volume.affine, dtype=np.float64),
+                        algorithm_parameters={"views": ",".join(predictor.views), "crf": crf})
+    except (ValueError, OSError, KeyError) as err:
+        raise ValueError(f"DICOM SEG {path.name} not written: {err}") from None
+
+
 def _run_case(case: Case, predictor: VolumePredictor, out_dir: Path, *, write_cnn: bool,
-              write_probability: bool) -> dict:
+              write_probability: bool, write_dicom_seg: bool = False) -> dict:
     paths = output_paths(case, out_dir)
     volume = read_volume(case.path, series_uid=case.series_uid)
     result = predictor.predict(volume)
@@ -60,6 +80,8 @@ def _run_case(case: Case, predictor: VolumePredictor, out_dir: Path, *, write_cn
         write_nifti(result.probability.astype(np.float32), affine, paths["probability"])
     if write_cnn and result.crf is not None:
         write_nifti(result.cnn, affine, paths["cnn"], dtype=np.uint8)
+    if write_dicom_seg and case.kind == "dicom":  # NIfTI inputs: no SEG, nothing to reference
+        _write_case_seg(volume, result.mask, predictor, paths["dicom_seg"])
     write_nifti(result.mask, affine, paths["mask"], dtype=np.uint8)  # last: marks the case done
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     return {"output": str(paths["mask"]), "shape": "x".join(map(str, volume.shape)),
@@ -70,7 +92,8 @@ def _run_case(case: Case, predictor: VolumePredictor, out_dir: Path, *, write_cn
 
 def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: VolumePredictor,
               *, overwrite: bool = False, write_cnn: bool = False,
-              write_probability: bool = False, progress: bool = True) -> list[dict]:
+              write_probability: bool = False, write_dicom_seg: bool = False,
+              progress: bool = True) -> list[dict]:
     """Segments every case, writing masks on each input's own grid and a summary.
 
     Each case is written to temporary names and renamed, the mask last, so an interrupted
@@ -86,6 +109,11 @@ def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Volu
         overwrite: redo cases whose mask already exists.
         write_cnn: also write the CNN-only mask where the CRF is used.
         write_probability: also write the foreground probability.
+        write_dicom_seg: for DICOM series inputs, also write ``<name>_seg.dcm``, a binary
+            DICOM SEG whose frames reference the series' instances (see
+            :func:`pipeline.data.dicom_seg.write_dicom_seg`); NIfTI inputs have no instances
+            to reference and get none (their case is still ``ok``). A SEG that cannot be
+            written fails its case (no mask either).
         progress: progress bar over cases.
 
     Returns:
@@ -96,7 +124,7 @@ def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Volu
     """
     def run_case(case: Case, out: Path) -> dict:
         return _run_case(case, predictor, out, write_cnn=write_cnn,
-                         write_probability=write_probability)
+                         write_probability=write_probability, write_dicom_seg=write_dicom_seg)
 
     return run_cases(cases, out_dir, run_case, overwrite=overwrite, progress=progress)
 
