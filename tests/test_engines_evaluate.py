@@ -41,11 +41,10 @@ from pipeline.reports import (
     write_eval_table,
     write_report,
 )
+from tests.test_engines_training import TINY_NET
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY_NET = {"preset": "custom", "in_channels": 1, "width": 1 / 16, "batch_norm": True,
-            "fc_kernel": 3, "dropout": 0.0, "fc_channels": 32}
 SHAPE = (40, 36, 32)  # x, y, z: every view's images are at least 32×32 (FCN-8s' minimum)
 METHODS = ("cnn", "piecewise", "joint")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
