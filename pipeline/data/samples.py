@@ -13,8 +13,8 @@ from monai.transforms import Resized
 from pipeline.data.cta import slice_datalist
 from pipeline.data.horse import horse_datalist, load_horse
 
-__all__ = ["DATA_KINDS", "ECHO_VIEW", "cta_samples", "echo_samples", "horse_samples",
-           "to_samples", "training_sets"]
+__all__ = ["DATA_KINDS", "ECHO_VIEW", "cta_samples", "echo_samples", "generated_base_kind",
+           "horse_samples", "to_samples", "training_sets"]
 
 #: The data kinds :func:`training_sets` knows.
 DATA_KINDS: tuple[str, ...] = ("demo", "cta", "horse", "horse_demo", "echo", "echo_demo")
@@ -124,6 +124,24 @@ def _cine_files(case: Path):
     return one("cine"), one("cine_mask")
 
 
+def generated_base_kind(kind: str, root: str | os.PathLike | None) -> str:
+    """For the generated 2-D kinds (``horse_demo``, ``echo_demo``): writes the data to
+    ``root`` where missing and returns the kind that reads it (``horse``, ``echo``); any other
+    kind is returned unchanged.
+
+    Raises:
+        ValueError: a generated kind without a root folder.
+    """
+    if kind not in ("horse_demo", "echo_demo"):
+        return kind
+    if root is None:
+        raise ValueError(f"{kind} data needs a root folder to write the generated data to")
+    from pipeline.data.phantoms import ensure_demo_data
+
+    ensure_demo_data(kind, root)
+    return kind.removesuffix("_demo")
+
+
 def training_sets(kind: str, *, root: str | os.PathLike | None = None,
                   manifest: str | os.PathLike | None = None, view: str = "axial",
                   size: int = 64, colour: str = "rgb") -> tuple[list[dict], list[dict]]:
@@ -152,21 +170,7 @@ def training_sets(kind: str, *, root: str | os.PathLike | None = None,
     from pipeline.data.manifests import load_manifest, manifest_entries
     from pipeline.data.phantoms import demo_cohort_manifest
 
-    if kind == "horse_demo":
-        from pipeline.data.phantoms import write_horse_like_set
-
-        if root is None:
-            raise ValueError("horse_demo data needs a root folder to write the images to")
-        if not (Path(root) / "split.json").exists():
-            write_horse_like_set(root)
-        kind = "horse"
-    if kind == "echo_demo":
-        from pipeline.data.phantoms import write_echo_cohort
-
-        if root is None:
-            raise ValueError("echo_demo data needs a root folder to write the phantoms to")
-        write_echo_cohort(root)
-        kind = "echo"
+    kind = generated_base_kind(kind, root)
     if kind == "echo":
         if root is None:
             raise ValueError("echo data needs --root (the folder with split.json)")

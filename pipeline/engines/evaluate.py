@@ -20,9 +20,13 @@ from pipeline.crf.inference import map_labelling
 from pipeline.data.alignment import align_label_to_image
 from pipeline.data.cta import SliceSplit, cta_volume_transforms, run_transforms
 from pipeline.data.horse import MASK_THRESHOLD
-from pipeline.data.phantoms import ensure_demo_data
 from pipeline.data.readers import is_nifti, read_volume
-from pipeline.data.samples import cta_samples, echo_samples, horse_samples
+from pipeline.data.samples import (
+    cta_samples,
+    echo_samples,
+    generated_base_kind,
+    horse_samples,
+)
 from pipeline.data.views import VIEWS, slice_affine, slice_volume
 from pipeline.engines.checkpoint import load_checkpoint
 from pipeline.engines.trainer import build_model, predict_probabilities
@@ -446,11 +450,7 @@ def evaluation_samples(kind: str, *, root: str | os.PathLike | None = None,
     Returns:
         The samples (for :func:`evaluate_runs`).
     """
-    if kind in ("horse_demo", "echo_demo"):
-        if root is None:
-            raise ValueError(f"{kind} data needs a root folder to write the images to")
-        ensure_demo_data(kind, root)
-        kind = kind.removesuffix("_demo")
+    kind = generated_base_kind(kind, root)
     if kind == "horse":
         if root is None:
             raise ValueError("horse data needs --root (the weizmann_horse folder)")
