@@ -47,10 +47,8 @@ def _raise_if_failed(rows: list[dict], output_dir: str, key: str) -> list[dict]:
 
 
 def _data(data_kind, dataset_dir, manifest, view, size):
-    if data_kind in GENERATED_KINDS and distributed.world_size() > 1:
-        if distributed.is_main():  # one rank writes the generated data, the others wait
-            ensure_demo_data(data_kind, dataset_dir)
-        distributed.barrier()
+    if data_kind in GENERATED_KINDS:  # one rank writes the generated data, the others wait
+        distributed.main_rank_first(ensure_demo_data, data_kind, dataset_dir)
     return training_sets(data_kind, root=dataset_dir, manifest=manifest, view=view, size=size)
 
 

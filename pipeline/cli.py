@@ -148,10 +148,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                    "colour": args.colour, "hu_window": [-200.0, 800.0]}
     out = Path(args.out)
     root = args.root or _default_root(args.data, out.parent)
-    if root is not None and distributed.world_size() > 1:
-        if distributed.is_main():  # one rank writes the phantoms, the others wait for them
-            ensure_demo_data(args.data, root)
-        distributed.barrier()
+    if root is not None:  # generated data: one rank writes it, the others wait
+        distributed.main_rank_first(ensure_demo_data, args.data, root)
     train_set, val_set = training_sets(args.data, root=root, manifest=args.manifest,
                                        view=args.view, size=args.size, colour=args.colour)
     if distributed.is_main():

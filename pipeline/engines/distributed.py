@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["all_gather_objects", "barrier", "broadcast_object", "init_from_env", "is_main",
-           "rank", "world_size"]
+           "main_rank_first", "rank", "world_size"]
 
 
 def world_size() -> int:
@@ -63,3 +64,12 @@ def barrier() -> None:
     """Waits for every rank (no-op when not distributed)."""
     if world_size() > 1:
         dist.barrier()
+
+
+def main_rank_first(fn: Callable[..., Any], *args: Any) -> None:
+    """Under torchrun, runs ``fn(*args)`` on rank 0 while the other ranks wait (e.g. writing
+    generated data once); does nothing when not distributed."""
+    if world_size() > 1:
+        if is_main():
+            fn(*args)
+        barrier()
