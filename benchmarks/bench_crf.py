@@ -24,6 +24,9 @@ import maxflow
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report beside this script
+
+from _report import print_measures, print_targets
 
 from pipeline.crf import (
     CRFWeights,
@@ -160,14 +163,8 @@ def main() -> None:
                ("cutting_plane_batch10_256_s", "<=", 3.0),
                (f"cutting_plane_batch10_256_pool{args.workers}_s", "<=", 3.0),
                ("cutting_plane_batch10_256_warm_s", "<=", 3.0)]
-    print(f"{'measure':40s} {'value':>14s}")
-    for key, value in out.items():
-        shown = f"{value:14.4g}" if isinstance(value, float) else f"{value!s:>14}"
-        print(f"{key:40s} {shown}")
-    print()
-    for key, op, bound in targets:
-        ok = out[key] <= bound if op == "<=" else out[key] >= bound
-        print(f"target {key} {op} {bound}: {'met' if ok else 'MISSED'} ({out[key]:.4g})")
+    print_measures(out, width=40)
+    print_targets(out, targets)
     print(json.dumps(out))
 
 

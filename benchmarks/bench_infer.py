@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report beside this script
 
+from _report import print_measures, print_targets
 from monai.data import MetaTensor
 
 from pipeline.crf import CRFWeights, learn_weights
@@ -126,16 +128,10 @@ def main() -> None:
         "loadavg_1min": os.getloadavg()[0],
         "machine": f"{platform.machine()} python {platform.python_version()}",
     }
-    print(f"{'measure':34s} {'value':>14s}")
-    for key, value in out.items():
-        shown = f"{value:14.4g}" if isinstance(value, float) else f"{value!s:>14}"
-        print(f"{key:34s} {shown}")
-    print()
+    print_measures(out, width=34)
     targets = [("crf_share", "<=", 0.25), (f"crf_share_cnn_at_{args.size}", "<=", 0.25),
                ("graphcut_pool_speedup", ">=", 1.5)]
-    for key, op, bound in targets:
-        ok = out[key] <= bound if op == "<=" else out[key] >= bound
-        print(f"target {key} {op} {bound}: {'met' if ok else 'MISSED'} ({out[key]:.3g})")
+    print_targets(out, targets)
     print(json.dumps(out))
 
 

@@ -46,6 +46,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _report beside this script
+
+from _report import print_measures
 
 from pipeline.crf import CRFWeights, GraphCutPool, MarginQP, MaxMarginLoss
 from pipeline.data import CTA_HU_WINDOW, cta_phantom
@@ -259,13 +262,7 @@ def main() -> None:
               f"{out[f'cp_passes_{tag}_cold']:>4g}/{out[f'cp_passes_{tag}_warm']:<5g} "
               f"{out[f'cnn_jaccard_{tag}']:6.3f}")
     print()
-    print(f"{'measure':40s} {'value':>14s}")
-    for key, value in out.items():
-        if isinstance(value, dict):
-            continue
-        shown = f"{value:14.4g}" if isinstance(value, float) else f"{value!s:>14}"
-        print(f"{key:40s} {shown}")
-    print()
+    print_measures(out)
     if "crf_share_256" in out:
         ok = out["crf_share_256"] <= SHARE_TARGET
         print(f"target crf_share_256 (lite, 256², warm) <= {SHARE_TARGET}: "
