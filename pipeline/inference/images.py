@@ -18,7 +18,6 @@ from pipeline.data.horse import BrokenImageError, horse_split, load_horse, scan_
 from pipeline.data.writers import atomic_path, write_csv
 from pipeline.engines.trainer import predict_probabilities
 from pipeline.inference.predictor import ViewModel
-from pipeline.metrics import compute_dice, compute_jaccard
 from pipeline.reports.tables import evaluation_rows, write_eval_table
 
 __all__ = ["IMAGE_SUMMARY_COLUMNS", "IMAGE_TABLE_COLUMNS", "evaluate_image_folder",
@@ -143,12 +142,12 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
             _save_png(mask[0], mask_file)
             note = (f"{colour} image broken ({sample.defect}); scored on the gray image"
                     if sample.fallback else "")
+            scored = evaluation_rows(mask, truth, case=name, view="2d", method=method,
+                                     slices=[""], images=[name], surface=False)[0]
+            table.append(scored)
             rows.append({"image": name, "method": method, "status": "ok", "error": note,
-                         "jaccard": float(compute_jaccard(mask, truth)[0]),
-                         "dice": float(compute_dice(mask, truth)[0]),
+                         "jaccard": float(scored["jaccard"]), "dice": float(scored["dice"]),
                          "mask_file": mask_file.relative_to(out).as_posix()})
-            table.extend(evaluation_rows(mask, truth, case=name, view="2d", method=method,
-                                         slices=[""], images=[name], surface=False))
     write_csv(rows, out / "per_image.csv", IMAGE_TABLE_COLUMNS)
     if table:
         write_eval_table(table, out / "evaluation.csv")
