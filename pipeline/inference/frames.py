@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import Resize
 
 from pipeline.crf import GraphCutPool, map_labelling
 from pipeline.data.ultrasound import SUPPORTED_SUFFIXES, load_ultrasound, normalise_frames
 from pipeline.data.writers import write_nifti
 from pipeline.engines.checkpoint import load_checkpoint
-from pipeline.engines.trainer import predict_probabilities
 from pipeline.inference.batch import output_paths, run_cases
 from pipeline.inference.discovery import Case
 from pipeline.inference.predictor import ViewModel, VolumePrediction, _GraphCutWorkers
@@ -212,23 +210,6 @@ class FramePredictor(_GraphCutWorkers):
         self.batch_size = batch_size
         self.pool = GraphCutPool(workers) if workers > 0 else None
 
-    def _probability(self, frames: np.ndarray) -> np.ndarray:
-        vm = self.model
-        height, width = frames.shape[1:]
-        # Resize treats the frames as channels: each is resized on its own
-        down = Resize((vm.size, vm.size), mode="bilinear") if vm.size else None
-        up = Resize((height, width), mode="bilinear") if vm.size else None
-        probs = []
-        for start in range(0, len(frames), self.batch_size):
-            chunk = torch.as_tensor(frames[start:start + self.batch_size], dtype=torch.float32)
-            if down is not None:
-                chunk = torch.as_tensor(np.asarray(down(chunk)))
-            p = predict_probabilities(vm.model, chunk[:, None].to(self.device)).cpu()
-            if up is not None:
-                p = torch.as_tensor(np.asarray(up(p)))
-            probs.append(p.numpy())
-        return np.concatenate(probs).clip(0.0, 1.0).astype(np.float32)
-
     def predict(self, frames: np.ndarray) -> VolumePrediction:
         """Segments T×H×W frames already normalised to [0, 1].
 
@@ -244,7 +225,7 @@ class FramePredictor(_GraphCutWorkers):
             raise ValueError(f"expected T×H×W frames, got shape {frames.shape}")
         vm = self.model
         start = time.perf_counter()
-        probability = self._probability(frames)
+        probability = vm.probabilities(frames, batch_size=self.batch_size, device=self.device)
         cnn_s = time.perf_counter() - start
         start = time.perf_counter()
         crf = None

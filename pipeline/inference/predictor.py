@@ -43,6 +43,29 @@ class ViewModel:
         return cls(model, weights, data.get("size"), window,  # type: ignore[arg-type]
                    config.get("connectivity", 4), config.get("beta"))
 
+    def probabilities(self, images: np.ndarray, *, batch_size: int = 16,
+                      device: str | torch.device = "cpu") -> np.ndarray:
+        """Foreground probabilities of N×H×W one-channel images: each resized to the training
+        size, through the network in batches, and back to H×W.
+
+        Returns:
+            N×H×W float32 in [0, 1].
+        """
+        height, width = images.shape[1:]
+        # Resize treats the images of a batch as channels: each is resized on its own
+        down = Resize((self.size, self.size), mode="bilinear") if self.size else None
+        up = Resize((height, width), mode="bilinear") if self.size else None
+        probs = []
+        for start in range(0, len(images), batch_size):
+            chunk = torch.as_tensor(images[start:start + batch_size], dtype=torch.float32)
+            if down is not None:
+                chunk = torch.as_tensor(np.asarray(down(chunk)))
+            p = predict_probabilities(self.model, chunk[:, None].to(device)).cpu()
+            if up is not None:
+                p = torch.as_tensor(np.asarray(up(p)))
+            probs.append(p.numpy())
+        return np.concatenate(probs).clip(0.0, 1.0).astype(np.float32)
+
 
 class _GraphCutWorkers:
     """Owns an optional pool of graph-cut processes; ``close()`` (or ``with``) stops it."""
@@ -133,23 +156,10 @@ class VolumePredictor(_GraphCutWorkers):
         self.pool = GraphCutPool(workers) if workers > 0 else None
 
     def _view_probability(self, windowed: np.ndarray, view: str) -> np.ndarray:
-        vm = self.models[view]
-        slices = slice_volume(windowed[None], view)  # N×1×H×W
-        height, width = slices.shape[2:]
-        down = Resize((vm.size, vm.size), mode="bilinear") if vm.size else None
-        up = Resize((height, width), mode="bilinear") if vm.size else None
-        probs = []
-        for start in range(0, len(slices), self.batch_size):
-            chunk = [torch.as_tensor(s, dtype=torch.float32) for s in
-                     slices[start:start + self.batch_size]]
-            if down is not None:
-                chunk = [torch.as_tensor(np.asarray(down(s))) for s in chunk]
-            p = predict_probabilities(vm.model, torch.stack(chunk).to(self.device)).cpu()
-            if up is not None:
-                p = torch.stack([torch.as_tensor(np.asarray(up(q[None])))[0] for q in p])
-            probs.append(p.numpy())
-        stacked = np.concatenate(probs)[:, None].clip(0.0, 1.0)
-        return restack_slices(stacked, view)[0]
+        slices = slice_volume(windowed[None], view)[:, 0]  # N×H×W
+        probs = self.models[view].probabilities(slices, batch_size=self.batch_size,
+                                                device=self.device)
+        return restack_slices(probs[:, None], view)[0]
 
     def _crf(self, probability: np.ndarray, windowed: np.ndarray,
              spacing: np.ndarray) -> np.ndarray | None:
