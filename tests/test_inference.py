@@ -91,6 +91,17 @@ def test_fusing_three_views_beats_the_worst_single_view(model, case):
     assert _dice(fused.mask.astype(bool), label) > min(single.values())
 
 
+def test_graph_cut_workers_give_the_in_process_masks(model, case):
+    from pipeline.data import read_volume
+
+    volume = read_volume(case["image"])
+    serial = VolumePredictor(model, ["coronal"]).predict(volume)
+    with VolumePredictor(model, ["coronal"], workers=2) as pooled:
+        again = pooled.predict(volume)
+    assert serial.crf is not None and serial.crf.any()
+    np.testing.assert_array_equal(again.crf, serial.crf)
+
+
 def _mmcrf(*args):
     exe = Path(sys.executable).parent / "mmcrf"
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300)

@@ -238,6 +238,15 @@ def test_cli_reports_bad_files_skips_done_cases_and_overwrites(model, folder, tm
     assert (out / "sub" / "cine_mask_mask.nii.gz").is_file()
 
 
+def test_frame_graph_cuts_in_workers_equal_in_process(model, cine):
+    frames = cine[0].astype(np.float32) / 255.0  # normalised, as the batch path does
+    serial = FramePredictor(model).predict(frames)
+    with FramePredictor(model, workers=2) as pooled:
+        again = pooled.predict(frames)
+    assert serial.crf is not None and serial.crf.any()
+    np.testing.assert_array_equal(again.crf, serial.crf)
+
+
 def test_frames_flag_forces_the_frame_path(model, folder, tmp_path, capsys):
     cta = _with_config(model, tmp_path / "cta.pt", data={"kind": "cta"})
     assert not is_frame_model(cta)

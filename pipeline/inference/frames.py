@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.crf import GraphCutPool, map_labelling
+from pipeline.crf import GraphCutPool
 from pipeline.data.ultrasound import SUPPORTED_SUFFIXES, load_ultrasound, normalise_frames
 from pipeline.data.writers import write_nifti
 from pipeline.engines.checkpoint import load_checkpoint
@@ -230,14 +230,7 @@ class FramePredictor(_GraphCutWorkers):
         start = time.perf_counter()
         crf = None
         if vm.weights is not None:
-            if self.pool is not None:
-                masks = self.pool.map_labellings(list(probability), list(frames), vm.weights,
-                                                 connectivity=vm.connectivity, beta=vm.beta)
-            else:
-                masks = [map_labelling(p, x, vm.weights, connectivity=vm.connectivity,
-                                       beta=vm.beta) for p, x in zip(probability, frames,
-                                                                     strict=True)]
-            crf = np.stack(masks).astype(np.uint8)
+            crf = self._labellings(probability, frames, vm)
         return VolumePrediction(probability=probability,
                                 cnn=(probability > 0.5).astype(np.uint8), crf=crf,
                                 seconds={"cnn": cnn_s, "crf": time.perf_counter() - start})

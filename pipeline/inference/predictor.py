@@ -78,6 +78,18 @@ class _GraphCutWorkers:
             self.pool.close()
             self.pool = None
 
+    def _labellings(self, probs: Sequence[np.ndarray], images: Sequence[np.ndarray],
+                    vm: ViewModel) -> np.ndarray:
+        """N×H×W uint8 CRF masks of (probability, image) pairs with the model's learned CRF
+        (which it must have), in the worker processes when there are any."""
+        if self.pool is not None:
+            masks = self.pool.map_labellings(list(probs), list(images), vm.weights,
+                                             connectivity=vm.connectivity, beta=vm.beta)
+        else:
+            masks = [map_labelling(p, x, vm.weights, connectivity=vm.connectivity,
+                                   beta=vm.beta) for p, x in zip(probs, images, strict=True)]
+        return np.stack(masks).astype(np.uint8)
+
     def __enter__(self):
         return self
 
@@ -172,13 +184,7 @@ class VolumePredictor(_GraphCutWorkers):
                                         beta=vm.beta)
         probs = slice_volume(probability[None], view)[:, 0]
         images = slice_volume(windowed[None], view)[:, 0]
-        if self.pool is not None:
-            masks = self.pool.map_labellings(probs, images, vm.weights,
-                                             connectivity=vm.connectivity, beta=vm.beta)
-        else:
-            masks = [map_labelling(p, x, vm.weights, connectivity=vm.connectivity,
-                                   beta=vm.beta) for p, x in zip(probs, images, strict=True)]
-        return restack_slices(np.stack(masks)[:, None], view)[0]
+        return restack_slices(self._labellings(probs, images, vm)[:, None], view)[0]
 
     def predict(self, volume: MetaTensor) -> VolumePrediction:
         """Segments one X×Y×Z volume (HU for CT) carrying its affine.
