@@ -10,6 +10,7 @@ from pipeline.crf import (
     GridCRF,
     data_driven_beta,
     energy,
+    graph_cut,
     loss_augmented_labelling,
     map_labelling,
 )
@@ -84,3 +85,38 @@ def test_pairwise_weights_smooth_a_speckled_labelling(rng):
     np.testing.assert_array_equal(unary_only, (prob > 0.5).astype(np.uint8))
     smooth = map_labelling(prob, truth.astype(float), CRFWeights(1, 0.5, 1.0))
     assert np.count_nonzero(smooth != truth) < np.count_nonzero(unary_only != truth) / 4
+
+
+def _cut_in_fresh_thread(*args):
+    """graph_cut in a new thread, whose graph is therefore built from nothing."""
+    import threading
+
+    out = []
+    thread = threading.Thread(target=lambda: out.append(graph_cut(*args)))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_reused_graph_cuts_like_a_fresh_graph(rng, connectivity):
+    # the thread's graph is reset and refilled; grids shrink and grow between cuts, and loss
+    # augmentation alternates with MAP: the cut must never depend on what the graph held before
+    shapes = [(40, 48), (3, 3), (64, 64), (3, 3), (5, 7), (40, 48), (3, 3)]
+    for k, shape in enumerate(shapes):
+        prob = rng.uniform(0.02, 0.98, shape)
+        image = rng.random(shape)
+        weights = CRFWeights(*rng.uniform(0.1, 2.0, 3))
+        truth = (rng.random(shape) < 0.5).astype(np.uint8) if k % 2 else None
+        crf = GridCRF.from_probabilities(prob, image, connectivity=connectivity)
+        reused = graph_cut(crf, weights, truth)
+        np.testing.assert_array_equal(reused, _cut_in_fresh_thread(crf, weights, truth))
+        if shape == (3, 3):  # and against exhaustive search, right after a larger grid
+            beta = beta_loop(image, connectivity)
+            value = weights.as_array() @ features_loop(*_costs(prob), image, reused,
+                                                       connectivity, beta)
+            if truth is not None:
+                value -= np.count_nonzero(reused != truth) / 9
+            best = brute_minimum(*_costs(prob), image, weights.as_array(), connectivity, beta,
+                                 truth)
+            assert value == pytest.approx(best, abs=1e-12)
