@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -120,7 +121,43 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(data, cnn_run, tmp_path):
     assert straight.history[-1]["gamma"] == resumed.history[-1]["gamma"]
 
 
+def test_cosine_lr_schedule_follows_torch_cosine_annealing(data, tmp_path):
+    result = train(_config(mode="cnn", epochs=4, lr=1e-2, lr_schedule="cosine"), *data,
+                   tmp_path)
+    oracle_net = torch.nn.Linear(1, 1)
+    optimiser = torch.optim.SGD(oracle_net.parameters(), lr=1e-2)
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=4)
+    expected = []
+    for _ in range(4):
+        expected.append(optimiser.param_groups[0]["lr"])
+        optimiser.step()
+        annealing.step()
+    assert [h["lr"] for h in result.history] == pytest.approx(expected, rel=1e-12)
+    with (tmp_path / "log.csv").open() as f:
+        logged = [float(row["lr"]) for row in csv.DictReader(f)]
+    assert logged == pytest.approx(expected, rel=1e-12)
+    # the optimiser really trained at the scheduled rate (its state is in the checkpoint)
+    groups = load_checkpoint(result.last_checkpoint)["optimizer"]["param_groups"]
+    assert groups[0]["lr"] == pytest.approx(expected[-1], rel=1e-12)
+    assert expected[-1] < expected[0] / 5
+
+
+def test_resumed_run_appends_to_an_older_log_in_its_own_columns(data, cnn_run, tmp_path):
+    train(_config(mode="cnn", epochs=1), *data, tmp_path)
+    log = tmp_path / "log.csv"
+    lines = log.read_text().splitlines()
+    old = [",".join(line.split(",")[:-1]) for line in lines]  # a log written before "lr"
+    log.write_text("\n".join(old) + "\n")
+    train(_config(mode="cnn", epochs=2), *data, tmp_path, resume=True)
+    with log.open() as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == old[0].split(",") and len(rows) == 3
+    assert all(len(row) == len(rows[0]) for row in rows)
+
+
 def test_bad_settings_are_refused(data, tmp_path):
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        TrainConfig(lr_schedule="step")
     with pytest.raises(ValueError, match="mode must be one of"):
         TrainConfig(mode="crf")
     with pytest.raises(ValueError, match="unknown training settings: lr_rate"):

@@ -36,6 +36,7 @@ __all__ = ["MODES", "TrainConfig", "TrainResult", "build_model", "predict_probab
 
 #: The training modes, in the order they are run: each later one starts from the one before.
 MODES: tuple[str, ...] = ("cnn", "piecewise", "joint")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 
 def stage_checkpoint(runs_dir: str | os.PathLike, mode: str) -> Path:
@@ -60,7 +61,10 @@ class TrainConfig:
             Algorithm 1) or ``joint`` (Algorithm 2: γ back-propagated into the CNN).
         epochs: epochs to train (piecewise always uses one pass).
         batch_size: images per batch.
-        lr: learning rate.
+        lr: learning rate (the starting one under a schedule).
+        lr_schedule: ``constant``, or ``cosine``: epoch e (1-based) of E trains at
+            lr·(1 + cos(π(e − 1)/E))/2, a function of the epoch alone, so a resumed run
+            continues the same curve. Early stopping may end it before the tail.
         optimizer: ``adam`` or ``sgd`` (momentum 0.9).
         weight_decay: L2 penalty of the optimiser.
         C: slack penalty of the margin QP (normalised: C_raw = C·P).
@@ -85,6 +89,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 10
     lr: float = 1e-4
+    lr_schedule: str = "constant"
     optimizer: str = "adam"
     weight_decay: float = 0.0
     C: float = 1.0
@@ -107,12 +112,21 @@ class TrainConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, "
+                             f"got {self.lr_schedule!r}")
         for name in ("epochs", "batch_size", "val_interval"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not self.lr > 0 or not self.C > 0:
             raise ValueError("lr and C must be > 0")
         Augmentation.from_config(self.augment)  # a bad setting fails here, not mid-run
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of 1-based ``epoch`` under :attr:`lr_schedule`."""
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / self.epochs))
+        return self.lr
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -317,6 +331,8 @@ class _Run:
         seed = _epoch_seed(self.config.seed, epoch)
         torch.manual_seed(seed)
         self.generator.manual_seed(seed)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr_at(epoch)
         self.epoch_constraints = {}
         self.epoch_stats = {"jaccard": [], "loss": []}
         self.piecewise_data = []
@@ -385,7 +401,7 @@ class _Run:
 
     def epoch_completed(self, engine: Engine) -> None:
         epoch = engine.state.epoch
-        row: dict[str, Any] = {"epoch": epoch}
+        row: dict[str, Any] = {"epoch": epoch, "lr": self.config.lr_at(epoch)}
         if self.config.mode == "joint":
             row["gamma"] = self._global_qp()
         elif self.config.mode == "piecewise":
@@ -457,8 +473,11 @@ class _Run:
     def _log(self, row: dict[str, Any]) -> None:
         path = self.run_dir / "log.csv"
         columns = ["epoch", "train_loss", "train_jaccard", "val_jaccard_cnn", "val_jaccard_crf",
-                   "gamma", "w1", "w2", "w3", "seconds"]
+                   "gamma", "w1", "w2", "w3", "seconds", "lr"]
         new = not path.exists()
+        if not new:  # a resumed run appends in the log's own columns (older logs lack some)
+            with path.open(newline="") as f:
+                columns = next(csv.reader(f), None) or columns
         with path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             if new:
