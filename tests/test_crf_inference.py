@@ -11,6 +11,7 @@ from pipeline.crf import (
     data_driven_beta,
     energy,
     graph_cut,
+    inference,
     loss_augmented_labelling,
     map_labelling,
 )
@@ -99,9 +100,13 @@ def _cut_in_fresh_thread(*args):
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
-def test_reused_graph_cuts_like_a_fresh_graph(rng, connectivity):
+@pytest.mark.parametrize("reuse_max", [None, 1000])
+def test_reused_graph_cuts_like_a_fresh_graph(rng, connectivity, reuse_max, monkeypatch):
     # the thread's graph is reset and refilled; grids shrink and grow between cuts, and loss
     # augmentation alternates with MAP: the cut must never depend on what the graph held before
+    # (reuse_max=1000: the larger grids get graphs of their own between reused small ones)
+    if reuse_max is not None:
+        monkeypatch.setattr(inference, "_REUSE_MAX_NODES", reuse_max)
     shapes = [(40, 48), (3, 3), (64, 64), (3, 3), (5, 7), (40, 48), (3, 3)]
     for k, shape in enumerate(shapes):
         prob = rng.uniform(0.02, 0.98, shape)
@@ -120,3 +125,7 @@ def test_reused_graph_cuts_like_a_fresh_graph(rng, connectivity):
             best = brute_minimum(*_costs(prob), image, weights.as_array(), connectivity, beta,
                                  truth)
             assert value == pytest.approx(best, abs=1e-12)
+    if reuse_max is not None:  # large grids get their own graph; small ones share one
+        kept = inference._empty_graph(9, 18)
+        assert inference._empty_graph(40 * 48, 4 * 40 * 48) is not kept
+        assert inference._empty_graph(12, 24) is kept

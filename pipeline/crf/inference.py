@@ -19,13 +19,21 @@ __all__ = ["GraphCutPool", "graph_cut", "loss_augmented_labelling", "map_labelli
 
 
 _GRAPHS = threading.local()
+#: Largest grid (pixels) whose graph a thread keeps for reuse: about 150 MB at 1024².
+_REUSE_MAX_NODES = 1 << 20
 
 
 def _empty_graph(n_nodes: int, n_edges: int) -> maxflow.GraphFloat:
-    """This thread's graph, emptied for reuse. ``reset()`` keeps the node and arc memory, so
-    a run of same-sized cuts (a volume's slices, a cutting plane's images) allocates it once:
-    a fresh 512² graph per cut spent about 40 % of the cut's time faulting in new pages. The
-    memory of the largest grid cut so far stays with the thread."""
+    """An empty graph for a cut, this thread's reused one where the grid is small enough.
+
+    ``reset()`` keeps the node and arc memory, so a run of same-sized cuts (a volume's
+    slices, a cutting plane's images) allocates it once: a fresh 512² graph per cut spent
+    about 40 % of the cut's time faulting in new pages. A grid larger than
+    :data:`_REUSE_MAX_NODES` gets a graph of its own, freed after its cut, so one huge image
+    does not pin its memory to the thread.
+    """
+    if n_nodes > _REUSE_MAX_NODES:
+        return maxflow.Graph[float](n_nodes, n_edges)
     graph = getattr(_GRAPHS, "graph", None)
     if graph is None:
         graph = _GRAPHS.graph = maxflow.Graph[float](n_nodes, n_edges)
