@@ -139,7 +139,7 @@ def test_inference_writes_masks_on_the_inputs_grid(cta_bundle, tmp_path):
 @pytest.mark.parametrize(("name", "model", "shape"), [
     ("cta_pericardium_crf", "model_axial", "[1, 1, 64, 64]"),
     ("echo_lv_crf", "model", "[1, 1, 64, 64]"),
-    ("weizmann_horse_crf", "joint", "[1, 3, 128, 128]")])
+    ("weizmann_horse_crf", "joint", "[1, 3, 192, 192]")])
 def test_checkpoint_exports_to_torchscript(name, model, shape, tmp_path_factory):
     bundle = _copy(name, tmp_path_factory)
     _monai_bundle(bundle, "ckpt_export", "network_def", "--filepath", f"models/{model}.ts",
