@@ -19,21 +19,13 @@ from pipeline.data import read_volume, slice_datalist
 from pipeline.data.alignment import resample_to_grid
 from pipeline.data.dicom_seg import write_dicom_seg
 from pipeline.data.manifests import check_manifest, load_manifest, manifest_entries
+from tests.oracles.geometry import sitk_ras_affine
 
 pytestmark = pytest.mark.realdata
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "data_manifests" / "ct_heart.json"
 CONFIG = REPO / "configs" / "ct_heart_smoke.json"
-
-
-def _sitk_ras_affine(image: sitk.Image) -> np.ndarray:
-    """SimpleITK's LPS geometry (spacing, origin, direction) as a voxel → RAS affine."""
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = direction * np.asarray(image.GetSpacing())
-    affine[:3, 3] = image.GetOrigin()
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
 def _mmcrf(*args: str) -> None:
@@ -118,7 +110,7 @@ def test_dicom_series_batch_inference_gives_a_mask_on_the_series_grid(
     np.testing.assert_allclose(ours.GetOrigin(), series.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(ours.GetDirection(), series.GetDirection(), atol=1e-6)
     mask = nib.load(mask_path)
-    np.testing.assert_allclose(mask.affine, _sitk_ras_affine(series), atol=1e-4)
+    np.testing.assert_allclose(mask.affine, sitk_ras_affine(series), atol=1e-4)
 
     # the shipped segmentation is stored LAS on the same 512×512×20 grid: after putting both
     # in canonical (RAS) order they share shape and affine ...

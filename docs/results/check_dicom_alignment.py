@@ -29,15 +29,9 @@ from pipeline.data.alignment import resample_to_grid
 from pipeline.data.readers import read_volume
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # the tests' geometry oracle, shared with the realdata test
 
-
-def sitk_ras_affine(image: sitk.Image) -> np.ndarray:
-    """SimpleITK's LPS geometry (spacing, origin, direction) as a voxel → RAS affine."""
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = direction * np.asarray(image.GetSpacing())
-    affine[:3, 3] = image.GetOrigin()
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+from tests.oracles.geometry import sitk_ras_affine  # noqa: E402
 
 
 def check(data: Path, mask_path: Path) -> dict:
