@@ -172,6 +172,12 @@ def test_export_writes_each_part_once_with_its_split(root, tmp_path):
     assert by_split["validation"] == list(range(16, 24))
     assert not set(by_split["training"]) & set(range(14, 26))
     assert len(rows) == len({r["image_file"] for r in rows}) == 40 - 4
+    # a part without its split is the same named error as in slice_datalist, not a KeyError
+    broken = [{k: v for k, v in cases[0].items() if k != "slice_split"}]
+    for run in (lambda: export_slices(broken, tmp_path / "bad", views=("axial",)),
+                lambda: slice_datalist(broken, views=("axial",))):
+        with pytest.raises(ValueError, match=r"vol.*slice_part '(rest|held_out)' needs a"):
+            run()
 
 
 BAD_SPECS = [

@@ -154,18 +154,25 @@ def slice_datalist(datalist: Sequence[Mapping], views: Sequence[str] = VIEWS, **
         ValueError: a problem with a volume or with its slice split (names the file).
     """
     pipeline = cta_slice_transforms(views, **kwargs)
-    out: list[dict] = []
-    for entry in datalist:
-        part = entry.get("slice_part")
-        split = None
-        if part is not None:
-            where = str(entry.get("source", entry.get("image", "entry")))
-            if entry.get("slice_split") is None:
-                raise ValueError(f"{where}: slice_part {part!r} needs a slice_split")
-            split = SliceSplit.from_spec(entry["slice_split"], where=where)
-        samples = run_transforms(pipeline, dict(entry))
-        out.extend(samples if split is None else select_slices(samples, split, part))
-    return out
+    return [sample for entry in datalist for sample in entry_slices(pipeline, entry)]
+
+
+def entry_slices(pipeline, entry: Mapping) -> list[dict]:
+    """One datalist entry through a slicing ``pipeline``, limited to its ``slice_part`` of
+    its ``slice_split`` where it names one (see :func:`slice_datalist`).
+
+    Raises:
+        ValueError: a problem with the volume or its slice split (names the file).
+    """
+    part = entry.get("slice_part")
+    split = None
+    if part is not None:
+        where = str(entry.get("source", entry.get("image", "entry")))
+        if entry.get("slice_split") is None:
+            raise ValueError(f"{where}: slice_part {part!r} needs a slice_split")
+        split = SliceSplit.from_spec(entry["slice_split"], where=where)
+    samples = run_transforms(pipeline, dict(entry))
+    return samples if split is None else select_slices(samples, split, part)
 
 
 #: The two parts of a volume under a :class:`SliceSplit`.

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.data.cta import cta_slice_transforms, run_transforms, select_slices
+from pipeline.data.cta import cta_slice_transforms, entry_slices
 from pipeline.data.views import VIEWS
 from pipeline.data.writers import atomic_path, write_csv, write_nifti
 
@@ -67,9 +67,7 @@ def export_slices(cases: Iterable[Mapping], out_dir: str | os.PathLike, *,
     pipeline = cta_slice_transforms(views, **transform_kwargs)
     rows = []
     for case in cases:
-        samples = run_transforms(pipeline, dict(case))
-        if case.get("slice_part") is not None:
-            samples = select_slices(samples, case["slice_split"], case["slice_part"])
+        samples = entry_slices(pipeline, case)
         name = _safe_name(str(case["image"]))
         for sample in samples:
             stem = out / sample["view"] / f"{name}_{sample['slice']:04d}"
