@@ -133,7 +133,7 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.data.phantoms import ensure_demo_data
+    from pipeline.data.phantoms import GENERATED_KINDS, ensure_demo_data
     from pipeline.data.samples import training_sets
     from pipeline.engines import DEFAULT_CONFIG, TrainConfig, distributed, train
 
@@ -148,7 +148,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                    "colour": args.colour, "hu_window": [-200.0, 800.0]}
     out = Path(args.out)
     root = args.root or _default_root(args.data, out.parent)
-    if root is not None:  # generated data: one rank writes it, the others wait
+    if args.data in GENERATED_KINDS:  # generated data: one rank writes it, the others wait
         distributed.main_rank_first(ensure_demo_data, args.data, root)
     train_set, val_set = training_sets(args.data, root=root, manifest=args.manifest,
                                        view=args.view, size=args.size, colour=args.colour)

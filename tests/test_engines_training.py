@@ -240,3 +240,22 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_result(tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert [r["epoch"] for r in b["history"]] == [1, 2, 3, 4]
     assert not list((tmp_path / "killed").glob(".*.tmp"))  # the resumed run cleaned up
+
+
+def test_torchrun_cli_trains_on_a_given_data_folder(tmp_path):
+    # real (not generated) data under torchrun: no rank may try to generate it
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.data.phantoms import write_horse_like_set
+
+    root = write_horse_like_set(tmp_path / "photos", n_training=4, n_validation=2, seed=3)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nnodes=1", "--nproc_per_node=2",
+                           "-m", "pipeline.cli", "train", "--mode", "cnn", "--data", "horse",
+                           "--root", str(root), "--size", "32", "--epochs", "1",
+                           "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
