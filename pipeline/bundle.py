@@ -46,6 +46,11 @@ def _raise_if_failed(rows: list[dict], output_dir: str, key: str) -> list[dict]:
     return rows
 
 
+def _model_for_view(model_file: str, view: str) -> str:
+    """``model_file`` with ``{view}`` filled in; other braces in the path are left alone."""
+    return model_file.replace("{view}", view)
+
+
 def _data(data_kind, dataset_dir, manifest, view, size):
     if data_kind in GENERATED_KINDS:  # one rank writes the generated data, the others wait
         distributed.main_rank_first(ensure_demo_data, data_kind, dataset_dir)
@@ -90,7 +95,7 @@ def evaluate(*, dataset_dir: str, output_dir: str, data_kind: str = "demo",
     runs = {m: str(stage_checkpoint(output_dir, m)) for m in MODES
             if stage_checkpoint(output_dir, m).is_file()}
     if model_file is not None:
-        model_file = model_file.format(view=view)
+        model_file = _model_for_view(model_file, view)
     if not runs and model_file is not None and Path(model_file).is_file():
         runs = {"model": model_file}
     if not runs:
@@ -128,7 +133,7 @@ def infer(*, input_dir: str, output_dir: str, model_file: str, view: str = "axia
     """
     distributed.init_from_env()
     views = ["axial", "coronal", "sagittal"] if view == "all" else [view]
-    models = ({v: model_file.format(view=v) for v in views} if "{view}" in model_file
+    models = ({v: _model_for_view(model_file, v) for v in views} if "{view}" in model_file
               else model_file)
     predictor = VolumePredictor(models, views, workers=workers, crf_3d=crf_3d)
     try:

@@ -245,3 +245,13 @@ def test_horse_models_score_any_weizmann_style_folder(horse_bundle, tmp_path):
     assert len(table) == 1 + 4 * 3  # four images x cnn, piecewise, joint
     for method in ("cnn", "piecewise", "joint"):
         assert len(list((tmp_path / "out" / method).glob("*.png"))) == 4
+
+
+def test_model_file_view_template_leaves_other_braces_alone():
+    from pipeline.bundle import _model_for_view
+
+    assert _model_for_view("models/model_{view}.pt", "coronal") == "models/model_coronal.pt"
+    # str.format would fail (KeyError) or mangle these paths
+    assert _model_for_view("/data/{site}/model_{view}.pt", "axial") == \
+        "/data/{site}/model_axial.pt"
+    assert _model_for_view("/data/{}/model.pt", "axial") == "/data/{}/model.pt"
