@@ -12,7 +12,12 @@ import numpy as np
 import torch
 
 from pipeline.crf import GraphCutPool
-from pipeline.data.ultrasound import SUPPORTED_SUFFIXES, load_ultrasound, normalise_frames
+from pipeline.data.ultrasound import (
+    SUPPORTED_SUFFIXES,
+    _kind_of,
+    load_ultrasound,
+    normalise_frames,
+)
 from pipeline.data.writers import write_nifti
 from pipeline.engines.checkpoint import load_checkpoint
 from pipeline.inference.batch import output_paths, run_cases
@@ -48,10 +53,6 @@ FRAME_SUMMARY_COLUMNS: tuple[str, ...] = ("case", "input", "output", "status", "
                                           "foreground_mm2", "seconds", "shape", "cnn_seconds",
                                           "crf_seconds")
 
-_FILE_KINDS = {".dcm": "dicom", ".dicom": "dicom", ".nii": "nifti", ".nii.gz": "nifti",
-               ".mhd": "metaimage", ".mha": "metaimage", ".png": "png", ".jpg": "jpeg",
-               ".jpeg": "jpeg"}
-
 
 def is_frame_model(checkpoint: str | os.PathLike) -> bool:
     """Whether a checkpoint was trained on ultrasound frames (its data kind is one of
@@ -73,16 +74,11 @@ def _suffix(path: Path) -> str:
 
 
 def _file_kind(path: Path) -> str | None:
-    """The ultrasound format of a file by suffix or DICOM preamble, or None."""
-    kind = _FILE_KINDS.get(_suffix(path))
-    if kind is not None:
-        return kind
-    if path.suffix.lower() in (".raw", ".zraw"):  # MetaImage data, read through the header
-        return None
+    """The ultrasound format of a file (as the loader decides it: suffix or DICOM preamble),
+    or None for anything the loader would refuse."""
     try:
-        with path.open("rb") as fh:
-            return "dicom" if fh.read(132)[128:] == b"DICM" else None
-    except OSError:
+        return _kind_of(path)
+    except (ValueError, OSError):
         return None
 
 
