@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from pipeline.data.writers import atomic_path
+
 __all__ = [
     "ECHO_DEMO_COHORT",
     "ECHO_FORMATS",
@@ -425,7 +427,7 @@ def write_echo_cohort(folder: str | os.PathLike[str], *,
                             frame_time_ms=phantom.frame_time_ms)
             tmp.replace(target)
     split = {"training": names[:cases[0]], "validation": names[cases[0]:]}
-    tmp = base / f".split.json.{os.getpid()}.tmp"
+    tmp = atomic_path(base / "split.json")
     tmp.write_text(json.dumps(split, indent=2) + "\n")
     tmp.replace(base / "split.json")
     return split
