@@ -21,15 +21,7 @@ from pipeline.engines import (
 )
 from pipeline.engines import train as train_run
 from pipeline.engines.evaluate import evaluate_runs
-from pipeline.inference import (
-    DEFAULT_FRAME_EXCLUDE,
-    FramePredictor,
-    VolumePredictor,
-    find_cases,
-    find_frame_cases,
-    run_batch,
-    run_frames,
-)
+from pipeline.inference import VolumePredictor, find_cases, run_batch, segment_frames
 from pipeline.inference.images import segment_image_folder
 from pipeline.reports import build_report, collect_provenance, write_eval_table, write_report
 
@@ -172,12 +164,6 @@ def infer_frames(*, input_dir: str, output_dir: str, model_file: str, overwrite:
         RuntimeError: some cases failed (the summary says which and why).
     """
     distributed.init_from_env()
-    cases = find_frame_cases(input_dir, exclude=DEFAULT_FRAME_EXCLUDE if exclude is None
-                             else exclude, skip=[output_dir])
-    predictor = FramePredictor(model_file)
-    try:
-        rows = run_frames(cases, output_dir, predictor, overwrite=overwrite,
-                          progress=distributed.is_main())
-    finally:
-        predictor.close()
+    rows = segment_frames(input_dir, output_dir, model_file, exclude=exclude,
+                          overwrite=overwrite, progress=distributed.is_main())
     return _raise_if_failed(rows, output_dir, "case")

@@ -293,12 +293,7 @@ def _wants_frames(args: argparse.Namespace) -> bool:
 
 
 def _infer_frames(args: argparse.Namespace) -> list[dict]:
-    from pipeline.inference import (
-        DEFAULT_FRAME_EXCLUDE,
-        FramePredictor,
-        find_frame_cases,
-        run_frames,
-    )
+    from pipeline.inference import segment_frames
 
     if len(args.model) != 1:
         raise ValueError("ultrasound frames take one --model CHECKPOINT, not one per view")
@@ -307,15 +302,10 @@ def _infer_frames(args: argparse.Namespace) -> list[dict]:
     if args.dicom_seg:
         raise ValueError("--dicom-seg is for CT volumes read from DICOM series, not for "
                          "ultrasound frames")
-    exclude = DEFAULT_FRAME_EXCLUDE if args.exclude is None else args.exclude
-    cases = find_frame_cases(args.input, exclude=exclude, skip=[args.output])
-    predictor = FramePredictor(args.model[0], workers=args.workers, batch_size=args.batch_size)
-    try:
-        return run_frames(cases, args.output, predictor, overwrite=args.overwrite,
-                          write_cnn=args.cnn, write_probability=args.probabilities,
-                          progress=not args.no_progress)
-    finally:
-        predictor.close()
+    return segment_frames(args.input, args.output, args.model[0], exclude=args.exclude,
+                          workers=args.workers, batch_size=args.batch_size,
+                          overwrite=args.overwrite, write_cnn=args.cnn,
+                          write_probability=args.probabilities, progress=not args.no_progress)
 
 
 def _report_cases(rows: list[dict], output: str) -> int:

@@ -12,6 +12,7 @@ from pipeline.inference.frames import (
     find_frame_cases,
     is_frame_model,
     run_frames,
+    segment_frames,
 )
 from pipeline.inference.predictor import ViewModel, VolumePrediction, VolumePredictor
 
@@ -32,4 +33,5 @@ __all__ = [
     "run_batch",
     "run_cases",
     "run_frames",
+    "segment_frames",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "find_frame_cases",
     "is_frame_model",
     "run_frames",
+    "segment_frames",
 ]
 
 #: Data kinds (a checkpoint's ``config["data"]["kind"]``) of models trained on ultrasound frames.
@@ -314,3 +315,26 @@ def run_frames(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Fra
 
     return run_cases(cases, out_dir, run_case, columns=FRAME_SUMMARY_COLUMNS,
                      overwrite=overwrite, progress=progress)
+
+
+def segment_frames(source: str | os.PathLike, out_dir: str | os.PathLike,
+                   model: str | os.PathLike, *, exclude: Sequence[str] | None = None,
+                   workers: int = 0, batch_size: int = 16, overwrite: bool = False,
+                   write_cnn: bool = False, write_probability: bool = False,
+                   progress: bool = True) -> list[dict]:
+    """:func:`find_frame_cases` under ``source`` (never inside ``out_dir``), then
+    :func:`run_frames` with a :class:`FramePredictor` of ``model``, which is closed after.
+
+    Args:
+        exclude: glob patterns of files to skip (None: :data:`DEFAULT_FRAME_EXCLUDE`).
+        workers, batch_size: as for :class:`FramePredictor`.
+        The others: as for :func:`run_frames`.
+
+    Returns:
+        One summary row per case.
+    """
+    cases = find_frame_cases(source, exclude=DEFAULT_FRAME_EXCLUDE if exclude is None
+                             else exclude, skip=[out_dir])
+    with FramePredictor(model, workers=workers, batch_size=batch_size) as predictor:
+        return run_frames(cases, out_dir, predictor, overwrite=overwrite, write_cnn=write_cnn,
+                          write_probability=write_probability, progress=progress)
