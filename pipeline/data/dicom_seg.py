@@ -19,6 +19,7 @@ import pydicom
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
+from pipeline.data.readers import series_affine
 from pipeline.data.writers import atomic_path
 
 __all__ = ["write_dicom_seg"]
@@ -70,24 +71,6 @@ def _pixel_steps(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray]:
     iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
     row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
     return iop[:3] * col_spacing, iop[3:] * row_spacing
-
-
-def _series_affine(headers: Sequence[pydicom.Dataset]) -> np.ndarray:
-    """The RAS affine :func:`pipeline.data.read_volume` gives the series (X = columns,
-    Y = rows, Z = slices sorted by ImagePositionPatient along the slice normal)."""
-    column_step, row_step = _pixel_steps(headers[0])
-    iop = np.asarray(headers[0].ImageOrientationPatient, dtype=np.float64)
-    normal = np.cross(iop[:3], iop[3:])
-    positions = sorted((np.asarray(ds.ImagePositionPatient, float) for ds in headers),
-                       key=lambda p: float(p @ normal))
-    if len(positions) > 1:
-        step = (positions[-1] - positions[0]) / (len(positions) - 1)
-    else:
-        step = normal * float(headers[0].get("SliceThickness", 1.0) or 1.0)
-    affine = np.eye(4)
-    affine[:3, 0], affine[:3, 1], affine[:3, 2] = column_step, row_step, step
-    affine[:3, 3] = positions[0]
-    return _RAS_TO_LPS @ affine
 
 
 def _source_planes(mask: np.ndarray, affine: np.ndarray,
@@ -205,7 +188,7 @@ def write_dicom_seg(mask: np.ndarray, source_files: Sequence[str | os.PathLike],
     if data.dtype != bool and np.any((data != 0) & (data != 1)):
         raise ValueError("write_dicom_seg needs a binary mask (values 0 and 1)")
     headers = _read_headers(source_files)
-    grid = _series_affine(headers) if affine is None else np.asarray(affine, dtype=np.float64)
+    grid = series_affine(headers) if affine is None else np.asarray(affine, dtype=np.float64)
     if grid.shape != (4, 4):
         raise ValueError(f"affine must be 4×4, got shape {grid.shape}")
     planes = _source_planes(data, grid, headers)

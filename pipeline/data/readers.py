@@ -22,6 +22,7 @@ __all__ = [
     "find_dicom_series",
     "is_nifti",
     "read_volume",
+    "series_affine",
 ]
 
 #: Key under which files without a SeriesInstanceUID are grouped (anonymised data lacks it).
@@ -121,6 +122,34 @@ def _select_series(folder: Path, series_uid: str | None) -> DicomSeries:
     return next(iter(found.values()))
 
 
+def series_affine(headers: Sequence[pydicom.Dataset]) -> np.ndarray:
+    """The RAS affine of a DICOM series on the grid :func:`read_volume` gives it: X along a
+    row (columns), Y down a column (rows), Z through the slices sorted by
+    ImagePositionPatient along the slice normal (one slice: SliceThickness deep, else 1 mm).
+
+    Args:
+        headers: the series' datasets (any order; pixel data not needed), which must carry
+            ImagePositionPatient, ImageOrientationPatient and PixelSpacing.
+    """
+    iop = np.asarray(headers[0].ImageOrientationPatient, dtype=np.float64)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    positions = sorted((np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+                        for ds in headers), key=lambda p: float(p @ normal))
+    if len(positions) > 1:
+        step = (positions[-1] - positions[0]) / (len(positions) - 1)
+    else:
+        step = normal * float(headers[0].get("SliceThickness", 1.0) or 1.0)
+    # pixel_array is [row, col]; rows advance along the column direction cosine
+    row_spacing, col_spacing = (float(v) for v in headers[0].PixelSpacing)
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_dir * col_spacing
+    affine_lps[:3, 1] = col_dir * row_spacing
+    affine_lps[:3, 2] = step
+    affine_lps[:3, 3] = positions[0]
+    return _LPS_TO_RAS @ affine_lps
+
+
 def _read_dicom_series(series: DicomSeries, folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """Reads a series into an X×Y×Z float32 array (HU for CT) and its RAS affine."""
     slices = []
@@ -153,10 +182,6 @@ def _read_dicom_series(series: DicomSeries, folder: Path) -> tuple[np.ndarray, n
         if not np.allclose(gaps, gaps.mean(), rtol=1e-3, atol=1e-3):
             raise ValueError(f"{folder}: slices of series {series.uid} are unevenly spaced "
                              f"(gaps {gaps.min():.3f}–{gaps.max():.3f} mm); a missing slice?")
-        step = (positions[-1] - positions[0]) / (len(slices) - 1)
-    else:
-        thickness = float(slices[0][1].get("SliceThickness", 1.0) or 1.0)
-        step = normal * thickness
     frames = []
     shape = None
     for path, ds in slices:
@@ -175,14 +200,7 @@ def _read_dicom_series(series: DicomSeries, folder: Path) -> tuple[np.ndarray, n
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
         frames.append(pixels * slope + intercept)
-    # pixel_array is [row, col]; rows advance along the column direction cosine.
     volume = np.stack([f.T for f in frames], axis=-1)  # X (col) × Y (row) × Z
-    row_spacing, col_spacing = (float(v) for v in slices[0][1].PixelSpacing)
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_dir * col_spacing
-    affine_lps[:3, 1] = col_dir * row_spacing
-    affine_lps[:3, 2] = step
-    affine_lps[:3, 3] = positions[0]
     first = slices[0][1]
     meta = {
         "series_uid": series.uid,
@@ -193,7 +211,7 @@ def _read_dicom_series(series: DicomSeries, folder: Path) -> tuple[np.ndarray, n
         "sop_instance_uids": [str(ds.get("SOPInstanceUID", "")) for _, ds in slices],
         "files": [str(p) for p, _ in slices],
     }
-    return volume, _LPS_TO_RAS @ affine_lps, meta
+    return volume, series_affine([ds for _, ds in slices]), meta
 
 
 class DicomSeriesReader(ImageReader):
