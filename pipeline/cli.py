@@ -165,6 +165,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         crf = "" if result.weights is None else f"; CRF weights {result.weights}"
         print(f"best validation Jaccard {result.best_metric:.4f} at epoch {result.best_epoch}"
               f"{crf}; checkpoints {result.last_checkpoint}, {result.best_checkpoint}")
+    distributed.shutdown()
     return 0
 
 
@@ -329,7 +330,9 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
     distributed.init_from_env()
     if _wants_frames(args):
-        return _report_cases(_infer_frames(args), args.output)
+        rows = _infer_frames(args)
+        distributed.shutdown()
+        return _report_cases(rows, args.output)
     views = ["axial", "coronal", "sagittal"] if args.view == "all" else [args.view]
     models = _parse_runs(args.model) if any("=" in m for m in args.model) else args.model[0]
     cases = find_cases(args.input, exclude=args.exclude or (), root=args.root,
@@ -342,6 +345,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
                          write_dicom_seg=args.dicom_seg, progress=not args.no_progress)
     finally:
         predictor.close()
+    distributed.shutdown()
     return _report_cases(rows, args.output)
 
 

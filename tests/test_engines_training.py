@@ -191,6 +191,33 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, init: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+def _shutdown_worker(rank: int, world: int, port: int, out: str) -> None:
+    import time
+
+    from pipeline.engines import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    assert distributed.init_from_env()
+    if rank == 0:
+        time.sleep(1.0)  # rank 0 still writing its last checkpoint
+    arrived = time.time()
+    distributed.shutdown()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"arrived": arrived, "left": time.time(),
+                   "initialized": torch.distributed.is_initialized()}, f)
+
+
+def test_distributed_shutdown_waits_for_every_rank(tmp_path):
+    from pipeline.engines import distributed
+
+    distributed.shutdown()  # not distributed: a no-op
+    mp.spawn(_shutdown_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r1["left"] >= r0["arrived"]  # the fast rank left only once the slow one was done
+    assert not r0["initialized"] and not r1["initialized"]
+
+
 def test_two_gloo_processes_hold_the_same_crf(cnn_run, tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), str(cnn_run.last_checkpoint)),
              nprocs=2, join=True)

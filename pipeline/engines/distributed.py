@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["all_gather_objects", "barrier", "broadcast_object", "init_from_env", "is_main",
-           "main_rank_first", "rank", "world_size"]
+           "main_rank_first", "rank", "shutdown", "world_size"]
 
 
 def world_size() -> int:
@@ -40,6 +40,18 @@ def init_from_env() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return True
+
+
+def shutdown() -> None:
+    """Waits for every rank, then destroys the process group (no-op when not distributed).
+
+    Call it once at the end of a torchrun job on every rank. A rank that exits with its gloo
+    group alive while a peer is still working (rank 0 writing the last checkpoint) can be
+    aborted by the C++ runtime ("terminate called without an active exception").
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
