@@ -129,3 +129,59 @@ def test_reused_graph_cuts_like_a_fresh_graph(rng, connectivity, reuse_max, monk
         kept = inference._empty_graph(9, 18)
         assert inference._empty_graph(40 * 48, 4 * 40 * 48) is not kept
         assert inference._empty_graph(12, 24) is kept
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_pixels_decided_by_their_unaries_keep_the_cut_exact(rng, connectivity, graph_sizes):
+    # persistency fixes pixels whose unary outweighs all their edges; exhaustive search says
+    # the labelling is still a minimiser, whether the rest is cut in a box or not at all
+    for k in range(40):
+        prob = rng.uniform(0.02, 0.98, (3, 3))
+        extreme = rng.random((3, 3)) < 0.7
+        prob[extreme] = rng.choice([1e-4, 1 - 1e-4], size=int(extreme.sum()))
+        image = rng.random((3, 3))
+        weights = CRFWeights(rng.uniform(1.0, 2.0), *rng.uniform(0.0, 0.5, 2))
+        truth = (rng.random((3, 3)) < 0.5).astype(np.uint8) if k % 2 else None
+        if truth is None:
+            y = map_labelling(prob, image, weights, connectivity=connectivity)
+        else:
+            y = loss_augmented_labelling(prob, image, weights, truth, connectivity=connectivity)
+        beta = beta_loop(image, connectivity)
+        value = weights.as_array() @ features_loop(*_costs(prob), image, y, connectivity, beta)
+        if truth is not None:
+            value -= np.count_nonzero(y != truth) / 9
+        best = brute_minimum(*_costs(prob), image, weights.as_array(), connectivity, beta, truth)
+        assert value == pytest.approx(best, abs=1e-12)
+    assert 0 < min(graph_sizes) < 9  # some cuts ran on a box smaller than the grid
+
+
+def _confident_map(rng, shape):
+    """A network-like map: near 0 or 1 everywhere except two uncertain blobs."""
+    truth = np.zeros(shape, dtype=np.uint8)
+    truth[10:30, 15:45] = 1
+    logit = 12.0 * (2.0 * truth - 1.0) + 0.5 * rng.standard_normal(shape)
+    logit[8:20, 10:25] = 1.5 * rng.standard_normal((12, 15))
+    logit[25:33, 40:52] = 1.5 * rng.standard_normal((8, 12))
+    image = truth + 0.3 * rng.standard_normal(shape)
+    return 1.0 / (1.0 + np.exp(-logit)), image, truth
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_cuts_reduced_by_persistency_equal_whole_grid_cuts(rng, connectivity, graph_sizes,
+                                                          no_persistency):
+    weights = CRFWeights(0.5, 0.1, 0.2)
+    cases = [_confident_map(rng, (60, 80)) for _ in range(3)]
+    reduced = []
+    for prob, image, truth in cases:
+        crf = GridCRF.from_probabilities(prob, image, connectivity=connectivity)
+        reduced.append((map_labelling(prob, image, weights, connectivity=connectivity),
+                        graph_cut(crf, weights), graph_cut(crf, weights, truth)))
+    assert 0 < max(graph_sizes) <= 30 * 45  # only the blobs' box is cut, not all 4800 pixels
+    no_persistency()
+    for (prob, image, truth), (mapped, cut, augmented) in zip(cases, reduced, strict=True):
+        crf = GridCRF.from_probabilities(prob, image, connectivity=connectivity)
+        whole = graph_cut(crf, weights)
+        np.testing.assert_array_equal(mapped, whole)
+        np.testing.assert_array_equal(cut, whole)
+        np.testing.assert_array_equal(augmented, graph_cut(crf, weights, truth))
+    assert graph_sizes[-1] == 60 * 80

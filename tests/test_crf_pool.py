@@ -18,7 +18,7 @@ from pipeline.crf import (
     graph_cut,
     map_labelling,
 )
-from pipeline.crf.inference import _keep_freed_memory
+from pipeline.crf.inference import keep_freed_memory
 from pipeline.data import noisy_blocks
 
 
@@ -48,6 +48,31 @@ def test_many_cuts_come_back_in_order(pool):
     for got, s in zip(pooled, samples, strict=True):
         np.testing.assert_array_equal(got, map_labelling(s.prob, s.image, weights))
     assert pool.map_labellings([], [], weights) == []
+
+
+def test_pool_sends_only_what_persistency_leaves_to_cut(pool):
+    # confident maps (nothing left to cut, no job sent), maps with an uncertain box, and noisy
+    # ones cut whole, mixed over the chunks: the results equal the in-process ones, in order
+    rng = np.random.default_rng(7)
+    probs, images = [], []
+    for k in range(11):
+        truth = np.zeros((30, 40))
+        truth[5:20, 8:30] = 1
+        logit = 12.0 * (2.0 * truth - 1.0)
+        if k % 3 == 1:
+            logit[3:10, 5:15] = rng.standard_normal((7, 10))
+        elif k % 3 == 2:
+            logit = rng.standard_normal(truth.shape)
+        probs.append(1.0 / (1.0 + np.exp(-logit)))
+        images.append(truth + 0.2 * rng.standard_normal(truth.shape))
+    weights = CRFWeights(0.5, 0.1, 0.2)
+    pooled = pool.map_labellings(probs, images, weights)
+    for got, prob, image in zip(pooled, probs, images, strict=True):
+        np.testing.assert_array_equal(got, map_labelling(prob, image, weights))
+    crfs = [GridCRF.from_probabilities(p, x) for p, x in zip(probs, images, strict=True)]
+    for got, crf in zip(pool.cut_all(crfs, weights), crfs, strict=True):
+        np.testing.assert_array_equal(got, graph_cut(crf, weights))
+    assert np.array_equal(pooled[0], (probs[0] > 0.5).astype(np.uint8))
 
 
 def test_cutting_plane_with_pool_matches_serial(pool):
@@ -91,7 +116,7 @@ def test_pool_workers_reuse_freed_memory(pool):
     glibc = platform.libc_ver()[0] == "glibc"
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn) as other:  # not this test process's malloc
-        assert other.submit(_keep_freed_memory).result() is glibc
+        assert other.submit(keep_freed_memory).result() is glibc
     pooled = pool._executor.submit(_faults_of_repeated_cuts).result()
     # a plain spawned process (no initialiser) pages in each slice's arrays afresh
     with ProcessPoolExecutor(1, mp_context=spawn) as plain:

@@ -148,3 +148,21 @@ def test_bad_weights_or_labelling_are_refused():
         volume_energy(np.zeros((2, 3)), PROB, IMAGE, W)
     with pytest.raises(ValueError, match="labelling must be binary"):
         volume_energy(np.full((2, 3, 4), 2), PROB, IMAGE, W)
+
+
+def test_a_confident_volume_is_cut_only_where_it_is_uncertain(rng, graph_sizes, no_persistency):
+    # persistency on the 3-D cut: the voxels the unaries decide stay out of the graph, and
+    # the labelling is the whole volume's cut (persistency switched off as the oracle)
+    shape = (6, 40, 50)
+    truth = np.zeros(shape, dtype=np.uint8)
+    truth[1:5, 10:30, 12:40] = 1
+    logit = 12.0 * (2.0 * truth - 1.0) + 0.5 * rng.standard_normal(shape)
+    logit[2:4, 8:16, 10:22] = 1.5 * rng.standard_normal((2, 8, 12))
+    prob, image = 1.0 / (1.0 + np.exp(-logit)), truth + 0.3 * rng.standard_normal(shape)
+    weights, spacing = CRFWeights(0.5, 0.1, 0.2), (2.5, 0.8, 0.8)
+    reduced = volume_map_labelling(prob, image, weights, spacing=spacing)
+    assert 0 < graph_sizes[-1] <= 4 * 10 * 14  # the uncertain block grown by one voxel
+    no_persistency()
+    whole = volume_map_labelling(prob, image, weights, spacing=spacing)
+    assert graph_sizes[-1] == prob.size
+    np.testing.assert_array_equal(reduced, whole)

@@ -18,6 +18,7 @@ from pipeline.crf.features import (
 from pipeline.crf.inference import (
     GraphCutPool,
     graph_cut,
+    keep_freed_memory,
     loss_augmented_labelling,
     map_labelling,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "envelope_gradient",
     "graph_cut",
     "hamming_loss",
+    "keep_freed_memory",
     "learn_weights",
     "loss_augmented_labelling",
     "map_labelling",

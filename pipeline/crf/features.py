@@ -173,6 +173,16 @@ def _unary_costs(prob: np.ndarray, ndim: int = 2) -> tuple[np.ndarray, np.ndarra
     Raises:
         ValueError: prob is not a finite, non-empty ``ndim``-D array in [0, 1].
     """
+    z = _clamped_probabilities(prob, ndim)
+    return -np.log1p(-z), -np.log(z)
+
+
+def _clamped_probabilities(prob: np.ndarray, ndim: int = 2) -> np.ndarray:
+    """Probabilities as float64, checked and clamped to [EPS, 1 − EPS].
+
+    Raises:
+        ValueError: prob is not a finite, non-empty ``ndim``-D array in [0, 1].
+    """
     z = np.asarray(prob)
     if z.ndim != ndim or min(z.shape) < 1:
         raise ValueError(f"prob must be a non-empty {_AXES[ndim]} array, got shape {z.shape}")
@@ -183,8 +193,7 @@ def _unary_costs(prob: np.ndarray, ndim: int = 2) -> tuple[np.ndarray, np.ndarra
         raise ValueError("prob contains NaN or infinite values")
     if z.min() < 0 or z.max() > 1:
         raise ValueError(f"prob must lie in [0, 1], got range [{z.min():g}, {z.max():g}]")
-    z = np.clip(z, EPS, 1 - EPS)
-    return -np.log1p(-z), -np.log(z)
+    return np.clip(z, EPS, 1 - EPS)
 
 
 def data_driven_beta(image: np.ndarray, *, connectivity: int = 4) -> float:
@@ -198,8 +207,23 @@ def data_driven_beta(image: np.ndarray, *, connectivity: int = 4) -> float:
         β ≥ 0.
     """
     offsets = _check_connectivity(connectivity)
-    img = _as_channels(image, np.shape(image)[-2:])
-    return _beta_from_differences(_squared_differences(img, offsets))
+    return _beta_of(_as_channels(image, np.shape(image)[-2:]), offsets)
+
+
+def _beta_of(image: np.ndarray, offsets) -> float:
+    """:func:`_beta_from_differences` of a C×H×W (or C×D×H×W) image without keeping the
+    per-edge arrays. (Squared and summed in place, not by ``np.dot``: a BLAS dot product
+    starts threads, which in graph-cut pool workers oversubscribe the cores.)"""
+    shape = image.shape[1:]
+    total, count = 0.0, 0
+    for offset in offsets:
+        src, dst = _edge_slices(shape, offset)
+        diff = image[(slice(None), *src)] - image[(slice(None), *dst)]
+        np.square(diff, out=diff)
+        total += float(diff.sum())
+        count += diff.size // image.shape[0]
+    mean = total / count if count else 0.0
+    return 0.0 if mean <= 0 else 1.0 / (2.0 * mean)
 
 
 def _check_labelling(y: np.ndarray, shape: tuple[int, int], name: str) -> np.ndarray:
