@@ -80,3 +80,44 @@ def test_non_binary_labels_need_a_value(phantom):
     picked = AlignLabel(label_value=3)(_mt(multi, phantom.affine), _mt(phantom.image,
                                                                        phantom.affine))
     np.testing.assert_array_equal(picked.numpy(), (multi == 3).astype(np.uint8))
+
+
+def _scipy_resample(array, mapping, shape, order):
+    """The interpolating resample, the oracle for reorientations that move voxels whole."""
+    from scipy import ndimage
+
+    return ndimage.affine_transform(array, mapping[:3, :3], offset=mapping[:3, 3],
+                                    output_shape=shape, order=order, mode="constant", cval=0)
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_reorientations_move_voxels_exactly_as_interpolation_would(order):
+    # signed axis permutations with whole-voxel shifts, some reaching outside the source:
+    # the voxels are moved without interpolating, to the values scipy interpolates
+    import itertools
+
+    from pipeline.data.alignment import resample_to_grid
+
+    rng = np.random.default_rng(3)
+    array = rng.random((5, 7, 4)).astype(np.float32)
+    for k, perm in enumerate(itertools.permutations(range(3))):
+        for signs in itertools.product((1, -1), repeat=3):
+            mapping = np.eye(4)
+            mapping[:3, :3] = 0.0
+            for j, i in enumerate(perm):
+                mapping[i, j] = signs[j]
+            mapping[:3, 3] = rng.integers(-3, 9, 3)
+            shape = tuple(int(array.shape[i]) + int(rng.integers(-1, 3)) for i in perm)
+            dst_affine = np.diag([0.8, 0.8, 2.0, 1.0]) @ mapping  # src_affine⁻¹·dst = mapping
+            got = resample_to_grid(array, np.diag([0.8, 0.8, 2.0, 1.0]), dst_affine, shape,
+                                   order=order)
+            expected = _scipy_resample(array, mapping, shape, order)
+            assert got.shape == shape and got.dtype == array.dtype
+            np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=f"{perm} {signs}")
+    far = np.eye(4)
+    far[:3, 3] = 50  # nothing lands inside: all zero, as interpolation gives
+    assert not resample_to_grid(array, np.eye(4), far, (3, 3, 3)).any()
+    rotated = np.eye(4)
+    rotated[:2, :2] = [[0.6, -0.8], [0.8, 0.6]]  # not a reorientation: interpolated
+    np.testing.assert_allclose(resample_to_grid(array, np.eye(4), rotated, (5, 7, 4), order=1),
+                               _scipy_resample(array, rotated, (5, 7, 4), 1), atol=1e-6)

@@ -67,9 +67,46 @@ def resample_to_grid(array: np.ndarray, src_affine: np.ndarray, dst_affine: np.n
     """
     mapping = np.linalg.solve(np.asarray(src_affine, np.float64),
                               np.asarray(dst_affine, np.float64))
+    moved = _move_axes(np.asarray(array), mapping, tuple(dst_shape))
+    if moved is not None:
+        return moved
     return ndimage.affine_transform(np.asarray(array), mapping[:3, :3], offset=mapping[:3, 3],
                                     output_shape=tuple(dst_shape), order=order,
                                     mode="constant", cval=0)
+
+
+def _move_axes(array: np.ndarray, mapping: np.ndarray, dst_shape: tuple[int, ...]
+               ) -> np.ndarray | None:
+    """:func:`resample_to_grid` where the voxel mapping only permutes and flips axes and
+    shifts by whole voxels (a reorientation, such as to and from RAS): every destination
+    voxel then sits exactly on a source voxel, so the result is the source's voxels moved,
+    with no interpolation (the same at any order, and far faster). None for any other
+    mapping."""
+    linear, shift = mapping[:3, :3], mapping[:3, 3]
+    signs = np.rint(linear)
+    steps = np.rint(shift)
+    if (not np.allclose(linear, signs, atol=1e-6) or not np.allclose(shift, steps, atol=1e-4)
+            or not np.array_equal(np.abs(signs).sum(axis=0), np.ones(3))
+            or not np.array_equal(np.abs(signs).sum(axis=1), np.ones(3))):
+        return None
+    out = np.zeros(dst_shape, dtype=array.dtype)
+    # destination axis j reads source axis i = axes[j] at index sign·v + step
+    axes = [int(np.flatnonzero(signs[:, j])[0]) for j in range(3)]
+    dst_box, src_box = [], []
+    for j, i in enumerate(axes):
+        sign, step, n_src = int(signs[i, j]), int(steps[i]), array.shape[i]
+        if sign > 0:  # source index step + v, v in [0, dst): keep those in [0, n_src)
+            first, stop = max(0, -step), min(dst_shape[j], n_src - step)
+        else:  # source index step − v
+            first, stop = max(0, step - n_src + 1), min(dst_shape[j], step + 1)
+        if stop <= first:
+            return out  # no destination voxel lands inside the source
+        dst_box.append(slice(first, stop))
+        start = step + sign * first
+        end = step + sign * stop  # one past the last index read, in the step's direction
+        src_box.append(slice(start, end if end >= 0 else None, sign))
+    out[tuple(dst_box)] = array.transpose(axes)[tuple(src_box)]
+    return out
 
 
 def align_label_to_image(label: MetaTensor, image: MetaTensor, *, allow_crop: bool = False
