@@ -167,14 +167,18 @@ class VolumePredictor(_GraphCutWorkers):
         self.batch_size = batch_size
         self.pool = GraphCutPool(workers) if workers > 0 else None
 
-    def _view_probability(self, windowed: np.ndarray, view: str) -> np.ndarray:
-        slices = slice_volume(windowed[None], view)[:, 0]  # N×H×W
+    def _view_slices(self, windowed: np.ndarray, view: str) -> tuple[np.ndarray, np.ndarray]:
+        """The view's N×H×W slices of the windowed volume and the network's probabilities."""
+        slices = slice_volume(windowed[None], view)[:, 0]
         probs = self.models[view].probabilities(slices, batch_size=self.batch_size,
                                                 device=self.device)
-        return restack_slices(probs[:, None], view)[0]
+        return slices, probs
 
-    def _crf(self, probability: np.ndarray, windowed: np.ndarray,
-             spacing: np.ndarray) -> np.ndarray | None:
+    def _crf(self, probability: np.ndarray, windowed: np.ndarray, spacing: np.ndarray,
+             stack: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
+        """The CRF mask on the RAS grid; ``stack`` holds the first view's (slices,
+        probabilities) when they are exactly what slicing ``windowed`` and ``probability``
+        would give (one view), which saves slicing both volumes again."""
         view = self.views[0]
         vm = self.models[view]
         if vm.weights is None:
@@ -182,8 +186,11 @@ class VolumePredictor(_GraphCutWorkers):
         if self.crf_3d:
             return volume_map_labelling(probability, windowed, vm.weights, spacing=spacing,
                                         beta=vm.beta)
-        probs = slice_volume(probability[None], view)[:, 0]
-        images = slice_volume(windowed[None], view)[:, 0]
+        if stack is not None:
+            images, probs = stack
+        else:
+            probs = slice_volume(probability[None], view)[:, 0]
+            images = slice_volume(windowed[None], view)[:, 0]
         return restack_slices(self._labellings(probs, images, vm)[:, None], view)[0]
 
     def predict(self, volume: MetaTensor) -> VolumePrediction:
@@ -202,11 +209,13 @@ class VolumePredictor(_GraphCutWorkers):
         low, high = self.models[self.views[0]].hu_window
         windowed = np.asarray(ScaleIntensityRange(low, high, 0.0, 1.0, clip=True)(ras))[0]
         start = time.perf_counter()
-        probability = np.mean([self._view_probability(windowed, v) for v in self.views], axis=0)
+        stacks = [self._view_slices(windowed, v) for v in self.views]
+        probability = np.mean([restack_slices(probs[:, None], v)[0]
+                               for (_, probs), v in zip(stacks, self.views, strict=True)], axis=0)
         cnn_s = time.perf_counter() - start
         start = time.perf_counter()
         spacing = np.linalg.norm(ras_affine[:3, :3], axis=0)  # mm per voxel along each axis
-        crf = self._crf(probability, windowed, spacing)
+        crf = self._crf(probability, windowed, spacing, stacks[0] if len(stacks) == 1 else None)
         crf_s = time.perf_counter() - start
         seconds = {"cnn": cnn_s, "crf": crf_s}
         if self.crf_3d and crf is not None:
