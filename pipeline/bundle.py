@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.crf import keep_freed_memory
 from pipeline.data.phantoms import GENERATED_KINDS, ensure_demo_data
 from pipeline.data.samples import training_sets
 from pipeline.engines import (
@@ -26,6 +27,13 @@ from pipeline.inference.images import segment_image_folder
 from pipeline.reports import build_report, collect_provenance, write_eval_table, write_report
 
 __all__ = ["ensure_demo_data", "evaluate", "infer", "infer_frames", "infer_images", "train"]
+
+
+def _prepare_process() -> None:
+    """Joins the process group when launched by torchrun, and lets this process keep freed
+    memory for its slice-after-slice work (:func:`pipeline.crf.keep_freed_memory`)."""
+    distributed.init_from_env()
+    keep_freed_memory()
 
 
 def _raise_if_failed(rows: list[dict], output_dir: str, key: str) -> list[dict]:
@@ -61,7 +69,7 @@ def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: st
     Returns:
         The stage's best checkpoint.
     """
-    distributed.init_from_env()
+    _prepare_process()
     if init is None:
         previous = previous_stage_checkpoint(output_dir, mode)
         if previous is not None and not previous.is_file():
@@ -83,7 +91,7 @@ def evaluate(*, dataset_dir: str, output_dir: str, data_kind: str = "demo",
              model_file: str | None = None, progress: bool = False) -> dict[str, Path]:
     """Scores every trained stage in ``output_dir`` (or the bundle's model) on the validation
     split and writes ``evaluation.csv`` and the report in ``<output_dir>/report/``."""
-    distributed.init_from_env()
+    _prepare_process()
     runs = {m: str(stage_checkpoint(output_dir, m)) for m in MODES
             if stage_checkpoint(output_dir, m).is_file()}
     if model_file is not None:
@@ -123,7 +131,7 @@ def infer(*, input_dir: str, output_dir: str, model_file: str, view: str = "axia
     Raises:
         RuntimeError: some cases failed (the summary says which and why).
     """
-    distributed.init_from_env()
+    _prepare_process()
     views = ["axial", "coronal", "sagittal"] if view == "all" else [view]
     models = ({v: _model_for_view(model_file, v) for v in views} if "{view}" in model_file
               else model_file)
@@ -163,7 +171,7 @@ def infer_frames(*, input_dir: str, output_dir: str, model_file: str, overwrite:
     Raises:
         RuntimeError: some cases failed (the summary says which and why).
     """
-    distributed.init_from_env()
+    _prepare_process()
     rows = segment_frames(input_dir, output_dir, model_file, exclude=exclude,
                           overwrite=overwrite, progress=distributed.is_main())
     return _raise_if_failed(rows, output_dir, "case")
