@@ -100,7 +100,7 @@ def test_reorientations_move_voxels_exactly_as_interpolation_would(order):
 
     rng = np.random.default_rng(3)
     array = rng.random((5, 7, 4)).astype(np.float32)
-    for k, perm in enumerate(itertools.permutations(range(3))):
+    for perm in itertools.permutations(range(3)):
         for signs in itertools.product((1, -1), repeat=3):
             mapping = np.eye(4)
             mapping[:3, :3] = 0.0
