@@ -165,7 +165,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         crf = "" if result.weights is None else f"; CRF weights {result.weights}"
         print(f"best validation Jaccard {result.best_metric:.4f} at epoch {result.best_epoch}"
               f"{crf}; checkpoints {result.last_checkpoint}, {result.best_checkpoint}")
-    distributed.shutdown()
     return 0
 
 
@@ -330,9 +329,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
     distributed.init_from_env()
     if _wants_frames(args):
-        rows = _infer_frames(args)
-        distributed.shutdown()
-        return _report_cases(rows, args.output)
+        return _report_cases(_infer_frames(args), args.output)
     views = ["axial", "coronal", "sagittal"] if args.view == "all" else [args.view]
     models = _parse_runs(args.model) if any("=" in m for m in args.model) else args.model[0]
     cases = find_cases(args.input, exclude=args.exclude or (), root=args.root,
@@ -345,7 +342,6 @@ def _cmd_infer(args: argparse.Namespace) -> int:
                          write_dicom_seg=args.dicom_seg, progress=not args.no_progress)
     finally:
         predictor.close()
-    distributed.shutdown()
     return _report_cases(rows, args.output)
 
 
@@ -566,6 +562,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"mmcrf {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Under torchrun, destroys the process group a command joined (see
+    :func:`pipeline.engines.distributed.shutdown`); imports nothing for other commands."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from pipeline.engines import distributed
+
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -199,22 +199,21 @@ def _shutdown_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world))
     assert distributed.init_from_env()
+    assert distributed.all_gather_objects(rank) == [0, 1]
     if rank == 0:
-        time.sleep(1.0)  # rank 0 still writing its last checkpoint
-    arrived = time.time()
+        time.sleep(1.0)  # rank 0 still writing its last checkpoint when rank 1 leaves
     distributed.shutdown()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"arrived": arrived, "left": time.time(),
-                   "initialized": torch.distributed.is_initialized()}, f)
+        json.dump({"left": time.time(), "initialized": torch.distributed.is_initialized()}, f)
 
 
-def test_distributed_shutdown_waits_for_every_rank(tmp_path):
+def test_distributed_shutdown_lets_each_rank_leave_when_done(tmp_path):
     from pipeline.engines import distributed
 
     distributed.shutdown()  # not distributed: a no-op
     mp.spawn(_shutdown_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r1["left"] >= r0["arrived"]  # the fast rank left only once the slow one was done
+    assert r1["left"] < r0["left"]  # nobody waits for the slow rank, and nobody aborts
     assert not r0["initialized"] and not r1["initialized"]
 
 

@@ -43,14 +43,15 @@ def init_from_env() -> bool:
 
 
 def shutdown() -> None:
-    """Waits for every rank, then destroys the process group (no-op when not distributed).
+    """Destroys this rank's process group (no-op when not distributed).
 
-    Call it once at the end of a torchrun job on every rank. A rank that exits with its gloo
-    group alive while a peer is still working (rank 0 writing the last checkpoint) can be
-    aborted by the C++ runtime ("terminate called without an active exception").
+    Call it once at the end of a torchrun job on every rank, error or not. A rank that exits
+    with its gloo group alive while a peer is still working (rank 0 writing the last
+    checkpoint) can be aborted by the C++ runtime ("terminate called without an active
+    exception"). It does not wait for the other ranks: those with nothing left to do (the
+    evaluation runs on rank 0 alone) would otherwise sit in a barrier that times out.
     """
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
