@@ -185,3 +185,24 @@ def test_cuts_reduced_by_persistency_equal_whole_grid_cuts(rng, connectivity, gr
         np.testing.assert_array_equal(cut, whole)
         np.testing.assert_array_equal(augmented, graph_cut(crf, weights, truth))
     assert graph_sizes[-1] == 60 * 80
+
+
+def test_deciding_on_probabilities_leaves_near_ties_to_the_cut(no_persistency):
+    # pairwise weights so small that a centre pixel's probability sits within a few ulps of
+    # the point where its unary outweighs its 4 edges: deciding it on the probability must
+    # not overrule the cut's own arithmetic (w1·Δcost) there
+    rng = np.random.default_rng(1)
+    cases = []
+    for w2 in 10 ** rng.uniform(-13.5, -11, 200):
+        edge = 1.0 / (1.0 + np.exp(4.0 * w2))  # unary margin = the 4 edges' capacity
+        for ulps in (1, 2, 5):
+            prob = np.ones((3, 3))  # confident neighbours pull the centre towards 1
+            prob[1, 1] = edge - ulps * np.spacing(edge)
+            weights = CRFWeights(1.0, w2, 0.0)
+            cases.append((prob, weights, map_labelling(prob, np.zeros((3, 3)), weights)))
+    underflow = CRFWeights(5e-324)  # w1·Δcost underflows to 0: no pixel is decided
+    prob = rng.random((4, 4))
+    cases.append((prob, underflow, map_labelling(prob, np.zeros((4, 4)), underflow)))
+    no_persistency()
+    for prob, weights, reduced in cases:
+        np.testing.assert_array_equal(reduced, map_labelling(prob, np.zeros(prob.shape), weights))

@@ -211,17 +211,20 @@ def data_driven_beta(image: np.ndarray, *, connectivity: int = 4) -> float:
 
 
 def _beta_of(image: np.ndarray, offsets) -> float:
-    """:func:`_beta_from_differences` of a C×H×W (or C×D×H×W) image without keeping the
-    per-edge arrays. (Squared and summed in place, not by ``np.dot``: a BLAS dot product
-    starts threads, which in graph-cut pool workers oversubscribe the cores.)"""
+    """``_beta_from_differences(_squared_differences(image, offsets))``, to the last bit,
+    without keeping the per-edge arrays. A single channel is squared in place (the same
+    products), not by ``np.dot``, whose BLAS threads oversubscribe the graph-cut workers'
+    cores."""
+    if image.shape[0] != 1:
+        return _beta_from_differences(_squared_differences(image, offsets))
     shape = image.shape[1:]
     total, count = 0.0, 0
     for offset in offsets:
         src, dst = _edge_slices(shape, offset)
-        diff = image[(slice(None), *src)] - image[(slice(None), *dst)]
+        diff = image[(0, *src)] - image[(0, *dst)]
         np.square(diff, out=diff)
         total += float(diff.sum())
-        count += diff.size // image.shape[0]
+        count += diff.size
     mean = total / count if count else 0.0
     return 0.0 if mean <= 0 else 1.0 / (2.0 * mean)
 

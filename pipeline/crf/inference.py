@@ -60,6 +60,12 @@ def _empty_graph(n_nodes: int, n_edges: int) -> maxflow.GraphFloat:
 _BOUND_SLACK = 1e-6
 
 
+#: Absolute slack, in logit units, of the decision :func:`_map_plan` takes on probabilities.
+_LOGIT_SLACK = 1e-12
+#: Below this unary weight, w1·(cost1 − cost0) can underflow: no pixel is decided by it.
+_TINY_UNARY_WEIGHT = 1e-250
+
+
 def _pairwise_bound(contrast_maxima: Sequence[float], w2: float, w3: float) -> float:
     """An upper bound on the summed capacity of the edges at any one node: every edge
     direction gives a node at most two edges, each of capacity w2 + w3·contrast."""
@@ -179,13 +185,15 @@ def _map_plan(prob: np.ndarray, image: np.ndarray, weights: CRFWeights, connecti
     if beta_value is None:
         beta_value = _beta_of(img, offsets)
     labels = (z > 0.5).astype(np.uint8)
-    if w.w1 > 0:
+    if w.w1 > _TINY_UNARY_WEIGHT:
         pairwise = w.w2 > 0 or w.w3 > 0
         bound = _pairwise_bound([1.0] * len(offsets), w.w2, w.w3) if pairwise else 0.0
-        margin = min(bound / w.w1, 700.0)  # exp(700) still fits a float64
+        # in logit units, with room for the round-off of z's logit itself (about 1e-16),
+        # which a tiny pairwise weight's bound alone would not leave
+        margin = min(bound / w.w1 + _LOGIT_SLACK, 700.0)  # exp(700) still fits a float64
         lo, hi = 1.0 / (1.0 + np.exp(margin)), 1.0 / (1.0 + np.exp(-margin))
         box = _undecided_box((z >= lo) & (z <= hi))
-    else:  # no unary: nothing is decided by it
+    else:  # no unary (or one so small that w1·(cost1 − cost0) underflows): cut it all
         box = tuple(slice(0, n) for n in z.shape)
     if box is None:
         return _Plan(labels)
