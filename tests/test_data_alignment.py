@@ -121,3 +121,23 @@ def test_reorientations_move_voxels_exactly_as_interpolation_would(order):
     rotated[:2, :2] = [[0.6, -0.8], [0.8, 0.6]]  # not a reorientation: interpolated
     np.testing.assert_allclose(resample_to_grid(array, np.eye(4), rotated, (5, 7, 4), order=1),
                                _scipy_resample(array, rotated, (5, 7, 4), 1), atol=1e-6)
+
+
+def test_a_reoriented_volume_comes_back_whole():
+    # the affines of real scans (LPS, oblique origin, fractional spacing) make the voxel
+    # mapping integer only up to round-off; interpolation then dropped whole border planes
+    # (sampled a hair outside the grid), moving voxels keeps every one
+    from pipeline.data.alignment import resample_to_grid
+
+    lps = np.diag([-0.7, -0.7, 2.5, 1.0])
+    lps[:3, 3] = [179.65, 201.35, -312.7]
+    ras = lps.copy()
+    ras[:2, :2] *= -1  # the same grid with x and y reversed, as Orientation("RAS") makes it
+    ras[:2, 3] = lps[:2, 3] + lps[:2, :2].diagonal() * (np.array([40, 36]) - 1)
+    mapping = np.linalg.solve(ras, lps)
+    assert not np.array_equal(mapping, np.rint(mapping))  # round-off, as in practice
+    volume = np.random.default_rng(0).random((40, 36, 12)).astype(np.float32) + 1.0
+    there = resample_to_grid(volume, lps, ras, volume.shape, order=1)
+    np.testing.assert_array_equal(there, volume[::-1, ::-1])
+    np.testing.assert_array_equal(resample_to_grid(there, ras, lps, volume.shape, order=0),
+                                  volume)

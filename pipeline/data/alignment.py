@@ -85,7 +85,8 @@ def _move_axes(array: np.ndarray, mapping: np.ndarray, dst_shape: tuple[int, ...
     linear, shift = mapping[:3, :3], mapping[:3, 3]
     signs = np.rint(linear)
     steps = np.rint(shift)
-    if (not np.allclose(linear, signs, atol=1e-6) or not np.allclose(shift, steps, atol=1e-4)
+    if (not np.allclose(linear, signs, rtol=0.0, atol=1e-6)
+            or not np.allclose(shift, steps, rtol=0.0, atol=1e-4)
             or not np.array_equal(np.abs(signs).sum(axis=0), np.ones(3))
             or not np.array_equal(np.abs(signs).sum(axis=1), np.ones(3))):
         return None
