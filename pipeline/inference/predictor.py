@@ -209,13 +209,20 @@ class VolumePredictor(_GraphCutWorkers):
         low, high = self.models[self.views[0]].hu_window
         windowed = np.asarray(ScaleIntensityRange(low, high, 0.0, 1.0, clip=True)(ras))[0]
         start = time.perf_counter()
-        stacks = [self._view_slices(windowed, v) for v in self.views]
-        probability = np.mean([restack_slices(probs[:, None], v)[0]
-                               for (_, probs), v in zip(stacks, self.views, strict=True)], axis=0)
+        stack = None  # with one view, its slices and probabilities are kept for the CRF
+        volumes = []
+        for view in self.views:
+            slices, probs = self._view_slices(windowed, view)
+            volumes.append(restack_slices(probs[:, None], view)[0])
+            if len(self.views) == 1:
+                stack = (slices, probs)
+        probability = np.mean(volumes, axis=0)
+        del volumes
         cnn_s = time.perf_counter() - start
         start = time.perf_counter()
         spacing = np.linalg.norm(ras_affine[:3, :3], axis=0)  # mm per voxel along each axis
-        crf = self._crf(probability, windowed, spacing, stacks[0] if len(stacks) == 1 else None)
+        crf = self._crf(probability, windowed, spacing, stack)
+        del stack
         crf_s = time.perf_counter() - start
         seconds = {"cnn": cnn_s, "crf": crf_s}
         if self.crf_3d and crf is not None:
