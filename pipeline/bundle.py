@@ -29,11 +29,14 @@ from pipeline.reports import build_report, collect_provenance, write_eval_table,
 __all__ = ["ensure_demo_data", "evaluate", "infer", "infer_frames", "infer_images", "train"]
 
 
-def _prepare_process() -> None:
-    """Joins the process group when launched by torchrun, and lets this process keep freed
-    memory for its slice-after-slice work (:func:`pipeline.crf.keep_freed_memory`)."""
+def _prepare_process(*, slice_after_slice: bool = True) -> None:
+    """Joins the process group when launched by torchrun; for inference and evaluation
+    (``slice_after_slice``) lets this process keep freed memory for that work
+    (:func:`pipeline.crf.keep_freed_memory`). Training leaves malloc as it is: its images
+    are small, and a long run's heap should not hold freed memory."""
     distributed.init_from_env()
-    keep_freed_memory()
+    if slice_after_slice:
+        keep_freed_memory()
 
 
 def _raise_if_failed(rows: list[dict], output_dir: str, key: str) -> list[dict]:
@@ -69,7 +72,7 @@ def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: st
     Returns:
         The stage's best checkpoint.
     """
-    _prepare_process()
+    _prepare_process(slice_after_slice=False)
     if init is None:
         previous = previous_stage_checkpoint(output_dir, mode)
         if previous is not None and not previous.is_file():

@@ -554,9 +554,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mmcrf`` console script."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     args = _parser().parse_args(argv)
-    from pipeline.crf import keep_freed_memory
+    if args.command in ("infer", "evaluate"):
+        from pipeline.crf import keep_freed_memory
 
-    keep_freed_memory()  # slice after slice of same-sized arrays: no page faults for each
+        keep_freed_memory()  # slice after slice of same-sized arrays: no page faults for each
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

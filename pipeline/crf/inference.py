@@ -212,8 +212,9 @@ def keep_freed_memory() -> bool:
     256 MB of free heap is kept). A process that runs graph cuts slice after slice otherwise
     page-faults every array it builds afresh: the pool's workers run this as their
     initialiser (two workers cut 24 slices of 512² in 0.31–0.37 s instead of 0.41 s before
-    persistency), and ``mmcrf`` and the bundles call it for their own process (its serial CRF
-    on those slices: about 0.07 s instead of 0.10 s). Changes only the calling process's
+    persistency), and ``mmcrf infer``/``evaluate`` and the bundles' inference and evaluation
+    call it for their own process (its serial CRF on those slices: about 0.07 s instead of
+    0.10 s). Changes only the calling process's
     malloc settings; without glibc, a no-op.
 
     Returns:
