@@ -529,8 +529,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="replace the slice-by-slice CRF by one exact 6-connected 3-D graph "
                           "cut over the (fused) probability volume, with the same learned "
                           "weights (pairwise weights scaled by min(spacing)/spacing per axis); "
-                          "couples neighbouring slices, but holds the whole volume's graph in "
-                          "memory (about 0.3 kB per voxel) and runs in one process")
+                          "couples neighbouring slices; its graph covers the box of voxels the "
+                          "network is unsure of (at worst the volume, about 0.3 kB per voxel) "
+                          "and runs in one process")
     inf.add_argument("--batch-size", type=int, default=16, help="slices per CNN pass")
     inf.add_argument("--no-progress", action="store_true")
     inf.set_defaults(func=_cmd_infer)

@@ -66,10 +66,23 @@ _LOGIT_SLACK = 1e-12
 _TINY_UNARY_WEIGHT = 1e-250
 
 
-def _pairwise_bound(contrast_maxima: Sequence[float], w2: float, w3: float) -> float:
-    """An upper bound on the summed capacity of the edges at any one node: every edge
-    direction gives a node at most two edges, each of capacity w2 + w3·contrast."""
-    return 2.0 * sum(w2 + w3 * c for c in contrast_maxima) * (1.0 + _BOUND_SLACK)
+def _pairwise_bound(capacity_maxima: Sequence[float]) -> float:
+    """An upper bound on the summed capacity of the edges at any one node, from the largest
+    capacity of each edge direction: a direction gives a node at most two edges."""
+    return 2.0 * sum(capacity_maxima) * (1.0 + _BOUND_SLACK)
+
+
+def _probability_box(z: np.ndarray, w1: float, capacity_maxima: Sequence[float]
+                     ) -> tuple[slice, ...] | None:
+    """:func:`_undecided_box` with persistency decided on clamped probabilities ``z`` before
+    any unary is computed: w1·|logit z| above :func:`_pairwise_bound` fixes the label."""
+    if w1 <= _TINY_UNARY_WEIGHT:  # no unary (or w1·(cost1 − cost0) underflows): cut it all
+        return tuple(slice(0, n) for n in z.shape)
+    # in logit units, with room for the round-off of z's logit itself (about 1e-16), which a
+    # tiny pairwise weight's bound alone would not leave
+    margin = min(_pairwise_bound(capacity_maxima) / w1 + _LOGIT_SLACK, 700.0)  # exp(700) fits
+    lo, hi = 1.0 / (1.0 + np.exp(margin)), 1.0 / (1.0 + np.exp(-margin))
+    return _undecided_box((z >= lo) & (z <= hi))
 
 
 def _undecided_box(undecided: np.ndarray) -> tuple[slice, ...] | None:
@@ -143,12 +156,8 @@ def _cut_plan(unary_difference: np.ndarray, edges: Sequence[_Edges], weights: np
     if truth is not None:
         diff += 2.0 * truth - 1.0  # −1 on the unary of the label that differs from the truth
     labels = (diff < 0).astype(np.uint8)
-    if w2 > 0 or w3 > 0:
-        maxima = [float(e.contrast.max()) for e in edges] if w3 > 0 else [0.0] * len(edges)
-        bound = _pairwise_bound(maxima, w2, w3)
-    else:
-        bound = 0.0
-    box = _undecided_box(np.abs(diff) <= bound)
+    maxima = [w2 + (w3 * float(e.contrast.max()) if w3 > 0 else 0.0) for e in edges]
+    box = _undecided_box(np.abs(diff) <= _pairwise_bound(maxima))
     if box is None:
         return _Plan(labels)
     return _Plan(labels, box, _grid_cut,
@@ -185,16 +194,7 @@ def _map_plan(prob: np.ndarray, image: np.ndarray, weights: CRFWeights, connecti
     if beta_value is None:
         beta_value = _beta_of(img, offsets)
     labels = (z > 0.5).astype(np.uint8)
-    if w.w1 > _TINY_UNARY_WEIGHT:
-        pairwise = w.w2 > 0 or w.w3 > 0
-        bound = _pairwise_bound([1.0] * len(offsets), w.w2, w.w3) if pairwise else 0.0
-        # in logit units, with room for the round-off of z's logit itself (about 1e-16),
-        # which a tiny pairwise weight's bound alone would not leave
-        margin = min(bound / w.w1 + _LOGIT_SLACK, 700.0)  # exp(700) still fits a float64
-        lo, hi = 1.0 / (1.0 + np.exp(margin)), 1.0 / (1.0 + np.exp(-margin))
-        box = _undecided_box((z >= lo) & (z <= hi))
-    else:  # no unary (or one so small that w1·(cost1 − cost0) underflows): cut it all
-        box = tuple(slice(0, n) for n in z.shape)
+    box = _probability_box(z, w.w1, [w.w2 + w.w3] * len(offsets))  # contrasts are at most 1
     if box is None:
         return _Plan(labels)
     return _Plan(labels, box, _crop_map,

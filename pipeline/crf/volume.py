@@ -10,14 +10,16 @@ from pipeline.crf.features import (
     CRFWeights,
     _as_channels,
     _beta_from_differences,
+    _beta_of,
     _check_beta,
     _check_labelling,
+    _clamped_probabilities,
     _Edges,
     _require_weights,
     _squared_differences,
     _unary_costs,
 )
-from pipeline.crf.inference import _cut
+from pipeline.crf.inference import _cut, _probability_box
 
 __all__ = ["VOLUME_OFFSETS", "spacing_factors", "volume_energy", "volume_map_labelling"]
 
@@ -71,9 +73,7 @@ def _prepare(prob: np.ndarray, image: np.ndarray, spacing, beta: float | None):
         contrast = np.zeros(shape, dtype=np.float64)
         contrast[src] = np.exp(-beta_value * d2)
         edges.append(_Edges(offset, src, dst, contrast))
-    # the factor of each edge direction, in the order of VOLUME_OFFSETS
-    edge_factors = [float(factors[offset.index(1)]) for offset in VOLUME_OFFSETS]
-    return cost0, cost1, edges, edge_factors, beta_value
+    return cost0, cost1, edges, _edge_factors(factors), beta_value
 
 
 def volume_map_labelling(prob: np.ndarray, image: np.ndarray, weights: CRFWeights, *,
@@ -107,6 +107,29 @@ def volume_map_labelling(prob: np.ndarray, image: np.ndarray, weights: CRFWeight
             not finite, bad spacing or β, weights not a CRFWeights.
     """
     w = _require_weights(weights)
+    z = _clamped_probabilities(prob, 3)
+    img = _as_channels(image, z.shape)
+    factors = spacing_factors(spacing)
+    beta_value = _check_beta(beta)
+    if beta_value is None:  # over the whole volume
+        beta_value = _beta_of(img, VOLUME_OFFSETS)
+    # persistency (see pipeline.crf.inference._cut_plan), decided on the probabilities: only
+    # the box of the voxels it leaves open gets unaries, contrasts and the cut
+    labels = (z > 0.5).astype(np.uint8)
+    box = _probability_box(z, w.w1, [f * (w.w2 + w.w3) for f in _edge_factors(factors)])
+    if box is not None:
+        labels[box] = _volume_cut(z[box], img[(slice(None), *box)], w, spacing, beta_value)
+    return labels
+
+
+def _edge_factors(factors: np.ndarray) -> list[float]:
+    """The spacing factor of each edge direction, in the order of VOLUME_OFFSETS."""
+    return [float(factors[offset.index(1)]) for offset in VOLUME_OFFSETS]
+
+
+def _volume_cut(prob: np.ndarray, image: np.ndarray, w: CRFWeights, spacing,
+                beta: float) -> np.ndarray:
+    """The exact cut of (a box of) a volume with a given β."""
     cost0, cost1, edges, factors, _ = _prepare(prob, image, spacing, beta)
     pairwise = w.w2 > 0 or w.w3 > 0
     capacities = []

@@ -132,9 +132,10 @@ class VolumePredictor(_GraphCutWorkers):
             whatever the run's 2-D connectivity, with the first view's learned weights (see
             :func:`pipeline.crf.volume_map_labelling`: pairwise weights scaled by
             min(spacing)/spacing per axis; β data-driven over the volume unless the run fixed
-            one). It is one graph of the whole volume, so its memory grows with the voxel
-            count (about 0.3 kB per voxel), and it runs in this process (``workers`` only
-            serve the per-slice CRF).
+            one). It is one graph over the box of voxels the network is unsure of (the
+            voxels whose unary outweighs their edges are decided without it), at worst the
+            whole volume at about 0.3 kB per voxel, and it runs in this process
+            (``workers`` only serve the per-slice CRF).
 
     Raises:
         ValueError: unknown view, or no model for a requested view.
