@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline.data.manifests import build_manifest, manifest_entries
 from pipeline.data.phantoms import write_cta_cohort
 from pipeline.data.samples import cta_samples
-from pipeline.engines import TrainConfig, train
+from pipeline.engines import TrainConfig, load_checkpoint, save_checkpoint, train
 from tests.test_engines_training import TINY_NET
 
 
@@ -25,3 +25,13 @@ def tiny_cta_model(root: Path, shape: Sequence[int], views: Sequence[str] = ("ax
     crf = train(TrainConfig(mode="piecewise", C=10.0, network=TINY_NET, data=data),
                 samples[::4], [], root / "piecewise", init=cnn.last_checkpoint)
     return crf.last_checkpoint
+
+
+def with_config(checkpoint: Path, path: Path, **changes: dict) -> Path:
+    """A copy of a checkpoint whose config's data/network dicts are updated."""
+    payload = load_checkpoint(checkpoint)
+    config = dict(payload["config"])
+    for key, value in changes.items():
+        config[key] = {**(config.get(key) or {}), **value}
+    return save_checkpoint({k: v for k, v in payload.items() if k != "format"} |
+                           {"config": config}, path)

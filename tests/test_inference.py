@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 
 from pipeline.data import write_cta_phantom, write_nifti
 from pipeline.inference import VolumePredictor, find_cases, run_batch
-from tests._tiny_models import tiny_cta_model
+from tests._tiny_models import tiny_cta_model, with_config
 
 SHAPE = (40, 36, 24)
 
@@ -174,3 +174,11 @@ def test_a_manifest_lists_the_cases(model, case, tmp_path):
                                                     "p2/missing")
     with pytest.raises(ValueError, match="lists no image"):
         find_cases(manifest, root=root, splits=["validation"])
+
+
+def test_a_colour_model_is_refused_for_ct_volumes(model, tmp_path):
+    rgb = with_config(model, tmp_path / "rgb.pt", network={"in_channels": 3})
+    with pytest.raises(ValueError, match=r"rgb\.pt: the model takes 3 input channels; CT volumes"):
+        VolumePredictor(rgb, ["axial"])
+    with pytest.raises(ValueError, match="3 input channels"):
+        VolumePredictor({"axial": model, "coronal": rgb}, ["axial", "coronal"])

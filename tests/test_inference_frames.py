@@ -16,7 +16,7 @@ from pipeline.data.phantoms import write_echo_cine
 from pipeline.data.samples import to_samples
 from pipeline.data.ultrasound import load_ultrasound, normalise_frames
 from pipeline.engines import TrainConfig, train
-from pipeline.engines.checkpoint import export_model, load_checkpoint, save_checkpoint
+from pipeline.engines.checkpoint import export_model
 from pipeline.inference import (
     FRAME_SUMMARY_COLUMNS,
     FramePredictor,
@@ -24,6 +24,7 @@ from pipeline.inference import (
     is_frame_model,
     run_frames,
 )
+from tests._tiny_models import with_config
 from tests.test_engines_training import TINY_NET
 
 T, H, W = 4, 40, 56  # non-square: a transposed frame cannot pass for the right one
@@ -59,16 +60,6 @@ def model(tmp_path_factory):
     crf = train(TrainConfig(mode="piecewise", C=10.0, network=TINY_NET, data=data),
                 samples[:6], [], runs / "piecewise", init=cnn.last_checkpoint)
     return export_model(crf.last_checkpoint, runs / "echo.pt")
-
-
-def _with_config(checkpoint, path, **changes):
-    """A copy of a checkpoint whose config's data/network dicts are updated."""
-    payload = load_checkpoint(checkpoint)
-    config = dict(payload["config"])
-    for key, value in changes.items():
-        config[key] = {**(config.get(key) or {}), **value}
-    return save_checkpoint({k: v for k, v in payload.items() if k != "format"} |
-                           {"config": config}, path)
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +239,7 @@ def test_frame_graph_cuts_in_workers_equal_in_process(model, cine):
 
 
 def test_frames_flag_forces_the_frame_path(model, folder, tmp_path, capsys):
-    cta = _with_config(model, tmp_path / "cta.pt", data={"kind": "cta"})
+    cta = with_config(model, tmp_path / "cta.pt", data={"kind": "cta"})
     assert not is_frame_model(cta)
     single = ["--input", str(folder / "cine.dcm"), "--output", str(tmp_path / "out"),
               "--model", str(cta), "--no-progress"]
@@ -257,7 +248,7 @@ def test_frames_flag_forces_the_frame_path(model, folder, tmp_path, capsys):
     assert main(["infer", *single, "--frames"]) == 0
     back = load_ultrasound(tmp_path / "out" / "cine_mask.nii.gz")
     assert len(back) == T and back[0].image.shape == (H, W)
-    rgb = _with_config(model, tmp_path / "rgb.pt", network={"in_channels": 3})
+    rgb = with_config(model, tmp_path / "rgb.pt", network={"in_channels": 3})
     with pytest.raises(ValueError, match="3 input channels"):
         FramePredictor(rgb)
 

@@ -196,12 +196,7 @@ class FramePredictor(_GraphCutWorkers):
 
     def __init__(self, model: str | os.PathLike, *, batch_size: int = 16, workers: int = 0,
                  device: str | torch.device = "cpu") -> None:
-        config = load_checkpoint(model).get("config") or {}
-        channels = (config.get("network") or {}).get("in_channels", 1)
-        if channels != 1:
-            raise ValueError(f"{model}: the model takes {channels} input channels; ultrasound "
-                             "frames need a model trained on 1-channel (grey) frames")
-        self.model = ViewModel.from_checkpoint(model)
+        self.model = ViewModel.from_checkpoint(model).require_grey(model, "ultrasound frames")
         self.model.model.to(device)
         self.device = torch.device(device)
         self.batch_size = batch_size

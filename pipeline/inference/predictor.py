@@ -33,6 +33,7 @@ class ViewModel:
     hu_window: tuple[float, float]
     connectivity: int = 4
     beta: float | None = None
+    in_channels: int = 1
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> ViewModel:
@@ -40,8 +41,17 @@ class ViewModel:
         model, weights, config = load_run(path)
         data = config.get("data") or {}
         window = tuple(data.get("hu_window") or CTA_HU_WINDOW)
+        channels = int((config.get("network") or {}).get("in_channels", 1))
         return cls(model, weights, data.get("size"), window,  # type: ignore[arg-type]
-                   config.get("connectivity", 4), config.get("beta"))
+                   config.get("connectivity", 4), config.get("beta"), channels)
+
+    def require_grey(self, path: str | os.PathLike, what: str) -> ViewModel:
+        """This model, or ValueError naming ``path`` when it does not take 1-channel images
+        (``what`` says which inputs need that)."""
+        if self.in_channels != 1:
+            raise ValueError(f"{path}: the model takes {self.in_channels} input channels; "
+                             f"{what} need a model trained on 1-channel (grey) images")
+        return self
 
     def probabilities(self, images: np.ndarray, *, batch_size: int = 16,
                       device: str | torch.device = "cpu") -> np.ndarray:
@@ -161,7 +171,7 @@ class VolumePredictor(_GraphCutWorkers):
         for view, path in paths.items():
             key = os.fspath(path)
             if key not in loaded:
-                loaded[key] = ViewModel.from_checkpoint(path)
+                loaded[key] = ViewModel.from_checkpoint(path).require_grey(path, "CT volumes")
                 loaded[key].model.to(device)
             self.models[view] = loaded[key]
         self.device = torch.device(device)
