@@ -63,7 +63,14 @@ def test_training_sets_of_the_generated_cohort(tmp_path):
 
 
 def test_bad_cohorts_are_named(tmp_path, cohort):
-    with pytest.raises(ValueError, match=r"split\.json: cannot read the echo split"):
+    with pytest.raises(FileNotFoundError, match=r"no split file .*split\.json"):
+        echo_samples(tmp_path, "training")
+    (tmp_path / "split.json").write_text(json.dumps({"training": ["p1"], "validation": ["p1"]}))
+    with pytest.raises(ValueError, match=r"split\.json: 'p1' is listed in 'validation' also in "
+                                         r"'training'"):
+        echo_samples(tmp_path, "training")  # a case in two splits would leak into validation
+    (tmp_path / "split.json").write_text("[\"p1\"]")
+    with pytest.raises(ValueError, match="must be a non-empty JSON object"):
         echo_samples(tmp_path, "training")
     root, _ = cohort
     with pytest.raises(ValueError, match=r"no split 'test'"):

@@ -31,6 +31,7 @@ from pipeline.data.phantoms import (
     write_cta_phantom,
 )
 from pipeline.data.readers import DicomSeriesReader, find_dicom_series, is_nifti, read_volume
+from pipeline.data.splits import read_split
 from pipeline.data.ultrasound import (
     LoadUltrasoundFrames,
     LoadUltrasoundFramesd,
@@ -79,6 +80,7 @@ __all__ = [
     "load_ultrasound",
     "load_ultrasound_frame",
     "noisy_blocks",
+    "read_split",
     "read_volume",
     "restack_slices",
     "run_transforms",

@@ -14,6 +14,8 @@ import numpy as np
 from monai.transforms import MapTransform
 from PIL import Image
 
+from pipeline.data.splits import SPLIT_FILE, read_split
+
 __all__ = [
     "DARK_FRACTION",
     "DARK_LEVEL",
@@ -50,7 +52,6 @@ MIN_STD = 2.0
 MAX_ASPECT_MISMATCH = 0.02
 """Largest relative difference of aspect ratio (width/height) allowed between rgb and mask."""
 
-SPLIT_FILE = "split.json"
 RGB_DIR = "rgb"
 GRAY_DIR = "gray"
 MASK_DIR = "figure_ground"
@@ -243,40 +244,9 @@ def load_horse(root: str | os.PathLike[str], name: str, *, colour: Colour = "rgb
 
 
 def horse_split(root: str | os.PathLike[str]) -> dict[str, list[str]]:
-    """Reads and validates ``split.json``: a JSON object of split name → list of image names.
-
-    Args:
-        root: the folder holding ``split.json``.
-
-    Returns:
-        Split name → names, in file order (e.g. ``"training"`` and ``"validation"``).
-
-    Raises:
-        FileNotFoundError: no ``split.json``.
-        ValueError: ``split.json`` is not valid JSON, not an object of non-empty lists of
-            unique, non-empty names without path separators, or a name is in two splits.
-    """
-    path = Path(root) / SPLIT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no split file {path}")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{path} must be a non-empty JSON object of split name -> list of names")
-    seen: dict[str, str] = {}
-    for split, names in raw.items():
-        if not isinstance(names, list) or not names:
-            raise ValueError(f"{path}: split {split!r} must be a non-empty list of names")
-        for item in names:
-            if not isinstance(item, str) or not item or "/" in item or "\\" in item:
-                raise ValueError(f"{path}: split {split!r} has an invalid name {item!r}")
-            if item in seen:
-                where = "twice" if seen[item] == split else f"also in {seen[item]!r}"
-                raise ValueError(f"{path}: {item!r} is listed in {split!r} {where}")
-            seen[item] = split
-    return {split: list(names) for split, names in raw.items()}
+    """The Weizmann set's ``split.json``, read and validated by
+    :func:`pipeline.data.splits.read_split` (split name → image names, in file order)."""
+    return read_split(root)
 
 
 def scan_horse_folder(root: str | os.PathLike[str]) -> HorseFolderScan:

@@ -84,18 +84,16 @@ def echo_samples(root: str | os.PathLike, split: str, *, size: int | None = None
     ``<case>/cine.<ext>`` with ``<case>/cine_mask.<ext>``), normalised as at inference.
 
     Raises:
-        ValueError: no ``split.json``, an unknown split, or a case without its files (the
+        FileNotFoundError: no ``split.json``.
+        ValueError: a malformed ``split.json`` (see :func:`pipeline.data.splits.read_split`:
+            a case in two splits is one), an unknown split, or a case without its files (the
             message names the file).
     """
-    import json
-
+    from pipeline.data.splits import read_split
     from pipeline.data.ultrasound import load_ultrasound, normalise_frames
 
     base = Path(root)
-    try:
-        splits = json.loads((base / "split.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{base / 'split.json'}: cannot read the echo split ({err})") from None
+    splits = read_split(base)
     if split not in splits:
         raise ValueError(f"{base / 'split.json'}: no split {split!r} (has {sorted(splits)})")
     items = []
