@@ -35,3 +35,15 @@ def with_config(checkpoint: Path, path: Path, **changes: dict) -> Path:
         config[key] = {**(config.get(key) or {}), **value}
     return save_checkpoint({k: v for k, v in payload.items() if k != "format"} |
                            {"config": config}, path)
+
+
+def colour_checkpoint(model: Path, path: Path, **network: object) -> Path:
+    """An untrained tiny FCN-8s with ``model``'s config, built from TINY_NET without its
+    ``in_channels`` (so FCN-8s's default, 3 colour channels) updated by ``network``."""
+    from pipeline.engines.trainer import build_model
+
+    spec = {k: v for k, v in TINY_NET.items() if k != "in_channels"} | network
+    payload = load_checkpoint(model)
+    return save_checkpoint({k: v for k, v in payload.items() if k not in ("format", "crf")} |
+                           {"network": spec, "model": build_model(spec).state_dict(),
+                            "crf": None}, path)

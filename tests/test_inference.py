@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 
 from pipeline.data import write_cta_phantom, write_nifti
 from pipeline.inference import VolumePredictor, find_cases, run_batch
-from tests._tiny_models import tiny_cta_model, with_config
+from tests._tiny_models import colour_checkpoint, tiny_cta_model
 
 SHAPE = (40, 36, 24)
 
@@ -177,8 +177,13 @@ def test_a_manifest_lists_the_cases(model, case, tmp_path):
 
 
 def test_a_colour_model_is_refused_for_ct_volumes(model, tmp_path):
-    rgb = with_config(model, tmp_path / "rgb.pt", network={"in_channels": 3})
+    rgb = colour_checkpoint(model, tmp_path / "rgb.pt", in_channels=3)
     with pytest.raises(ValueError, match=r"rgb\.pt: the model takes 3 input channels; CT volumes"):
         VolumePredictor(rgb, ["axial"])
     with pytest.raises(ValueError, match="3 input channels"):
         VolumePredictor({"axial": model, "coronal": rgb}, ["axial", "coronal"])
+    # a network spec that leaves in_channels out gets FCN-8s's default of 3: the built
+    # network decides, whatever the run's config says
+    unstated = colour_checkpoint(model, tmp_path / "unstated.pt")
+    with pytest.raises(ValueError, match="3 input channels"):
+        VolumePredictor(unstated, ["axial"])

@@ -24,7 +24,7 @@ from pipeline.inference import (
     is_frame_model,
     run_frames,
 )
-from tests._tiny_models import with_config
+from tests._tiny_models import colour_checkpoint, with_config
 from tests.test_engines_training import TINY_NET
 
 T, H, W = 4, 40, 56  # non-square: a transposed frame cannot pass for the right one
@@ -248,9 +248,8 @@ def test_frames_flag_forces_the_frame_path(model, folder, tmp_path, capsys):
     assert main(["infer", *single, "--frames"]) == 0
     back = load_ultrasound(tmp_path / "out" / "cine_mask.nii.gz")
     assert len(back) == T and back[0].image.shape == (H, W)
-    rgb = with_config(model, tmp_path / "rgb.pt", network={"in_channels": 3})
-    with pytest.raises(ValueError, match="3 input channels"):
-        FramePredictor(rgb)
+    with pytest.raises(ValueError, match="3 input channels; ultrasound frames"):
+        FramePredictor(colour_checkpoint(model, tmp_path / "rgb.pt"))
 
 
 def test_bundle_infer_frames_names_failed_cases(model, folder, tmp_path):

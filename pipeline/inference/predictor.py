@@ -41,7 +41,9 @@ class ViewModel:
         model, weights, config = load_run(path)
         data = config.get("data") or {}
         window = tuple(data.get("hu_window") or CTA_HU_WINDOW)
-        channels = int((config.get("network") or {}).get("in_channels", 1))
+        # the built network's own count: a spec without in_channels gets FCN-8s's default
+        channels = int(getattr(model, "in_channels",
+                               (config.get("network") or {}).get("in_channels", 1)))
         return cls(model, weights, data.get("size"), window,  # type: ignore[arg-type]
                    config.get("connectivity", 4), config.get("beta"), channels)
 
