@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="training/CNN input size")
     parser.add_argument("--quick", action="store_true", help="16 slices, 1 repeat")
     args = parser.parse_args()
-    keep_freed_memory()  # as mmcrf does for its own process
+    keep_freed_memory()  # as mmcrf infer does for its own process
     slices, repeats = (16, 1) if args.quick else (args.slices, args.repeats)
 
     with tempfile.TemporaryDirectory() as tmp:

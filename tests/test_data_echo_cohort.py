@@ -69,6 +69,9 @@ def test_bad_cohorts_are_named(tmp_path, cohort):
     with pytest.raises(ValueError, match=r"split\.json: 'p1' is listed in 'validation' also in "
                                          r"'training'"):
         echo_samples(tmp_path, "training")  # a case in two splits would leak into validation
+    (tmp_path / "split.json").write_text(json.dumps({"training": [".."]}))
+    with pytest.raises(ValueError, match=r"split 'training' has an invalid name '\.\.'"):
+        echo_samples(tmp_path, "training")  # a case folder outside the cohort
     (tmp_path / "split.json").write_text("[\"p1\"]")
     with pytest.raises(ValueError, match="must be a non-empty JSON object"):
         echo_samples(tmp_path, "training")

@@ -60,7 +60,8 @@ def _empty_graph(n_nodes: int, n_edges: int) -> maxflow.GraphFloat:
 _BOUND_SLACK = 1e-6
 
 
-#: Absolute slack, in logit units, of the decision :func:`_map_plan` takes on probabilities.
+#: Absolute slack, in logit units, of the decision :func:`_probability_box` takes on
+#: probabilities (for 2-D maps and for volumes).
 _LOGIT_SLACK = 1e-12
 #: Below this unary weight, w1·(cost1 − cost0) can underflow: no pixel is decided by it.
 _TINY_UNARY_WEIGHT = 1e-250
@@ -212,9 +213,9 @@ def keep_freed_memory() -> bool:
     256 MB of free heap is kept). A process that runs graph cuts slice after slice otherwise
     page-faults every array it builds afresh: the pool's workers run this as their
     initialiser (two workers cut 24 slices of 512² in 0.31–0.37 s instead of 0.41 s before
-    persistency), and ``mmcrf infer``/``evaluate`` and the bundles' inference and evaluation
-    call it for their own process (its serial CRF on those slices: about 0.07 s instead of
-    0.10 s). Changes only the calling process's
+    persistency), and ``mmcrf infer``/``evaluate`` and the bundles' volume and frame
+    inference and evaluation call it for their own process (its serial CRF on those slices:
+    about 0.07 s instead of 0.10 s). Changes only the calling process's
     malloc settings; without glibc, a no-op.
 
     Returns:

@@ -23,8 +23,9 @@ def read_split(root: str | os.PathLike[str]) -> dict[str, list[str]]:
 
     Raises:
         FileNotFoundError: no ``split.json``.
-        ValueError: ``split.json`` is not valid JSON, not an object of non-empty lists of
-            unique, non-empty names without path separators, or a name is in two splits.
+        ValueError: ``split.json`` cannot be read, is not valid JSON, not an object of
+            non-empty lists of unique names (not empty, ``.`` or ``..``, without path
+            separators), or a name is in two splits.
     """
     path = Path(root) / SPLIT_FILE
     if not path.is_file():
@@ -33,6 +34,8 @@ def read_split(root: str | os.PathLike[str]) -> dict[str, list[str]]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read: {exc}") from exc
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{path} must be a non-empty JSON object of split name -> list of names")
     seen: dict[str, str] = {}
@@ -40,7 +43,8 @@ def read_split(root: str | os.PathLike[str]) -> dict[str, list[str]]:
         if not isinstance(names, list) or not names:
             raise ValueError(f"{path}: split {split!r} must be a non-empty list of names")
         for item in names:
-            if not isinstance(item, str) or not item or "/" in item or "\\" in item:
+            if (not isinstance(item, str) or item in ("", ".", "..") or "/" in item
+                    or "\\" in item):
                 raise ValueError(f"{path}: split {split!r} has an invalid name {item!r}")
             if item in seen:
                 where = "twice" if seen[item] == split else f"also in {seen[item]!r}"
