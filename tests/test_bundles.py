@@ -98,6 +98,12 @@ def test_train_all_stages_then_evaluate(cta_bundle):
     assert all(f",{m}," in table for m in ("cnn", "piecewise", "joint"))
     assert "data:image/png;base64," in (cta_bundle / "runs" / "report" / "report.html"
                                         ).read_text()
+    # under torchrun rank 0 evaluates alone while rank 1 leaves at once: same table, no abort
+    (cta_bundle / "runs" / "evaluation.csv").unlink()
+    _monai_bundle(cta_bundle, "run", "--config_file",
+                  "['configs/train.json','configs/evaluate.json',"
+                  "'configs/multi_gpu_evaluate.json']", "--size", "32", torchrun=True)
+    assert (cta_bundle / "runs" / "evaluation.csv").read_text() == table
 
 
 def test_multi_gpu_config_trains_with_two_gloo_processes(cta_bundle):
