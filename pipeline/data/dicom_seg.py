@@ -19,7 +19,7 @@ import pydicom
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from pipeline.data.readers import series_affine
+from pipeline.data.readers import pixel_steps, series_affine
 from pipeline.data.writers import atomic_path
 
 __all__ = ["write_dicom_seg"]
@@ -66,13 +66,6 @@ def _read_headers(source_files: Sequence[str | os.PathLike]) -> list[pydicom.Dat
     return headers
 
 
-def _pixel_steps(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """LPS mm moved by one column (along a row) and by one row (down a column)."""
-    iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
-    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
-    return iop[:3] * col_spacing, iop[3:] * row_spacing
-
-
 def _source_planes(mask: np.ndarray, affine: np.ndarray,
                    headers: Sequence[pydicom.Dataset]) -> np.ndarray:
     """One rows×columns plane of ``mask`` per source instance, paired by position.
@@ -83,7 +76,7 @@ def _source_planes(mask: np.ndarray, affine: np.ndarray,
     """
     rows, cols = int(headers[0].Rows), int(headers[0].Columns)
     to_voxel = np.linalg.inv(_RAS_TO_LPS @ np.asarray(affine, dtype=np.float64))
-    column_step, row_step = _pixel_steps(headers[0])
+    column_step, row_step = pixel_steps(headers[0])
     tol = 0.1 / max(rows, cols)  # direction error accumulated over a row stays < 0.1 voxel
     axes = []
     for name, step in (("column", column_step), ("row", row_step)):

@@ -21,6 +21,7 @@ __all__ = [
     "DicomSeriesReader",
     "find_dicom_series",
     "is_nifti",
+    "pixel_steps",
     "read_volume",
     "series_affine",
 ]
@@ -122,6 +123,14 @@ def _select_series(folder: Path, series_uid: str | None) -> DicomSeries:
     return next(iter(found.values()))
 
 
+def pixel_steps(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """LPS mm moved by one column (along a row) and by one row (down a column) of a DICOM
+    image: pixel_array is [row, col], and rows advance along the column direction cosine."""
+    iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    return iop[:3] * col_spacing, iop[3:] * row_spacing
+
+
 def series_affine(headers: Sequence[pydicom.Dataset]) -> np.ndarray:
     """The RAS affine of a DICOM series on the grid :func:`read_volume` gives it: X along a
     row (columns), Y down a column (rows), Z through the slices sorted by
@@ -132,19 +141,15 @@ def series_affine(headers: Sequence[pydicom.Dataset]) -> np.ndarray:
             ImagePositionPatient, ImageOrientationPatient and PixelSpacing.
     """
     iop = np.asarray(headers[0].ImageOrientationPatient, dtype=np.float64)
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
+    normal = np.cross(iop[:3], iop[3:])
     positions = sorted((np.asarray(ds.ImagePositionPatient, dtype=np.float64)
                         for ds in headers), key=lambda p: float(p @ normal))
     if len(positions) > 1:
         step = (positions[-1] - positions[0]) / (len(positions) - 1)
     else:
         step = normal * float(headers[0].get("SliceThickness", 1.0) or 1.0)
-    # pixel_array is [row, col]; rows advance along the column direction cosine
-    row_spacing, col_spacing = (float(v) for v in headers[0].PixelSpacing)
     affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_dir * col_spacing
-    affine_lps[:3, 1] = col_dir * row_spacing
+    affine_lps[:3, 0], affine_lps[:3, 1] = pixel_steps(headers[0])
     affine_lps[:3, 2] = step
     affine_lps[:3, 3] = positions[0]
     return _LPS_TO_RAS @ affine_lps
