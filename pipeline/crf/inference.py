@@ -215,8 +215,8 @@ def keep_freed_memory() -> bool:
     initialiser (two workers cut 24 slices of 512² in 0.31–0.37 s instead of 0.41 s before
     persistency), and ``mmcrf infer``/``evaluate`` and the bundles' volume and frame
     inference and evaluation call it for their own process (its serial CRF on those slices:
-    about 0.07 s instead of 0.10 s). Changes only the calling process's
-    malloc settings; without glibc, a no-op.
+    about 0.07 s instead of 0.10 s). Changes only the calling process's malloc settings;
+    without glibc, a no-op.
 
     Returns:
         Whether both settings were applied.

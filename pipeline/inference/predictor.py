@@ -42,10 +42,8 @@ class ViewModel:
         data = config.get("data") or {}
         window = tuple(data.get("hu_window") or CTA_HU_WINDOW)
         # the built network's own count: a spec without in_channels gets FCN-8s's default
-        channels = int(getattr(model, "in_channels",
-                               (config.get("network") or {}).get("in_channels", 1)))
         return cls(model, weights, data.get("size"), window,  # type: ignore[arg-type]
-                   config.get("connectivity", 4), config.get("beta"), channels)
+                   config.get("connectivity", 4), config.get("beta"), model.in_channels)
 
     def require_grey(self, path: str | os.PathLike, what: str) -> ViewModel:
         """This model, or ValueError naming ``path`` when it does not take 1-channel images
