@@ -29,7 +29,8 @@ from pipeline.engines.checkpoint import (
     set_rng_state,
 )
 from pipeline.metrics import compute_jaccard
-from pipeline.networks import FCN8s
+from pipeline.networks import FCN8s, load_vgg16_weights
+from pipeline.networks.pretrained import load_pretrained_backbone, sha256_file
 
 __all__ = ["MODES", "TrainConfig", "TrainResult", "build_model", "predict_probabilities",
            "previous_stage_checkpoint", "stage_checkpoint", "train"]
@@ -173,17 +174,36 @@ class TrainResult:
     best_checkpoint: Path
 
 
-def build_model(network: dict[str, Any]) -> FCN8s:
-    """An FCN8s from a ``network`` setting: ``{"preset": "lite"|"paper", ...kwargs}``."""
+def build_model(network: dict[str, Any], *, pretrained: bool = False) -> FCN8s:
+    """An FCN8s from a ``network`` setting: ``{"preset": "lite"|"paper"|"vgg16"|"custom",
+    ...kwargs}``.
+
+    ``weights`` (a VGG16 weights file, see ``mmcrf weights``) and ``pretrained_path`` (a
+    torchvision VGG16 state dict) initialise the backbone only with ``pretrained=True``: a
+    fresh training run. Rebuilding a trained network from its checkpoint (whose weights
+    replace all of them) needs neither file; ``weights_sha256`` is a record, not an argument.
+    """
     args = dict(network)
     preset = args.pop("preset", "lite")
+    weights = args.pop("weights", None)
+    args.pop("weights_sha256", None)
+    torchvision_file = args.pop("pretrained_path", None)
     if preset == "lite":
-        return FCN8s.lite(**args)
-    if preset == "paper":
-        return FCN8s.paper(**args)
-    if preset == "custom":
-        return FCN8s(**args)
-    raise ValueError(f"network preset must be 'lite', 'paper' or 'custom', got {preset!r}")
+        model = FCN8s.lite(**args)
+    elif preset == "paper":
+        model = FCN8s.paper(**args)
+    elif preset == "vgg16":
+        model = FCN8s.vgg16(**args)
+    elif preset == "custom":
+        model = FCN8s(**args)
+    else:
+        raise ValueError(f"network preset must be 'lite', 'paper', 'vgg16' or 'custom', "
+                         f"got {preset!r}")
+    if pretrained and torchvision_file is not None:
+        load_vgg16_weights(model, torchvision_file)
+    if pretrained and weights is not None:
+        load_pretrained_backbone(model, weights)
+    return model
 
 
 @torch.no_grad()
@@ -254,17 +274,17 @@ class _Run:
     """State of one training run (one per process)."""
 
     def __init__(self, config: TrainConfig, train_samples, val_samples, run_dir: Path,
-                 device: torch.device) -> None:
+                 device: torch.device, *, fresh: bool = True) -> None:
         self.config = config
         self.run_dir = run_dir
         self.device = device
         torch.manual_seed(config.seed)
-        self.model = build_model(config.network).to(device)
+        self.model = build_model(config.network, pretrained=fresh).to(device)
         self.net = self.model
         if dist.world_size() > 1 and config.mode != "piecewise":
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        params = self.model.parameters()
+        params = [p for p in self.model.parameters() if p.requires_grad]
         if config.optimizer == "adam":
             self.optimizer = torch.optim.Adam(params, lr=config.lr,
                                               weight_decay=config.weight_decay)
@@ -519,12 +539,16 @@ def train(config: TrainConfig, train_samples: Sequence[dict], val_samples: Seque
     if val_samples:
         _check_samples(val_samples, "validation")
     run = Path(run_dir)
+    fresh = init is None and not (resume and (run / "last.pt").exists())
+    weights = config.network.get("weights")
+    if fresh and weights is not None and "weights_sha256" not in config.network:
+        config.network = {**config.network, "weights_sha256": sha256_file(weights)}
     if dist.is_main():
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
                           else "cpu")
-    state = _Run(config, train_samples, val_samples, run, device)
+    state = _Run(config, train_samples, val_samples, run, device, fresh=fresh)
     engine = Engine(state.step)
     engine.add_event_handler(Events.EPOCH_STARTED, state.epoch_started)
     engine.add_event_handler(Events.ITERATION_COMPLETED, state.iteration_completed)

@@ -21,6 +21,11 @@ __all__ = [
 #: Smallest input height and width accepted: one cell of the network's stride-32 output grid.
 MIN_INPUT_SIZE = 32
 
+#: Input normalisations the network can apply itself (see :class:`FCN8s`).
+INPUT_NORMS: tuple[str | None, ...] = (None, "vgg_bgr")
+#: The Caffe VGG16 mean (BGR, 0–255 scale) that pretrained VGG16 and HED weights expect.
+BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
+
 #: The paper's first-convolution padding (the "pad 100" trick of the Caffe reference model).
 PAPER_PADDING = 100
 
@@ -167,6 +172,11 @@ class FCN8s(nn.Module):
             else :func:`min_padding` (18 for fc_kernel 3).
         pretrained_path: optional local torchvision VGG16 state-dict file to initialise the
             backbone and fc6/fc7 from (see :func:`load_vgg16_weights`); never downloaded.
+        input_norm: None (images go in as given), or ``"vgg_bgr"``: images in [0, 1] (RGB, or
+            grey, which is replicated to three channels) become BGR on the 0–255 scale minus
+            the Caffe VGG16 mean inside the model, as pretrained VGG16 weights expect; the first
+            convolution then always has three input channels.
+        freeze_blocks: the first N (0–5) VGG blocks get ``requires_grad=False``.
 
     Raises:
         ValueError: an argument is out of range, or the pretrained file does not fit.
@@ -183,6 +193,8 @@ class FCN8s(nn.Module):
         fc_channels: int | None = None,
         padding: int | None = None,
         pretrained_path: str | os.PathLike | None = None,
+        input_norm: str | None = None,
+        freeze_blocks: int = 0,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -199,6 +211,10 @@ class FCN8s(nn.Module):
             raise ValueError(f"padding {padding} leaves some inputs ≥ {MIN_INPUT_SIZE} without a "
                              f"well-defined crop; use at least {min_padding(fc_kernel)} for "
                              f"fc_kernel {fc_kernel}")
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
+        if not 0 <= freeze_blocks <= 5:
+            raise ValueError(f"freeze_blocks must be in 0..5, got {freeze_blocks}")
         fc_channels = _scaled(_VGG16_FC_CHANNELS, width) if fc_channels is None else fc_channels
         if fc_channels < 1:
             raise ValueError(f"fc_channels must be ≥ 1, got {fc_channels}")
@@ -211,10 +227,15 @@ class FCN8s(nn.Module):
         self.fc_channels = fc_channels
         self.padding = padding
         self.min_input_size = MIN_INPUT_SIZE
+        self.input_norm = input_norm
+        self.vgg_input = input_norm == "vgg_bgr"  # a bool for TorchScript
+        self.freeze_blocks = freeze_blocks
+        self.register_buffer("_bgr_mean", torch.tensor(BGR_MEAN).view(1, 3, 1, 1),
+                             persistent=False)
         self.offset_pool4, self.offset_pool3, self.offset_out = _crop_offsets(padding, fc_kernel)
 
         blocks: list[nn.Sequential] = []
-        ch = in_channels
+        ch = 3 if input_norm == "vgg_bgr" else in_channels
         for i, (base, n_convs) in enumerate(zip(_VGG16_CHANNELS, _VGG16_CONVS_PER_BLOCK,
                                                 strict=True)):
             out = _scaled(base, width)
@@ -242,6 +263,8 @@ class FCN8s(nn.Module):
         self._init_weights()
         if pretrained_path is not None:
             load_vgg16_weights(self, pretrained_path)
+        for block in blocks[:freeze_blocks]:
+            block.requires_grad_(False)
 
     @classmethod
     def paper(cls, in_channels: int = 3, out_channels: int = 1, **kwargs) -> FCN8s:
@@ -273,6 +296,29 @@ class FCN8s(nn.Module):
         """
         kwargs = {"width": 0.25, "batch_norm": True, "fc_kernel": 3, "fc_channels": 256,
                   "dropout": 0.0, **kwargs}
+        return cls(in_channels, out_channels, **kwargs)
+
+    @classmethod
+    def vgg16(cls, in_channels: int = 3, out_channels: int = 1, **kwargs) -> FCN8s:
+        """FCN-8s for a pretrained VGG16 backbone: VGG16's conv1–conv5 at full width, no
+        BatchNorm, VGG input normalisation inside the model, and a small head (fc6 3×3×512,
+        fc7 1×1×512, dropout 0.5; 17.3M parameters, 14.7M of them pretrained).
+
+        The paper's 7×7×4096 fc6/fc7 (120M parameters) only pays with ImageNet's fc weights,
+        which the HED file does not have; trained from scratch on 150–800 images it would be
+        most of the model and learn least. Load the backbone with
+        :func:`pipeline.networks.pretrained.load_pretrained_backbone`.
+
+        Args:
+            in_channels: 3 (RGB) or 1 (grey, replicated to three channels inside the model).
+            out_channels: score channels.
+            **kwargs: other constructor arguments (e.g. ``freeze_blocks``, ``fc_channels``).
+
+        Returns:
+            The model.
+        """
+        kwargs = {"width": 1.0, "batch_norm": False, "fc_kernel": 3, "fc_channels": 512,
+                  "dropout": 0.5, "input_norm": "vgg_bgr", **kwargs}
         return cls(in_channels, out_channels, **kwargs)
 
     def _init_weights(self) -> None:
@@ -309,6 +355,9 @@ class FCN8s(nn.Module):
                 raise ValueError(f"FCN8s needs inputs of at least {least}×{least} pixels "
                                  f"(one stride-32 cell), got {x.shape[2]}×{x.shape[3]}")
         h, w = x.shape[2], x.shape[3]
+        if self.vgg_input:
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            x = x.flip(1) * 255.0 - self._bgr_mean
         pool3 = self.block3(self.block2(self.block1(x)))
         pool4 = self.block4(pool3)
         scores = self.score_fr(self.fc7(self.fc6(self.block5(pool4))))
@@ -321,7 +370,8 @@ class FCN8s(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
                 f"width={self.width}, batch_norm={self.batch_norm}, fc_kernel={self.fc_kernel}, "
-                f"fc_channels={self.fc_channels}, padding={self.padding}")
+                f"fc_channels={self.fc_channels}, padding={self.padding}, "
+                f"input_norm={self.input_norm}, freeze_blocks={self.freeze_blocks}")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -399,7 +449,7 @@ def _load_vgg16_state_dict(model: FCN8s, state: object, source: str) -> FCN8s:
     for index, conv in zip(_VGG16_CONV_INDICES, convs, strict=True):
         w_shape = tuple(conv.weight.shape)
         if index == 0:
-            w_shape = (w_shape[0], 3, *w_shape[2:])
+            w_shape = (w_shape[0], 3, *w_shape[2:])  # torchvision's RGB kernels
         targets[f"features.{index}.weight"] = (conv.weight, w_shape)
         targets[f"features.{index}.bias"] = (conv.bias, tuple(conv.bias.shape))
     for key, conv in (("classifier.0", fc6), ("classifier.3", fc7)):
@@ -420,7 +470,7 @@ def _load_vgg16_state_dict(model: FCN8s, state: object, source: str) -> FCN8s:
     with torch.no_grad():
         for key, (param, _) in targets.items():
             value = state[key].to(param.dtype)
-            if key == "features.0.weight" and model.in_channels == 1:
+            if key == "features.0.weight" and param.shape[1] == 1:
                 value = value.sum(dim=1, keepdim=True)
             param.copy_(value.reshape(param.shape))
     return model
