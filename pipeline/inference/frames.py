@@ -33,10 +33,11 @@ __all__ = [
     "is_frame_model",
     "run_frames",
     "segment_frames",
+    "write_frame_masks",
 ]
 
 #: Data kinds (a checkpoint's ``config["data"]["kind"]``) of models trained on ultrasound frames.
-FRAME_DATA_KINDS: tuple[str, ...] = ("echo", "echo_demo")
+FRAME_DATA_KINDS: tuple[str, ...] = ("echo", "echo_demo", "camus")
 
 #: Glob patterns of files that are masks, not images, skipped by :func:`find_frame_cases`
 #: (matched case-insensitively against the file name and the path relative to the input
@@ -231,13 +232,28 @@ class FramePredictor(_GraphCutWorkers):
 # Batch -----------------------------------------------------------------------------------------
 
 def _frame_affine(path: Path, spacing: tuple[float, float] | None) -> np.ndarray:
-    """The output's affine: a NIfTI input's own (in mm units), else the pixel spacing."""
-    if _suffix(path) in (".nii", ".nii.gz"):
+    """The output's affine: a NIfTI input's own (in mm units), a MetaImage input's origin,
+    spacing and direction (LPS, turned into RAS), else the pixel spacing."""
+    suffix = _suffix(path)
+    if suffix in (".nii", ".nii.gz"):
         import nibabel as nib
 
         img = nib.load(path)
         if img.header.get_xyzt_units()[0] in ("mm", "unknown"):
             return np.asarray(img.affine, dtype=np.float64)
+    if suffix in (".mhd", ".mha"):
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        dim = reader.GetDimension()
+        direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(dim, dim)
+        lps = np.eye(4)
+        n = min(dim, 3)
+        lps[:n, :n] = direction[:n, :n] * np.asarray(reader.GetSpacing()[:n])
+        lps[:n, 3] = reader.GetOrigin()[:n]
+        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     row, col = spacing if spacing is not None else (1.0, 1.0)
     return np.diag([col, row, 1.0, 1.0])
 
@@ -245,6 +261,35 @@ def _frame_affine(path: Path, spacing: tuple[float, float] | None) -> np.ndarray
 def _as_nifti_cine(frames: np.ndarray) -> np.ndarray:
     """T×H×W frames in the ultrasound reader's NIfTI layout: X×Y×1×T (i = column, j = row)."""
     return np.ascontiguousarray(np.asarray(frames).transpose(2, 1, 0)[:, :, None, :])
+
+
+def _input_layout(frames: np.ndarray, source: Path) -> np.ndarray:
+    """T×H×W frames as a NIfTI array on the input's own grid: a single-frame input keeps its
+    shape (X×Y for a 2-D NIfTI or MetaImage frame such as CAMUS), a cine the reader's
+    X×Y×1×T layout."""
+    cine = _as_nifti_cine(frames)
+    if len(frames) != 1 or _suffix(source) not in (".nii", ".nii.gz", ".mhd", ".mha"):
+        return cine
+    if _suffix(source) in (".nii", ".nii.gz"):
+        import nibabel as nib
+
+        shape = tuple(nib.load(source).shape)
+    else:
+        shape = cine.shape[:2]
+    return cine.reshape(shape) if int(np.prod(shape)) == cine.size else cine
+
+
+def write_frame_masks(frames: np.ndarray, source: str | os.PathLike, out: str | os.PathLike,
+                      *, spacing: tuple[float, float] | None = None,
+                      dtype=np.uint8) -> Path:
+    """Writes T×H×W frames (as the ultrasound reader gives them) as NIfTI on the grid of the
+    file they came from: its affine (:func:`_frame_affine`) and, for a single frame, its shape.
+
+    The write is atomic (temporary name, then rename).
+    """
+    source = Path(source)
+    return write_nifti(_input_layout(np.asarray(frames), source),
+                       _frame_affine(source, spacing), out, dtype=dtype)
 
 
 def _run_frame_case(case: Case, predictor: FramePredictor, out_dir: Path, *, write_cnn: bool,
@@ -257,13 +302,12 @@ def _run_frame_case(case: Case, predictor: FramePredictor, out_dir: Path, *, wri
     except RuntimeError as err:  # e.g. a frame too small for the network
         raise RuntimeError(f"{case.path}: {err}") from err
     spacing = frames[0].spacing
-    affine = _frame_affine(case.path, spacing)
     if write_probability:
-        write_nifti(_as_nifti_cine(result.probability), affine, paths["probability"],
-                    dtype=np.float32)
+        write_frame_masks(result.probability, case.path, paths["probability"], spacing=spacing,
+                          dtype=np.float32)
     if write_cnn and result.crf is not None:
-        write_nifti(_as_nifti_cine(result.cnn), affine, paths["cnn"], dtype=np.uint8)
-    write_nifti(_as_nifti_cine(result.mask), affine, paths["mask"], dtype=np.uint8)  # last
+        write_frame_masks(result.cnn, case.path, paths["cnn"], spacing=spacing)
+    write_frame_masks(result.mask, case.path, paths["mask"], spacing=spacing)  # last
     pixels = float(result.mask.reshape(len(frames), -1).sum(axis=1).mean())
     return {"output": str(paths["mask"]), "frames": len(frames),
             "shape": "x".join(map(str, images.shape[1:])),
@@ -280,14 +324,15 @@ def run_frames(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Fra
     """Segments every frame of every ultrasound case, one NIfTI mask per case, and a summary.
 
     The mask of a case holds all its frames, uint8 0/1, in the layout the ultrasound reader
-    expects of NIfTI (X×Y×1×T, i = column, j = row), so ``load_ultrasound(mask)`` gives H×W
-    frames aligned with the input's, in the input's order. Its affine is a NIfTI input's own,
-    else ``diag(col spacing, row spacing, 1)`` from the input's pixel spacing (1 mm where the
-    input has none, e.g. PNG). Files go to ``<out>/<case name>_mask.nii.gz`` (and
-    ``_cnn_mask``, ``_prob``), written under temporary names and renamed, the mask last;
-    the skipping of done cases, per-case failures and ``summary.csv``/``summary.json``
-    (columns :data:`FRAME_SUMMARY_COLUMNS`) are those of
-    :func:`~pipeline.inference.batch.run_cases`.
+    expects of NIfTI (X×Y×1×T, i = column, j = row; a single-frame NIfTI or MetaImage input
+    keeps its own shape, e.g. X×Y), so ``load_ultrasound(mask)`` gives H×W frames aligned
+    with the input's, in the input's order. Its affine is a NIfTI input's own, a MetaImage
+    input's origin, spacing and direction, else ``diag(col spacing, row spacing, 1)`` from
+    the input's pixel spacing (1 mm where the input has none, e.g. PNG). Files go to
+    ``<out>/<case name>_mask.nii.gz`` (and ``_cnn_mask``, ``_prob``), written under
+    temporary names and renamed, the mask last; the skipping of done cases, per-case
+    failures and ``summary.csv``/``summary.json`` (columns :data:`FRAME_SUMMARY_COLUMNS`)
+    are those of :func:`~pipeline.inference.batch.run_cases`.
 
     Args:
         cases: the cases (see :func:`find_frame_cases`).

@@ -4,7 +4,7 @@ size, CRF at the image's own resolution, masks written as 0/255 PNGs."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,8 @@ from pipeline.engines.trainer import predict_probabilities
 from pipeline.inference.predictor import ViewModel
 from pipeline.reports.tables import evaluation_rows, write_eval_table
 
-__all__ = ["IMAGE_SUMMARY_COLUMNS", "IMAGE_TABLE_COLUMNS", "evaluate_image_folder",
-           "model_files", "predict_image", "segment_image_folder"]
+__all__ = ["IMAGE_SUMMARY_COLUMNS", "IMAGE_TABLE_COLUMNS", "evaluate_camus_folder",
+           "evaluate_image_folder", "model_files", "predict_image", "segment_image_folder"]
 
 IMAGE_SUMMARY_COLUMNS: tuple[str, ...] = ("image", "output", "status", "error",
                                           "foreground_fraction", "seconds")
@@ -148,6 +148,99 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
             rows.append({"image": name, "method": method, "status": "ok", "error": note,
                          "jaccard": float(scored["jaccard"]), "dice": float(scored["dice"]),
                          "mask_file": mask_file.relative_to(out).as_posix()})
+    write_csv(rows, out / "per_image.csv", IMAGE_TABLE_COLUMNS)
+    if table:
+        write_eval_table(table, out / "evaluation.csv")
+    return rows
+
+
+def evaluate_camus_folder(models: Mapping[str, str | os.PathLike], images: str | os.PathLike,
+                          out_dir: str | os.PathLike, *, views: Sequence[str] = ("2CH",),
+                          phases: Sequence[str] = ("ED", "ES"),
+                          labels: Sequence[int] | None = None, split: str | None = None,
+                          progress: bool = True) -> list[dict]:
+    """Scores frame models on every CAMUS image of a folder (``patientNNNN_2CH_ED.nii.gz`` or
+    ``.mhd`` with ``_gt`` label maps beside them, at any depth; no manifest needed).
+
+    Each image is segmented as ``mmcrf infer`` segments a frame
+    (:class:`~pipeline.inference.frames.FramePredictor`: the CNN at the model's training size,
+    the CRF at the image's own). Writes ``<out>/<method>/<image>.nii.gz`` (uint8 0/1 on
+    exactly the input image's grid: its shape and affine), ``<out>/per_image.csv``
+    (:data:`IMAGE_TABLE_COLUMNS`; ``image`` is the file's stem) and the evaluation table
+    ``<out>/evaluation.csv`` (view ``echo``) for ``mmcrf report``. An image without its
+    ``_gt`` file is still segmented and gets rows with status ``unscored`` saying so; an
+    unreadable one gets ``failed`` rows; the others carry on.
+
+    Args:
+        models: method name → checkpoint (trained on 1-channel frames).
+        images: the folder.
+        out_dir: where the masks and tables go.
+        views: CAMUS views to take.
+        phases: frames to take.
+        labels: foreground label values (default: those the first model was trained on, else
+            1, the LV cavity).
+        split: only the patients of this split of the folder's ``split.json``.
+        progress: a progress bar.
+
+    Returns:
+        The per-image rows.
+
+    Raises:
+        ValueError: no CAMUS image of the selection, or an unknown split.
+    """
+    from pipeline.data.camus import find_camus_images, load_camus
+    from pipeline.data.samples import ECHO_VIEW
+    from pipeline.data.splits import read_split
+    from pipeline.engines.checkpoint import load_checkpoint
+    from pipeline.inference.frames import FramePredictor, write_frame_masks
+
+    root = Path(images)
+    patients = None
+    if split is not None:
+        splits = read_split(root)
+        if split not in splits:
+            raise ValueError(f"{root / 'split.json'}: no split {split!r} (has {sorted(splits)})")
+        patients = splits[split]
+    items = find_camus_images(root, views=views, phases=phases, patients=patients)
+    if not items:
+        raise ValueError(f"{root}: no CAMUS {'/'.join(views)} {'/'.join(phases)} images "
+                         f"(patientNNNN_<view>_<phase>.nii.gz / .mhd)")
+    if labels is None:
+        first = load_checkpoint(next(iter(models.values())))
+        trained = ((first.get("config") or {}).get("data") or {}).get("camus") or {}
+        labels = tuple(trained.get("labels", (1,)))
+    out = Path(out_dir)
+    predictors = {m: FramePredictor(path) for m, path in models.items()}
+    rows: list[dict] = []
+    table: list[dict] = []
+    try:
+        for item in tqdm(items, desc="images", disable=not progress):
+            try:
+                image, truth = load_camus(item, labels)
+            except (ValueError, OSError) as err:
+                rows.extend({"image": item.name, "method": m, "status": "failed",
+                             "error": str(err)} for m in predictors)
+                continue
+            for method, predictor in predictors.items():
+                mask = predictor.predict(image[None]).mask
+                mask_file = out / method / f"{item.name}.nii.gz"
+                write_frame_masks(mask, item.image, mask_file)
+                row = {"image": item.name, "method": method,
+                       "mask_file": mask_file.relative_to(out).as_posix()}
+                if truth is None:
+                    rows.append(row | {"status": "unscored", "error": f"no label file "
+                                       f"{item.name}_gt.* beside {item.image}"})
+                    continue
+                scored = evaluation_rows(mask, truth[None], case=item.patient, view=ECHO_VIEW,
+                                         method=method, slices=[item.name],
+                                         images=[item.name], surface=False)[0]
+                table.append(scored)
+                rows.append(row | {"status": "ok", "error": "",
+                                   "jaccard": float(scored["jaccard"]),
+                                   "dice": float(scored["dice"])})
+    finally:
+        for predictor in predictors.values():
+            predictor.close()
     write_csv(rows, out / "per_image.csv", IMAGE_TABLE_COLUMNS)
     if table:
         write_eval_table(table, out / "evaluation.csv")
