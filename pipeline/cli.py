@@ -113,7 +113,8 @@ def _cmd_slices(args: argparse.Namespace) -> int:
 def _cmd_export_model(args: argparse.Namespace) -> int:
     from pipeline.engines.checkpoint import export_model, load_checkpoint
 
-    out = export_model(args.checkpoint, args.out)
+    out = export_model(args.checkpoint, args.out, half=args.half,
+                       share_network_with=args.share_network_with)
     payload = load_checkpoint(out)
     crf = "with CRF weights" if payload.get("crf") is not None else "CNN only"
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {payload.get('mode')} model, "
@@ -493,6 +494,11 @@ def _parser() -> argparse.ArgumentParser:
                          "training checkpoint (weights, CRF weights, settings)")
     exp.add_argument("checkpoint", help="a run's checkpoint, e.g. runs/joint/best.pt")
     exp.add_argument("out", help="the model file to write, e.g. bundles/X/models/joint.pt")
+    exp.add_argument("--half", action="store_true",
+                     help="store the network weights in half precision (half the size)")
+    exp.add_argument("--share-network-with", default=None, metavar="MODEL",
+                     help="an exported model beside OUT with exactly this network (e.g. "
+                          "cnn.pt for piecewise.pt): its weights are referenced, not copied")
     exp.set_defaults(func=_cmd_export_model)
 
     wts = sub.add_parser("weights", help="convert pretrained VGG16 convolutions (from the "

@@ -22,7 +22,6 @@ from pipeline.data.samples import split_samples, training_sets
 from pipeline.data.ultrasound import load_ultrasound
 from pipeline.engines import TrainConfig, train
 from pipeline.engines.checkpoint import export_model
-from pipeline.inference.images import evaluate_camus_folder
 from tests.test_engines_training import TINY_NET
 
 H, W = 40, 48  # rows × columns of the loader's view; non-square, so a transpose shows

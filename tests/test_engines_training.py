@@ -83,6 +83,46 @@ def test_export_model_writes_the_slim_model_a_bundle_ships(cnn_run, tmp_path, ca
     assert out.stat().st_size < cnn_run.last_checkpoint.stat().st_size
 
 
+def test_half_precision_and_shared_network_model_files(data, cnn_run, tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.engines.evaluate import load_run, predict_samples
+
+    piecewise = train(_config(mode="piecewise"), *data, tmp_path / "pw",
+                      init=cnn_run.last_checkpoint)
+    models = tmp_path / "models"
+    assert main(["export-model", str(cnn_run.last_checkpoint), str(models / "cnn.pt"),
+                 "--half"]) == 0
+    assert main(["export-model", str(piecewise.last_checkpoint), str(models / "piecewise.pt"),
+                 "--half", "--share-network-with", str(models / "cnn.pt")]) == 0
+    raw = torch.load(models / "piecewise.pt", weights_only=True)
+    assert "model" not in raw and raw["model_from"] == "cnn.pt"
+    assert (models / "piecewise.pt").stat().st_size < 0.2 * (models / "cnn.pt").stat().st_size
+    half = torch.load(models / "cnn.pt", weights_only=True)["model"]
+    full = load_checkpoint(cnn_run.last_checkpoint)["model"]
+    assert half["block1.0.weight"].dtype == torch.float16
+    assert (models / "cnn.pt").stat().st_size < 0.6 * cnn_run.last_checkpoint.stat().st_size
+    # the shared file loads as a whole model, in the network's own precision
+    model, weights, _ = load_run(models / "piecewise.pt")
+    assert weights is not None and next(model.parameters()).dtype == torch.float32
+    torch.testing.assert_close(model.state_dict()["block1.0.weight"],
+                               full["block1.0.weight"], rtol=1e-3, atol=1e-4)
+    cnn_masks, _ = predict_samples(load_run(cnn_run.last_checkpoint)[0], None, data[1])
+    half_masks, _ = predict_samples(load_run(models / "cnn.pt")[0], None, data[1])
+    assert (cnn_masks != half_masks).mean() < 0.01
+    # a network that differs is refused; a tampered or missing sibling is named
+    capsys.readouterr()
+    assert main(["export-model", str(piecewise.last_checkpoint), str(models / "other.pt"),
+                 "--share-network-with", str(models / "cnn.pt")]) == 2  # not --half: differs
+    assert "differ from" in capsys.readouterr().err
+    torch.save({**torch.load(models / "cnn.pt", weights_only=True), "epoch": -1},
+               models / "cnn.pt")
+    with pytest.raises(ValueError, match=r"piecewise\.pt: cnn\.pt has sha256"):
+        load_checkpoint(models / "piecewise.pt")
+    (models / "cnn.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"cnn\.pt, which is missing"):
+        load_checkpoint(models / "piecewise.pt")
+
+
 def test_piecewise_keeps_the_cnn_frozen_and_learns_a_crf(data, cnn_run, tmp_path):
     result = train(_config(mode="piecewise"), *data, tmp_path, init=cnn_run.last_checkpoint)
     before = load_checkpoint(cnn_run.last_checkpoint)["model"]

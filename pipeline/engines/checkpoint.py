@@ -57,14 +57,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     return out
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Loads a checkpoint with ``weights_only=True`` (nothing is unpickled).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not an mmcrf checkpoint, or unreadable.
-    """
-    p = Path(path)
+def _read(p: Path) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such checkpoint")
     try:
@@ -76,8 +69,89 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return payload
 
 
-def export_model(checkpoint: str | os.PathLike, path: str | os.PathLike) -> Path:
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Loads a checkpoint with ``weights_only=True`` (nothing is unpickled).
+
+    A model file that shares its network with a sibling (``model_from``, see
+    :func:`export_model`) gets the sibling's network weights, after their sha256 is checked.
+    Weights stored in half precision stay so here; ``load_state_dict`` restores the network's
+    own dtype.
+
+    Raises:
+        FileNotFoundError: no such file, or its ``model_from`` sibling is missing.
+        ValueError: not an mmcrf checkpoint, unreadable, or a ``model_from`` that is not a
+            plain file name beside it, has another hash or shares in turn.
+    """
+    p = Path(path)
+    payload = _read(p)
+    source = payload.get("model_from")
+    if source is None:
+        return payload
+    if not isinstance(source, str) or Path(source).name != source or source in ("", ".", ".."):
+        raise ValueError(f"{p}: model_from must name a file beside it, got {source!r}")
+    sibling = p.parent / source
+    if not sibling.is_file():
+        raise FileNotFoundError(f"{p}: its network weights are in {sibling}, which is missing")
+    digest = _sha256(sibling)
+    if digest != payload.get("model_sha256"):
+        raise ValueError(f"{p}: {sibling.name} has sha256 {digest}, not the "
+                         f"{payload.get('model_sha256')} it was exported against")
+    shared = _read(sibling)
+    if "model" not in shared:
+        raise ValueError(f"{p}: {sibling.name} holds no network weights of its own")
+    return {**payload, "model": shared["model"]}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_model(checkpoint: str | os.PathLike, path: str | os.PathLike, *,
+                 half: bool = False, share_network_with: str | os.PathLike | None = None
+                 ) -> Path:
     """Writes the slim model file a bundle ships (``models/model.pt``): network weights, CRF
-    weights and the run's settings, without optimiser state, working sets or RNG states."""
+    weights and the run's settings, without optimiser state, working sets or RNG states.
+
+    Args:
+        checkpoint: a training checkpoint (or an exported model).
+        path: the model file to write.
+        half: store floating-point network weights in half precision (half the size; the
+            network runs in its own precision after loading).
+        share_network_with: an exported model file in the same folder whose network weights
+            are exactly this one's (e.g. the CNN-only model beside a piecewise one, whose CNN
+            is frozen): the weights are not stored again; the file names it (``model_from``)
+            with its sha256.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: the shared file is in another folder or holds other network weights.
+    """
     payload = load_checkpoint(checkpoint)
-    return save_checkpoint({k: payload[k] for k in _MODEL_KEYS if k in payload}, path)
+    out = {k: payload[k] for k in _MODEL_KEYS if k in payload}
+    if half:
+        out["model"] = {k: v.half() if v.is_floating_point() else v
+                        for k, v in out["model"].items()}
+        out["model_dtype"] = "float16"
+    if share_network_with is not None:
+        shared = Path(share_network_with)
+        if shared.resolve().parent != Path(path).resolve().parent:
+            raise ValueError(f"{shared}: a shared network file must be beside {path}")
+        theirs = _read(shared).get("model") or {}
+        ours = out["model"]
+        same = set(theirs) == set(ours) and all(
+            torch.equal(theirs[k].to(ours[k].dtype), ours[k]) for k in ours)
+        if not same:
+            raise ValueError(f"{checkpoint}: its network weights differ from {shared}'s; "
+                             "only a model whose network is exactly the other's can share it")
+        del out["model"]
+        out["model_from"] = shared.name
+        out["model_sha256"] = _sha256(shared)
+    return save_checkpoint(out, path)
