@@ -115,7 +115,7 @@ def test_a_patient_in_two_splits_or_without_images_is_refused(tmp_path):
         training_sets("camus", root=root, size=32)
     (root / "split.json").write_text(json.dumps({"training": ["patient0001", "patient0099"],
                                                  "validation": ["patient0002"]}))
-    with pytest.raises(ValueError, match="no 2CH ED/ES image for 1 listed patient.*0099"):
+    with pytest.raises(ValueError, match=r"no 2CH ED/ES image for 1 listed patient.*0099"):
         training_sets("camus", root=root, size=32)
 
 
@@ -125,7 +125,7 @@ def test_check_reports_every_problem_in_one_run(tmp_path, capsys):
     assert main(["manifest", "check-camus", str(root)]) == 0
     p = root / "patient0001"
     (p / "patient0001_2CH_ED_gt.nii.gz").unlink()  # missing label
-    image, labels = _frame(0)
+    _, labels = _frame(0)
     labels[0, 0] = 7
     _write(labels, p / "patient0001_2CH_ES_gt.nii.gz", "nii")  # unexpected value
     _write(np.zeros((H + 2, W), np.uint8), p / "patient0001_4CH_ED_gt.nii.gz", "nii")  # size
