@@ -45,9 +45,9 @@ from pipeline.crf.inference import _map_plan
 from pipeline.data import cta_phantom
 from pipeline.data.phantoms import write_cta_cohort
 from pipeline.data.samples import cta_samples
-from pipeline.engines import TrainConfig, load_checkpoint, save_checkpoint, train
-from pipeline.engines.evaluate import load_run
+from pipeline.engines import TrainConfig, train
 from pipeline.inference import VolumePredictor
+from pipeline.models import load_checkpoint, load_run, save_checkpoint
 
 
 def _checkpoint(folder: Path, epochs: int, size: int) -> Path:

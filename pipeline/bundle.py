@@ -63,11 +63,13 @@ def _data(data_kind, dataset_dir, manifest, view, size):
 def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: str = "demo",
           manifest: str | None = None, view: str = "axial", size: int = 64,
           epochs: int | None = None, preset: str | None = None, init: str | None = None,
-          resume: bool = False, in_channels: int = 1, progress: bool = False) -> Path:
+          resume: bool = False, in_channels: int = 1, progress: bool = False,
+          weights: str | None = None) -> Path:
     """Trains one stage into ``<output_dir>/<mode>/``.
 
     Piecewise starts from the CNN stage's best checkpoint and joint from the piecewise one,
-    unless ``init`` names another checkpoint.
+    unless ``init`` names another checkpoint. ``weights`` is a pretrained VGG16 file for the
+    backbone of a fresh CNN stage (``mmcrf weights vgg16``; the ``vgg16`` network preset).
 
     Returns:
         The stage's best checkpoint.
@@ -81,6 +83,8 @@ def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: st
         init = None if previous is None else str(previous)
     config = TrainConfig.from_json(preset or DEFAULT_CONFIG, mode=mode, epochs=epochs)
     config.network = {**config.network, "in_channels": in_channels}
+    if weights is not None:
+        config.network["weights"] = str(Path(weights).resolve())
     config.data = {"kind": data_kind, "view": view, "size": size,
                    "hu_window": [-200.0, 800.0]}
     train_set, val_set = _data(data_kind, dataset_dir, manifest, view, size)

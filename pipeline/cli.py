@@ -111,7 +111,7 @@ def _cmd_slices(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_model(args: argparse.Namespace) -> int:
-    from pipeline.engines.checkpoint import export_model, load_checkpoint
+    from pipeline.models import export_model, load_checkpoint
 
     out = export_model(args.checkpoint, args.out, half=args.half,
                        share_network_with=args.share_network_with)

@@ -8,7 +8,8 @@ from pathlib import Path
 from pipeline.data.manifests import build_manifest, manifest_entries
 from pipeline.data.phantoms import write_cta_cohort
 from pipeline.data.samples import cta_samples
-from pipeline.engines import TrainConfig, load_checkpoint, save_checkpoint, train
+from pipeline.engines import TrainConfig, train
+from pipeline.models import load_checkpoint, save_checkpoint
 from tests.test_engines_training import TINY_NET
 
 
@@ -40,7 +41,7 @@ def with_config(checkpoint: Path, path: Path, **changes: dict) -> Path:
 def colour_checkpoint(model: Path, path: Path, **network: object) -> Path:
     """An untrained tiny FCN-8s with ``model``'s config, built from TINY_NET without its
     ``in_channels`` (so FCN-8s's default, 3 colour channels) updated by ``network``."""
-    from pipeline.engines.trainer import build_model
+    from pipeline.models import build_model
 
     spec = {k: v for k, v in TINY_NET.items() if k != "in_channels"} | network
     payload = load_checkpoint(model)

@@ -21,7 +21,7 @@ from pipeline.data.camus import (
 from pipeline.data.samples import split_samples, training_sets
 from pipeline.data.ultrasound import load_ultrasound
 from pipeline.engines import TrainConfig, train
-from pipeline.engines.checkpoint import export_model
+from pipeline.models import export_model
 from tests.test_engines_training import TINY_NET
 
 H, W = 40, 48  # rows × columns of the loader's view; non-square, so a transpose shows

@@ -31,7 +31,7 @@ from pipeline.engines.evaluate import (
     multiview_samples,
     predict_samples,
 )
-from pipeline.engines.trainer import predict_probabilities
+from pipeline.models import predict_probabilities
 from pipeline.reports import (
     EvalTable,
     QualitativeCases,

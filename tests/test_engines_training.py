@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 
 from pipeline.data import noisy_blocks
 from pipeline.data.samples import to_samples
-from pipeline.engines import TrainConfig, load_checkpoint, train
+from pipeline.engines import TrainConfig, train
+from pipeline.models import load_checkpoint
 
 TINY_NET = {"preset": "custom", "in_channels": 1, "width": 1 / 16, "batch_norm": True,
             "fc_kernel": 3, "dropout": 0.0, "fc_channels": 32}
@@ -85,7 +86,8 @@ def test_export_model_writes_the_slim_model_a_bundle_ships(cnn_run, tmp_path, ca
 
 def test_half_precision_and_shared_network_model_files(data, cnn_run, tmp_path, capsys):
     from pipeline.cli import main
-    from pipeline.engines.evaluate import load_run, predict_samples
+    from pipeline.engines.evaluate import predict_samples
+    from pipeline.models import load_run
 
     piecewise = train(_config(mode="piecewise"), *data, tmp_path / "pw",
                       init=cnn_run.last_checkpoint)

@@ -16,7 +16,6 @@ from pipeline.data.phantoms import write_echo_cine
 from pipeline.data.samples import to_samples
 from pipeline.data.ultrasound import load_ultrasound, normalise_frames
 from pipeline.engines import TrainConfig, train
-from pipeline.engines.checkpoint import export_model
 from pipeline.inference import (
     FRAME_SUMMARY_COLUMNS,
     FramePredictor,
@@ -24,6 +23,7 @@ from pipeline.inference import (
     is_frame_model,
     run_frames,
 )
+from pipeline.models import export_model
 from tests._tiny_models import colour_checkpoint, with_config
 from tests.test_engines_training import TINY_NET
 

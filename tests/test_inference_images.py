@@ -14,8 +14,8 @@ from PIL import Image
 
 from pipeline.data.samples import horse_samples
 from pipeline.engines import TrainConfig, train
-from pipeline.engines.checkpoint import export_model
 from pipeline.inference.images import evaluate_image_folder, model_files
+from pipeline.models import export_model
 from tests.test_data_horse import MASK_H, MASK_W, SPLIT, _make_horse
 from tests.test_engines_training import TINY_NET
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from pipeline.cli import main
-from pipeline.engines.trainer import TrainConfig, build_model, train
+from pipeline.engines.trainer import TrainConfig, train
+from pipeline.models import build_model
 from pipeline.networks import FCN8s
 from pipeline.networks.pretrained import (
     HED_MEMBER,

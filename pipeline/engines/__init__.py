@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.engines.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.engines.trainer import (
     MODES,
     TrainConfig,
     TrainResult,
-    build_model,
-    predict_probabilities,
     previous_stage_checkpoint,
     stage_checkpoint,
     train,
@@ -24,11 +21,7 @@ __all__ = [
     "MODES",
     "TrainConfig",
     "TrainResult",
-    "build_model",
-    "load_checkpoint",
-    "predict_probabilities",
     "previous_stage_checkpoint",
-    "save_checkpoint",
     "stage_checkpoint",
     "train",
 ]

@@ -28,8 +28,7 @@ from pipeline.data.samples import (
     split_samples,
 )
 from pipeline.data.views import VIEWS, slice_affine, slice_volume
-from pipeline.engines.checkpoint import load_checkpoint
-from pipeline.engines.trainer import build_model, predict_probabilities
+from pipeline.models import load_run, predict_probabilities
 from pipeline.reports.examples import PICKS, QualitativeCase, QualitativeCases
 from pipeline.reports.stats import select_cases
 from pipeline.reports.tables import EvalTable, evaluation_rows
@@ -43,7 +42,6 @@ __all__ = [
     "evaluate_runs_with_examples",
     "evaluation_entries",
     "evaluation_samples",
-    "load_run",
     "multiview_samples",
     "predict_samples",
     "prediction_candidates",
@@ -58,17 +56,6 @@ _IMAGE_PRED_SUFFIXES = ("_mask.png", ".png")
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # as in pipeline.data.cta
 #: Masks of several samples: an N×H×W array, or a list of H×W arrays of different sizes.
 Masks = np.ndarray | list[np.ndarray]
-
-
-def load_run(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, CRFWeights | None, dict]:
-    """The network (eval mode), CRF weights (None for a CNN-only run) and config of a
-    checkpoint."""
-    payload = load_checkpoint(checkpoint)
-    model = build_model(payload["network"])
-    model.load_state_dict(payload["model"])
-    model.eval()
-    crf = None if payload.get("crf") is None else CRFWeights.from_array(payload["crf"])
-    return model, crf, payload.get("config", {})
 
 
 def _batches(samples: Sequence[Mapping], batch_size: int) -> list[tuple[int, int]]:

@@ -22,18 +22,13 @@ from pipeline.crf import CRFWeights, GraphCutPool, MarginQP, MaxMarginLoss, lear
 from pipeline.crf.inference import map_labelling
 from pipeline.engines import distributed as dist
 from pipeline.engines.augment import Augmentation
-from pipeline.engines.checkpoint import (
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from pipeline.engines.rng import rng_state, set_rng_state
 from pipeline.metrics import compute_jaccard
-from pipeline.networks import FCN8s, load_vgg16_weights
-from pipeline.networks.pretrained import load_pretrained_backbone, sha256_file
+from pipeline.models import build_model, load_checkpoint, predict_probabilities, save_checkpoint
+from pipeline.networks.pretrained import sha256_file
 
-__all__ = ["MODES", "TrainConfig", "TrainResult", "build_model", "predict_probabilities",
-           "previous_stage_checkpoint", "stage_checkpoint", "train"]
+__all__ = ["MODES", "TrainConfig", "TrainResult", "previous_stage_checkpoint",
+           "stage_checkpoint", "train"]
 
 #: The training modes, in the order they are run: each later one starts from the one before.
 MODES: tuple[str, ...] = ("cnn", "piecewise", "joint")
@@ -172,48 +167,6 @@ class TrainResult:
     best_epoch: int
     last_checkpoint: Path
     best_checkpoint: Path
-
-
-def build_model(network: dict[str, Any], *, pretrained: bool = False) -> FCN8s:
-    """An FCN8s from a ``network`` setting: ``{"preset": "lite"|"paper"|"vgg16"|"custom",
-    ...kwargs}``.
-
-    ``weights`` (a VGG16 weights file, see ``mmcrf weights``) and ``pretrained_path`` (a
-    torchvision VGG16 state dict) initialise the backbone only with ``pretrained=True``: a
-    fresh training run. Rebuilding a trained network from its checkpoint (whose weights
-    replace all of them) needs neither file; ``weights_sha256`` is a record, not an argument.
-    """
-    args = dict(network)
-    preset = args.pop("preset", "lite")
-    weights = args.pop("weights", None)
-    args.pop("weights_sha256", None)
-    torchvision_file = args.pop("pretrained_path", None)
-    if preset == "lite":
-        model = FCN8s.lite(**args)
-    elif preset == "paper":
-        model = FCN8s.paper(**args)
-    elif preset == "vgg16":
-        model = FCN8s.vgg16(**args)
-    elif preset == "custom":
-        model = FCN8s(**args)
-    else:
-        raise ValueError(f"network preset must be 'lite', 'paper', 'vgg16' or 'custom', "
-                         f"got {preset!r}")
-    if pretrained and torchvision_file is not None:
-        load_vgg16_weights(model, torchvision_file)
-    if pretrained and weights is not None:
-        load_pretrained_backbone(model, weights)
-    return model
-
-
-@torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Foreground probabilities B×H×W of a batch (eval mode, no gradient)."""
-    was_training = model.training
-    model.eval()
-    logits = MaxMarginLoss.foreground_logits(model(images))
-    model.train(was_training)
-    return torch.sigmoid(logits)
 
 
 class _ListDataset(torch.utils.data.Dataset):

@@ -19,10 +19,10 @@ from pipeline.data.ultrasound import (
     normalise_frames,
 )
 from pipeline.data.writers import write_nifti
-from pipeline.engines.checkpoint import load_checkpoint
 from pipeline.inference.batch import output_paths, run_cases
 from pipeline.inference.discovery import Case
 from pipeline.inference.predictor import ViewModel, VolumePrediction, _GraphCutWorkers
+from pipeline.models import load_checkpoint
 
 __all__ = [
     "DEFAULT_FRAME_EXCLUDE",

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from pipeline.crf.inference import map_labelling
 from pipeline.data.horse import BrokenImageError, horse_split, load_horse, scan_horse_folder
 from pipeline.data.writers import atomic_path, write_csv
-from pipeline.engines.trainer import predict_probabilities
 from pipeline.inference.predictor import ViewModel
+from pipeline.models import predict_probabilities
 from pipeline.reports.tables import evaluation_rows, write_eval_table
 
 __all__ = ["IMAGE_SUMMARY_COLUMNS", "IMAGE_TABLE_COLUMNS", "evaluate_camus_folder",
@@ -191,8 +191,8 @@ def evaluate_camus_folder(models: Mapping[str, str | os.PathLike], images: str |
     from pipeline.data.camus import find_camus_images, load_camus
     from pipeline.data.samples import ECHO_VIEW
     from pipeline.data.splits import read_split
-    from pipeline.engines.checkpoint import load_checkpoint
     from pipeline.inference.frames import FramePredictor, write_frame_masks
+    from pipeline.models import load_checkpoint
 
     root = Path(images)
     patients = None

@@ -17,8 +17,7 @@ from pipeline.crf import CRFWeights, GraphCutPool, map_labelling, volume_map_lab
 from pipeline.data.alignment import resample_to_grid
 from pipeline.data.cta import CTA_HU_WINDOW
 from pipeline.data.views import VIEWS, restack_slices, slice_volume
-from pipeline.engines.evaluate import load_run
-from pipeline.engines.trainer import predict_probabilities
+from pipeline.models import load_run, predict_probabilities
 
 __all__ = ["ViewModel", "VolumePrediction", "VolumePredictor"]
 

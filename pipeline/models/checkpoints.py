@@ -1,42 +1,21 @@
-"""Checkpoints that resume a run exactly and load with ``torch.load(weights_only=True)``."""
+"""Model and checkpoint files: written atomically, loaded with ``weights_only=True``."""
 
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "export_model", "load_checkpoint", "rng_state",
-           "save_checkpoint", "set_rng_state"]
+from pipeline.networks.pretrained import sha256_file
+
+__all__ = ["CHECKPOINT_FORMAT", "export_model", "load_checkpoint", "save_checkpoint"]
 
 #: What a shipped model keeps of a training checkpoint (no optimiser, working sets or RNG).
 _MODEL_KEYS = ("mode", "config", "network", "model", "crf", "epoch", "history", "best")
 
 CHECKPOINT_FORMAT = "mmcrf-checkpoint-1"
-
-
-def rng_state() -> dict[str, Any]:
-    """Torch, NumPy and Python RNG states as tensors and plain values (weights-only safe)."""
-    np_state = np.random.get_state()  # noqa: NPY002 - the legacy global RNG other code uses
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.as_tensor(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores what :func:`rng_state` saved."""
-    torch.set_rng_state(state["torch"])
-    keys = state["numpy"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))  # noqa: NPY002
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -92,7 +71,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     sibling = p.parent / source
     if not sibling.is_file():
         raise FileNotFoundError(f"{p}: its network weights are in {sibling}, which is missing")
-    digest = _sha256(sibling)
+    digest = sha256_file(sibling)
     if digest != payload.get("model_sha256"):
         raise ValueError(f"{p}: {sibling.name} has sha256 {digest}, not the "
                          f"{payload.get('model_sha256')} it was exported against")
@@ -100,16 +79,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if "model" not in shared:
         raise ValueError(f"{p}: {sibling.name} holds no network weights of its own")
     return {**payload, "model": shared["model"]}
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def export_model(checkpoint: str | os.PathLike, path: str | os.PathLike, *,
@@ -153,5 +122,5 @@ def export_model(checkpoint: str | os.PathLike, path: str | os.PathLike, *,
                              "only a model whose network is exactly the other's can share it")
         del out["model"]
         out["model_from"] = shared.name
-        out["model_sha256"] = _sha256(shared)
+        out["model_sha256"] = sha256_file(shared)
     return save_checkpoint(out, path)

@@ -1,0 +1,21 @@
+"""Model files: networks built from settings, checkpoints, trained models loaded for use."""
+
+from __future__ import annotations
+
+from pipeline.models.checkpoints import (
+    CHECKPOINT_FORMAT,
+    export_model,
+    load_checkpoint,
+    save_checkpoint,
+)
+from pipeline.models.loading import build_model, load_run, predict_probabilities
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "build_model",
+    "export_model",
+    "load_checkpoint",
+    "load_run",
+    "predict_probabilities",
+    "save_checkpoint",
+]

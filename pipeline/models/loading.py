@@ -1,0 +1,68 @@
+"""Networks from settings and trained models from their files, for training and inference."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from pipeline.crf import CRFWeights, MaxMarginLoss
+from pipeline.models.checkpoints import load_checkpoint
+from pipeline.networks import FCN8s, load_vgg16_weights
+from pipeline.networks.pretrained import load_pretrained_backbone
+
+__all__ = ["build_model", "load_run", "predict_probabilities"]
+
+
+def build_model(network: dict[str, Any], *, pretrained: bool = False) -> FCN8s:
+    """An FCN8s from a ``network`` setting: ``{"preset": "lite"|"paper"|"vgg16"|"custom",
+    ...kwargs}``.
+
+    ``weights`` (a VGG16 weights file, see ``mmcrf weights``) and ``pretrained_path`` (a
+    torchvision VGG16 state dict) initialise the backbone only with ``pretrained=True``: a
+    fresh training run. Rebuilding a trained network from its checkpoint (whose weights
+    replace all of them) needs neither file; ``weights_sha256`` is a record, not an argument.
+    """
+    args = dict(network)
+    preset = args.pop("preset", "lite")
+    weights = args.pop("weights", None)
+    args.pop("weights_sha256", None)
+    torchvision_file = args.pop("pretrained_path", None)
+    if preset == "lite":
+        model = FCN8s.lite(**args)
+    elif preset == "paper":
+        model = FCN8s.paper(**args)
+    elif preset == "vgg16":
+        model = FCN8s.vgg16(**args)
+    elif preset == "custom":
+        model = FCN8s(**args)
+    else:
+        raise ValueError(f"network preset must be 'lite', 'paper', 'vgg16' or 'custom', "
+                         f"got {preset!r}")
+    if pretrained and torchvision_file is not None:
+        load_vgg16_weights(model, torchvision_file)
+    if pretrained and weights is not None:
+        load_pretrained_backbone(model, weights)
+    return model
+
+
+@torch.no_grad()
+def predict_probabilities(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Foreground probabilities B×H×W of a batch (eval mode, no gradient)."""
+    was_training = model.training
+    model.eval()
+    logits = MaxMarginLoss.foreground_logits(model(images))
+    model.train(was_training)
+    return torch.sigmoid(logits)
+
+
+def load_run(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, CRFWeights | None, dict]:
+    """The network (eval mode), CRF weights (None for a CNN-only run) and config of a
+    checkpoint."""
+    payload = load_checkpoint(checkpoint)
+    model = build_model(payload["network"])
+    model.load_state_dict(payload["model"])
+    model.eval()
+    crf = None if payload.get("crf") is None else CRFWeights.from_array(payload["crf"])
+    return model, crf, payload.get("config", {})
