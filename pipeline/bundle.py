@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline import distributed
 from pipeline.crf import keep_freed_memory
 from pipeline.data.phantoms import GENERATED_KINDS, ensure_demo_data
 from pipeline.data.samples import training_sets
@@ -16,15 +17,15 @@ from pipeline.engines import (
     DEFAULT_CONFIG,
     MODES,
     TrainConfig,
-    distributed,
     previous_stage_checkpoint,
     stage_checkpoint,
 )
 from pipeline.engines import train as train_run
-from pipeline.engines.evaluate import evaluate_runs
+from pipeline.evaluation.runs import evaluate_runs
+from pipeline.evaluation.tables import write_eval_table
 from pipeline.inference import VolumePredictor, find_cases, run_batch, segment_frames
 from pipeline.inference.images import segment_image_folder
-from pipeline.reports import build_report, collect_provenance, write_eval_table, write_report
+from pipeline.reports import build_report, collect_provenance, write_report
 
 __all__ = ["ensure_demo_data", "evaluate", "infer", "infer_frames", "infer_images", "train"]
 

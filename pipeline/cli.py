@@ -189,9 +189,10 @@ def _cmd_camus_check(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from pipeline import distributed
     from pipeline.data.phantoms import GENERATED_KINDS, ensure_demo_data
     from pipeline.data.samples import training_sets
-    from pipeline.engines import DEFAULT_CONFIG, TrainConfig, distributed, train
+    from pipeline.engines import DEFAULT_CONFIG, TrainConfig, train
 
     distributed.init_from_env()
     overrides = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr, "C": args.C,
@@ -243,17 +244,14 @@ def _parse_runs(items: list[str]) -> dict[str, str]:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.engines.evaluate import (
-        evaluate_predictions,
-        evaluate_runs,
-        evaluate_runs_with_examples,
-        evaluation_entries,
-        evaluation_samples,
-    )
-    from pipeline.reports import write_eval_table
+    from pipeline.evaluation.predictions import evaluate_predictions
+    from pipeline.evaluation.runs import evaluate_runs, evaluate_runs_with_examples
+    from pipeline.evaluation.samples import evaluation_entries, evaluation_samples
+    from pipeline.evaluation.tables import write_eval_table
 
     if args.images:
-        from pipeline.inference.images import evaluate_image_folder, model_files
+        from pipeline.evaluation.folders import evaluate_image_folder
+        from pipeline.models import model_files
 
         if bool(args.model) == bool(args.run):
             raise ValueError("--images needs --model (a checkpoint or a bundle folder) or "
@@ -263,7 +261,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         camus = is_camus_folder(args.images)
         if camus:
-            from pipeline.inference.images import evaluate_camus_folder
+            from pipeline.evaluation.folders import evaluate_camus_folder
 
             selection = _camus_selection(args)
             rows = evaluate_camus_folder(runs, args.images, args.out,
@@ -338,11 +336,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.evaluation.examples import QualitativeCases
+    from pipeline.evaluation.tables import load_tables
     from pipeline.reports import (
-        QualitativeCases,
         build_report,
         collect_provenance,
-        load_tables,
         qualitative_figures,
         write_report,
     )
@@ -389,7 +387,7 @@ def _infer_frames(args: argparse.Namespace) -> list[dict]:
 
 def _report_cases(rows: list[dict], output: str) -> int:
     """Prints failures and counts on the main rank; 1 when a case failed, else 0."""
-    from pipeline.engines import distributed
+    from pipeline import distributed
 
     if not distributed.is_main():
         return 0
@@ -403,7 +401,7 @@ def _report_cases(rows: list[dict], output: str) -> int:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from pipeline.engines import distributed
+    from pipeline import distributed
     from pipeline.inference import VolumePredictor, find_cases, run_batch
 
     distributed.init_from_env()
@@ -680,10 +678,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _end_process_group() -> None:
     """Under torchrun, destroys the process group a command joined (see
-    :func:`pipeline.engines.distributed.shutdown`); imports nothing for other commands."""
+    :func:`pipeline.distributed.shutdown`); imports nothing for other commands."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
-        from pipeline.engines import distributed
+        from pipeline import distributed
 
         distributed.shutdown()
 

@@ -138,13 +138,13 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
         previous_stage_checkpoint,
         train,
     )
-    from pipeline.engines.evaluate import evaluate_runs_with_examples
+    from pipeline.evaluation.examples import QualitativeCases
+    from pipeline.evaluation.runs import evaluate_runs_with_examples
+    from pipeline.evaluation.tables import write_eval_table
     from pipeline.reports import (
-        QualitativeCases,
         build_report,
         collect_provenance,
         qualitative_figures,
-        write_eval_table,
         write_report,
     )
 

@@ -253,7 +253,7 @@ def test_select_slices_refuses_an_incomplete_view():
 
 @pytest.mark.parametrize("storage", ["ras", "lps_zxy"])
 def test_saved_predictions_are_scored_on_their_part_only(tmp_path, storage):
-    from pipeline.engines.evaluate import evaluate_predictions
+    from pipeline.evaluation.predictions import evaluate_predictions
 
     entry = _write_case(tmp_path, storage=storage)
     spec = _manifest(entry)

@@ -20,27 +20,19 @@ from pipeline.data.samples import cta_samples, to_samples
 from pipeline.data.views import VIEWS, restack_slices
 from pipeline.data.writers import write_nifti
 from pipeline.engines import TrainConfig, train
-from pipeline.engines.evaluate import (
+from pipeline.evaluation.examples import QualitativeCases
+from pipeline.evaluation.predictions import evaluate_predictions
+from pipeline.evaluation.runs import (
     collect_examples,
-    evaluate_predictions,
     evaluate_runs,
     evaluate_runs_with_examples,
-    evaluation_entries,
-    evaluation_samples,
     load_run,
-    multiview_samples,
     predict_samples,
 )
+from pipeline.evaluation.samples import evaluation_entries, evaluation_samples, multiview_samples
+from pipeline.evaluation.tables import EvalTable, select_cases, write_eval_table
 from pipeline.models import predict_probabilities
-from pipeline.reports import (
-    EvalTable,
-    QualitativeCases,
-    build_report,
-    qualitative_figures,
-    select_cases,
-    write_eval_table,
-    write_report,
-)
+from pipeline.reports import build_report, qualitative_figures, write_report
 from tests.test_engines_training import TINY_NET
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -86,7 +86,7 @@ def test_export_model_writes_the_slim_model_a_bundle_ships(cnn_run, tmp_path, ca
 
 def test_half_precision_and_shared_network_model_files(data, cnn_run, tmp_path, capsys):
     from pipeline.cli import main
-    from pipeline.engines.evaluate import predict_samples
+    from pipeline.evaluation.runs import predict_samples
     from pipeline.models import load_run
 
     piecewise = train(_config(mode="piecewise"), *data, tmp_path / "pw",
@@ -236,7 +236,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, init: str) -> None:
 def _shutdown_worker(rank: int, world: int, port: int, out: str) -> None:
     import time
 
-    from pipeline.engines import distributed
+    from pipeline import distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world))
@@ -250,7 +250,7 @@ def _shutdown_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_distributed_shutdown_lets_each_rank_leave_when_done(tmp_path):
-    from pipeline.engines import distributed
+    from pipeline import distributed
 
     distributed.shutdown()  # not distributed: a no-op
     mp.spawn(_shutdown_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)

@@ -14,8 +14,8 @@ from PIL import Image
 
 from pipeline.data.samples import horse_samples
 from pipeline.engines import TrainConfig, train
-from pipeline.inference.images import evaluate_image_folder, model_files
-from pipeline.models import export_model
+from pipeline.evaluation.folders import evaluate_image_folder
+from pipeline.models import export_model, model_files
 from tests.test_data_horse import MASK_H, MASK_W, SPLIT, _make_horse
 from tests.test_engines_training import TINY_NET
 
@@ -83,7 +83,8 @@ def test_evaluate_scores_any_horse_like_folder(bundle, tmp_path):
 def test_evaluate_one_split_of_a_folder_and_report_it(bundle, tmp_path):
     import json
 
-    from pipeline.reports import build_report, read_eval_table
+    from pipeline.evaluation.tables import read_eval_table
+    from pipeline.reports import build_report
 
     images = tmp_path / "set"
     for seed, name in enumerate(["t1", "t2", "v1", "v2"], start=50):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.data.camus import check_camus, find_camus_images
-from pipeline.inference.images import evaluate_camus_folder, model_files
+from pipeline.evaluation.folders import evaluate_camus_folder
+from pipeline.models import model_files
 from tests.test_bundles import REPO
 
 pytestmark = pytest.mark.realdata

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.inference.images import evaluate_image_folder, model_files
+from pipeline.evaluation.folders import evaluate_image_folder
+from pipeline.models import model_files
 from tests.test_bundles import REPO
 
 pytestmark = pytest.mark.realdata

@@ -16,26 +16,28 @@ import pytest
 from PIL import Image
 from scipy import stats
 
+from pipeline.evaluation.tables import (
+    EVAL_COLUMNS,
+    evaluation_rows,
+    load_tables,
+    read_eval_table,
+    select_cases,
+    write_eval_table,
+)
 from pipeline.metrics import compute_dice, compute_jaccard
 from pipeline.reports import (
     ALL_VIEWS,
-    EVAL_COLUMNS,
     NO_LABELS_NOTE,
     ReportFigure,
     bootstrap_ci,
     build_report,
     collect_provenance,
-    evaluation_rows,
-    load_tables,
     plot_qualitative,
     plot_training_curves,
-    read_eval_table,
-    read_training_log,
-    select_cases,
     wilcoxon_test,
-    write_eval_table,
     write_report,
 )
+from pipeline.reports.logs import read_training_log
 
 VIEWS = ("axial", "coronal", "sagittal")
 METHODS = ("cnn", "piecewise", "joint")
@@ -316,7 +318,7 @@ def test_collect_provenance(tmp_path):
 
 
 def _case(view, pick, rng, jaccard, methods=("cnn", "joint")):
-    from pipeline.reports import QualitativeCase
+    from pipeline.evaluation.examples import QualitativeCase
 
     truth = np.zeros((12, 16), np.uint8)
     truth[3:9, 4:12] = 1
@@ -328,7 +330,8 @@ def _case(view, pick, rng, jaccard, methods=("cnn", "joint")):
 
 
 def test_qualitative_figures_from_cases(rng, tmp_path):
-    from pipeline.reports import QualitativeCases, plot_qualitative_grid, qualitative_figures
+    from pipeline.evaluation.examples import QualitativeCases
+    from pipeline.reports import plot_qualitative_grid, qualitative_figures
 
     cases = QualitativeCases("joint", [_case("sagittal", "worst", rng, 0.2),
                                        _case("axial", "median", rng, 0.5),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -11,10 +12,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-__all__ = ["atomic_path", "write_csv", "write_dicom_series", "write_nifti"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "write_csv",
+    "write_dicom_series",
+    "write_nifti",
+    "write_png_mask",
+]
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -143,3 +153,44 @@ def write_dicom_series(volume_hu: np.ndarray, affine: np.ndarray, folder: str | 
         pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
         tmp.replace(target)
     return out
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+
+    Args:
+        path: destination; its folder is created if missing.
+        data: the bytes to write.
+
+    Returns:
+        The destination path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_png_mask(mask: np.ndarray, path: str | os.PathLike) -> Path:
+    """Writes a binary H×W mask as a 0/255 8-bit PNG, atomically (parent folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

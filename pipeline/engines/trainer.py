@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from torch.utils.data import DataLoader, DistributedSampler
 
+from pipeline import distributed as dist
 from pipeline.crf import CRFWeights, GraphCutPool, MarginQP, MaxMarginLoss, learn_weights
 from pipeline.crf.inference import map_labelling
-from pipeline.engines import distributed as dist
 from pipeline.engines.augment import Augmentation
 from pipeline.engines.rng import rng_state, set_rng_state
 from pipeline.metrics import compute_jaccard

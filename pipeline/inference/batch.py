@@ -13,9 +13,9 @@ import numpy as np
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
+from pipeline import distributed as dist
 from pipeline.data.readers import read_volume
 from pipeline.data.writers import atomic_path, write_csv, write_nifti
-from pipeline.engines import distributed as dist
 from pipeline.inference.discovery import Case
 from pipeline.inference.predictor import VolumePredictor
 

@@ -4,7 +4,6 @@ size, CRF at the image's own resolution, masks written as 0/255 PNGs."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,22 +13,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.crf.inference import map_labelling
-from pipeline.data.horse import BrokenImageError, horse_split, load_horse, scan_horse_folder
-from pipeline.data.writers import atomic_path, write_csv
+from pipeline.data.writers import write_csv, write_png_mask
 from pipeline.inference.predictor import ViewModel
 from pipeline.models import predict_probabilities
-from pipeline.reports.tables import evaluation_rows, write_eval_table
 
-__all__ = ["IMAGE_SUMMARY_COLUMNS", "IMAGE_TABLE_COLUMNS", "evaluate_camus_folder",
-           "evaluate_image_folder", "model_files", "predict_image", "segment_image_folder"]
+__all__ = ["IMAGE_SUMMARY_COLUMNS", "predict_image", "segment_image_folder"]
 
 IMAGE_SUMMARY_COLUMNS: tuple[str, ...] = ("image", "output", "status", "error",
                                           "foreground_fraction", "seconds")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-IMAGE_TABLE_COLUMNS: tuple[str, ...] = ("image", "method", "jaccard", "dice", "status",
-                                        "error", "mask_file")
-_METHOD_ORDER = ("cnn", "piecewise", "joint")
 
 
 def predict_image(vm: ViewModel, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -50,201 +42,6 @@ def predict_image(vm: ViewModel, image: np.ndarray) -> tuple[np.ndarray, np.ndar
         return prob_np, None
     return prob_np, map_labelling(prob_np, np.asarray(image), vm.weights,
                                   connectivity=vm.connectivity, beta=vm.beta)
-
-
-def model_files(model: str | os.PathLike) -> dict[str, Path]:
-    """Method → checkpoint: a checkpoint file itself (method from its training mode's file
-    name, e.g. ``joint.pt``; otherwise ``model``), or a bundle folder whose ``models/`` holds
-    ``cnn.pt``, ``piecewise.pt``, ``joint.pt`` and/or ``model.pt``."""
-    path = Path(model)
-    if path.is_file():
-        return {path.stem if path.stem in _METHOD_ORDER else "model": path}
-    folder = path / "models" if (path / "models").is_dir() else path
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{path}: no such model file or bundle folder")
-    found = {p.stem: p for p in sorted(folder.glob("*.pt"))}
-    runs = {m: found[m] for m in _METHOD_ORDER if m in found}
-    if not runs and "model" in found:
-        runs = {"model": found["model"]}
-    if not runs:
-        raise FileNotFoundError(f"{folder}: no cnn.pt, piecewise.pt, joint.pt or model.pt")
-    return runs
-
-
-def _save_png(mask: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(tmp, format="PNG")
-    tmp.replace(path)
-
-
-def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str | os.PathLike,
-                          out_dir: str | os.PathLike, *, colour: str = "rgb",
-                          split: str | None = None, progress: bool = True) -> list[dict]:
-    """Scores models on every image of a folder laid out like the Weizmann Horse set
-    (``rgb/``, ``gray/``, ``figure_ground/`` with the same names; no split file needed).
-
-    Writes ``<out>/<method>/<image>.png`` (0/255, the mask's size) and ``<out>/per_image.csv``
-    (columns :data:`IMAGE_TABLE_COLUMNS`), and the same scores as an evaluation table
-    ``<out>/evaluation.csv`` (view ``2d``) for ``mmcrf report``: paired comparisons with
-    bootstrap intervals. A CNN-only checkpoint is scored by thresholding at 0.5, one with CRF
-    weights by its graph-cut mask. A broken rgb image is scored on its gray twin (noted in the
-    row); an image that cannot be used at all (unreadable, no mask) gets a row with its error
-    and the others carry on.
-
-    Args:
-        models: method name → checkpoint.
-        images: the folder.
-        out_dir: where the masks and tables go.
-        colour: ``rgb`` or ``gray`` images.
-        split: only the images of this split of the folder's ``split.json`` (default: every
-            image with a mask).
-        progress: a progress bar.
-
-    Returns:
-        The table's rows.
-
-    Raises:
-        ValueError: no usable image, or an unknown split.
-        FileNotFoundError: a split is asked and the folder has no ``split.json``.
-    """
-    root = Path(images)
-    scan = scan_horse_folder(root)
-    names = scan.usable(colour)  # type: ignore[arg-type]
-    if split is not None:
-        splits = horse_split(root)
-        if split not in splits:
-            raise ValueError(f"{root / 'split.json'}: no split {split!r} (has {sorted(splits)})")
-        wanted = set(splits[split])
-        names = [n for n in names if n in wanted]
-    if not names:
-        raise ValueError(f"{root}: no image with a mask in {colour}/ and figure_ground/"
-                         + (f" in split {split!r}" if split else ""))
-    out = Path(out_dir)
-    loaded = {method: ViewModel.from_checkpoint(path) for method, path in models.items()}
-    rows: list[dict] = []
-    table: list[dict] = []
-    for name in tqdm(names, desc="images", disable=not progress):
-        try:
-            # a broken rgb image (e.g. horse318, almost all black) is scored on its gray twin,
-            # and the row says so
-            sample = load_horse(root, name, colour=colour,  # type: ignore[arg-type]
-                                on_broken="gray")
-        except (BrokenImageError, ValueError, FileNotFoundError) as err:
-            rows.extend({"image": name, "method": m, "status": "failed", "error": str(err)}
-                        for m in loaded)
-            continue
-        truth = sample.mask[None]
-        for method, vm in loaded.items():
-            prob, crf = predict_image(vm, sample.image)
-            mask = ((prob > 0.5) if crf is None else crf).astype(np.uint8)[None]
-            mask_file = out / method / f"{name}.png"
-            _save_png(mask[0], mask_file)
-            note = (f"{colour} image broken ({sample.defect}); scored on the gray image"
-                    if sample.fallback else "")
-            scored = evaluation_rows(mask, truth, case=name, view="2d", method=method,
-                                     slices=[""], images=[name], surface=False)[0]
-            table.append(scored)
-            rows.append({"image": name, "method": method, "status": "ok", "error": note,
-                         "jaccard": float(scored["jaccard"]), "dice": float(scored["dice"]),
-                         "mask_file": mask_file.relative_to(out).as_posix()})
-    write_csv(rows, out / "per_image.csv", IMAGE_TABLE_COLUMNS)
-    if table:
-        write_eval_table(table, out / "evaluation.csv")
-    return rows
-
-
-def evaluate_camus_folder(models: Mapping[str, str | os.PathLike], images: str | os.PathLike,
-                          out_dir: str | os.PathLike, *, views: Sequence[str] = ("2CH",),
-                          phases: Sequence[str] = ("ED", "ES"),
-                          labels: Sequence[int] | None = None, split: str | None = None,
-                          progress: bool = True) -> list[dict]:
-    """Scores frame models on every CAMUS image of a folder (``patientNNNN_2CH_ED.nii.gz`` or
-    ``.mhd`` with ``_gt`` label maps beside them, at any depth; no manifest needed).
-
-    Each image is segmented as ``mmcrf infer`` segments a frame
-    (:class:`~pipeline.inference.frames.FramePredictor`: the CNN at the model's training size,
-    the CRF at the image's own). Writes ``<out>/<method>/<image>.nii.gz`` (uint8 0/1 on
-    exactly the input image's grid: its shape and affine), ``<out>/per_image.csv``
-    (:data:`IMAGE_TABLE_COLUMNS`; ``image`` is the file's stem) and the evaluation table
-    ``<out>/evaluation.csv`` (view ``echo``) for ``mmcrf report``. An image without its
-    ``_gt`` file is still segmented and gets rows with status ``unscored`` saying so; an
-    unreadable one gets ``failed`` rows; the others carry on.
-
-    Args:
-        models: method name → checkpoint (trained on 1-channel frames).
-        images: the folder.
-        out_dir: where the masks and tables go.
-        views: CAMUS views to take.
-        phases: frames to take.
-        labels: foreground label values (default: those the first model was trained on, else
-            1, the LV cavity).
-        split: only the patients of this split of the folder's ``split.json``.
-        progress: a progress bar.
-
-    Returns:
-        The per-image rows.
-
-    Raises:
-        ValueError: no CAMUS image of the selection, or an unknown split.
-    """
-    from pipeline.data.camus import find_camus_images, load_camus
-    from pipeline.data.samples import ECHO_VIEW
-    from pipeline.data.splits import read_split
-    from pipeline.inference.frames import FramePredictor, write_frame_masks
-    from pipeline.models import load_checkpoint
-
-    root = Path(images)
-    patients = None
-    if split is not None:
-        splits = read_split(root)
-        if split not in splits:
-            raise ValueError(f"{root / 'split.json'}: no split {split!r} (has {sorted(splits)})")
-        patients = splits[split]
-    items = find_camus_images(root, views=views, phases=phases, patients=patients)
-    if not items:
-        raise ValueError(f"{root}: no CAMUS {'/'.join(views)} {'/'.join(phases)} images "
-                         f"(patientNNNN_<view>_<phase>.nii.gz / .mhd)")
-    if labels is None:
-        first = load_checkpoint(next(iter(models.values())))
-        trained = ((first.get("config") or {}).get("data") or {}).get("camus") or {}
-        labels = tuple(trained.get("labels", (1,)))
-    out = Path(out_dir)
-    predictors = {m: FramePredictor(path) for m, path in models.items()}
-    rows: list[dict] = []
-    table: list[dict] = []
-    try:
-        for item in tqdm(items, desc="images", disable=not progress):
-            try:
-                image, truth = load_camus(item, labels)
-            except (ValueError, OSError) as err:
-                rows.extend({"image": item.name, "method": m, "status": "failed",
-                             "error": str(err)} for m in predictors)
-                continue
-            for method, predictor in predictors.items():
-                mask = predictor.predict(image[None]).mask
-                mask_file = out / method / f"{item.name}.nii.gz"
-                write_frame_masks(mask, item.image, mask_file)
-                row = {"image": item.name, "method": method,
-                       "mask_file": mask_file.relative_to(out).as_posix()}
-                if truth is None:
-                    rows.append(row | {"status": "unscored", "error": f"no label file "
-                                       f"{item.name}_gt.* beside {item.image}"})
-                    continue
-                scored = evaluation_rows(mask, truth[None], case=item.patient, view=ECHO_VIEW,
-                                         method=method, slices=[item.name],
-                                         images=[item.name], surface=False)[0]
-                table.append(scored)
-                rows.append(row | {"status": "ok", "error": "",
-                                   "jaccard": float(scored["jaccard"]),
-                                   "dice": float(scored["dice"])})
-    finally:
-        for predictor in predictors.values():
-            predictor.close()
-    write_csv(rows, out / "per_image.csv", IMAGE_TABLE_COLUMNS)
-    if table:
-        write_eval_table(table, out / "evaluation.csv")
-    return rows
 
 
 def _read_image(path: Path, colour: str) -> np.ndarray:
@@ -292,7 +89,7 @@ def segment_image_folder(model: str | os.PathLike, images: str | os.PathLike,
             try:
                 prob, crf = predict_image(vm, _read_image(path, colour))
                 mask = (prob > 0.5) if crf is None else crf
-                _save_png(mask, target)
+                write_png_mask(mask, target)
                 row.update(status="ok", foreground_fraction=round(float(mask.mean()), 4))
             except (ValueError, OSError) as err:
                 row.update(status="failed", error=str(err))

@@ -8,7 +8,7 @@ from pipeline.models.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from pipeline.models.loading import build_model, load_run, predict_probabilities
+from pipeline.models.loading import build_model, load_run, model_files, predict_probabilities
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -16,6 +16,7 @@ __all__ = [
     "export_model",
     "load_checkpoint",
     "load_run",
+    "model_files",
     "predict_probabilities",
     "save_checkpoint",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from pipeline.models.checkpoints import load_checkpoint
 from pipeline.networks import FCN8s, load_vgg16_weights
 from pipeline.networks.pretrained import load_pretrained_backbone
 
-__all__ = ["build_model", "load_run", "predict_probabilities"]
+__all__ = ["build_model", "load_run", "model_files", "predict_probabilities"]
 
 
 def build_model(network: dict[str, Any], *, pretrained: bool = False) -> FCN8s:
@@ -66,3 +67,26 @@ def load_run(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, CRFWeights
     model.eval()
     crf = None if payload.get("crf") is None else CRFWeights.from_array(payload["crf"])
     return model, crf, payload.get("config", {})
+
+
+#: The method names a bundle's ``models/`` may hold, in report order.
+_METHOD_ORDER = ("cnn", "piecewise", "joint")
+
+
+def model_files(model: str | os.PathLike) -> dict[str, Path]:
+    """Method → checkpoint: a checkpoint file itself (method from its training mode's file
+    name, e.g. ``joint.pt``; otherwise ``model``), or a bundle folder whose ``models/`` holds
+    ``cnn.pt``, ``piecewise.pt``, ``joint.pt`` and/or ``model.pt``."""
+    path = Path(model)
+    if path.is_file():
+        return {path.stem if path.stem in _METHOD_ORDER else "model": path}
+    folder = path / "models" if (path / "models").is_dir() else path
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path}: no such model file or bundle folder")
+    found = {p.stem: p for p in sorted(folder.glob("*.pt"))}
+    runs = {m: found[m] for m in _METHOD_ORDER if m in found}
+    if not runs and "model" in found:
+        runs = {"model": found["model"]}
+    if not runs:
+        raise FileNotFoundError(f"{folder}: no cnn.pt, piecewise.pt, joint.pt or model.pt")
+    return runs

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pipeline.metrics import compute_jaccard
-from pipeline.reports.tables import read_training_log
+from pipeline.reports.logs import read_training_log
 
 __all__ = ["ReportFigure", "plot_qualitative", "plot_qualitative_grid",
            "plot_training_curves"]

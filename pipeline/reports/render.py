@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from pipeline.reports.files import atomic_write_bytes, atomic_write_text
+from pipeline.data.writers import atomic_write_bytes, atomic_write_text
 from pipeline.reports.provenance import flatten_provenance
 from pipeline.reports.report import Report
 from pipeline.reports.stats import ALL_VIEWS, GroupSummary, PairedComparison

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from pipeline.evaluation.tables import EvalTable, load_tables, ordered_methods, ordered_views
 from pipeline.reports.figures import ReportFigure, plot_training_curves
 from pipeline.reports.stats import (
     DEFAULT_COMPARISONS,
@@ -16,11 +17,8 @@ from pipeline.reports.stats import (
     GroupSummary,
     PairedComparison,
     compare_all,
-    ordered_methods,
-    ordered_views,
     summarize,
 )
-from pipeline.reports.tables import EvalTable, load_tables
 
 __all__ = ["Report", "build_report"]
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import stats as sps
 
-from pipeline.reports.tables import KNOWN_METHODS, KNOWN_VIEWS, EvalTable
+from pipeline.evaluation.tables import EvalTable, ordered_methods, ordered_views
 
 __all__ = [
     "ALL_VIEWS",
@@ -21,10 +21,7 @@ __all__ = [
     "bootstrap_ci",
     "compare_all",
     "compare_methods",
-    "ordered_methods",
-    "ordered_views",
     "paired_differences",
-    "select_cases",
     "summarize",
     "wilcoxon_test",
 ]
@@ -37,21 +34,6 @@ DEFAULT_COMPARISONS: tuple[tuple[str, str], ...] = (
 )
 #: What a summary says instead of a number when no image could be scored.
 NO_LABELS_NOTE = "no image with a non-empty ground truth: mean Jaccard undefined"
-
-
-def _ordered(values: Iterable[str], known: Sequence[str]) -> list[str]:
-    present = set(values)
-    return [v for v in known if v in present] + sorted(present - set(known))
-
-
-def ordered_views(table: EvalTable) -> list[str]:
-    """The table's views, known ones (:data:`KNOWN_VIEWS`) first in their order, then sorted."""
-    return _ordered(table["view"], KNOWN_VIEWS)
-
-
-def ordered_methods(table: EvalTable) -> list[str]:
-    """The table's methods, ``cnn``, ``piecewise``, ``joint`` first, then the others sorted."""
-    return _ordered(table["method"], KNOWN_METHODS)
 
 
 @dataclass(frozen=True)
@@ -327,37 +309,3 @@ def compare_all(table: EvalTable, pairs: Sequence[tuple[str, str]] = DEFAULT_COM
     return out
 
 
-def select_cases(table: EvalTable, method: str, *,
-                 which: Sequence[str] = ("best", "median", "worst"),
-                 views: Sequence[str] | None = None) -> dict[str, dict[str, dict]]:
-    """Pick example images per view by one method's Jaccard, for qualitative figures.
-
-    ``best`` is the highest Jaccard, ``worst`` the lowest, ``median`` the image at the lower
-    median rank (a real image, not an average); ties are broken by (case, slice).
-
-    Args:
-        table: the evaluation table.
-        method: the method whose Jaccard ranks the images.
-        which: any of ``best``, ``median``, ``worst``.
-        views: views to pick from (default: all of the table's views).
-
-    Returns:
-        ``{view: {pick: row dict}}``; a view with no scored image maps to ``{}``.
-
-    Raises:
-        ValueError: an unknown pick name.
-    """
-    bad = [w for w in which if w not in ("best", "median", "worst")]
-    if bad:
-        raise ValueError(f"which must be among best, median, worst; got {bad}")
-    out: dict[str, dict[str, dict]] = {}
-    for view in views if views is not None else ordered_views(table):
-        mask = (table["view"] == view) & (table["method"] == method) & ~np.isnan(table["jaccard"])
-        rows = sorted(table.where(mask).rows(),
-                      key=lambda r: (r["jaccard"], str(r["case"]), str(r["slice"])))
-        picks: dict[str, dict] = {}
-        if rows:
-            index = {"worst": 0, "median": (len(rows) - 1) // 2, "best": len(rows) - 1}
-            picks = {w: rows[index[w]] for w in which}
-        out[view] = picks
-    return out

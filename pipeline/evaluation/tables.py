@@ -1,4 +1,4 @@
-"""Per-image evaluation table and training log: schema, scoring into rows, validated CSV I/O."""
+"""Per-image evaluation table: schema, scoring into rows, validated CSV I/O, picks."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.writers import atomic_write_text
 from pipeline.metrics import (
     EMPTY_POLICIES,
     compute_dice,
@@ -21,20 +22,20 @@ from pipeline.metrics import (
     compute_precision,
     compute_recall,
 )
-from pipeline.reports.files import atomic_write_text
 
 __all__ = [
     "EVAL_COLUMNS",
     "KNOWN_METHODS",
     "KNOWN_VIEWS",
     "OPTIONAL_COLUMNS",
-    "TRAINING_LOG_COLUMNS",
     "EvalTable",
     "concat_tables",
     "evaluation_rows",
     "load_tables",
+    "ordered_methods",
+    "ordered_views",
     "read_eval_table",
-    "read_training_log",
+    "select_cases",
     "write_eval_table",
 ]
 
@@ -52,10 +53,6 @@ OPTIONAL_COLUMNS: tuple[str, ...] = ("image", "precision", "recall", "hd95_mm")
 #: Method and view names in report order; other names are allowed and sorted after these.
 KNOWN_METHODS: tuple[str, ...] = ("cnn", "piecewise", "joint")
 KNOWN_VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal", "ultrasound", "horse")
-#: Columns of the training log (``epoch`` required, the others optional and may be empty).
-TRAINING_LOG_COLUMNS: tuple[str, ...] = (
-    "epoch", "train_jaccard", "val_jaccard_cnn", "val_jaccard_crf", "gamma",
-)
 
 _KEY = ("case", "view", "slice", "method")
 _TEXT = ("case", "view", "slice", "method", "image")
@@ -354,45 +351,52 @@ def evaluation_rows(y_pred, y, *, case: str | Sequence[str], view: str | Sequenc
     return rows
 
 
-def read_training_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a training log CSV (:data:`TRAINING_LOG_COLUMNS`; only ``epoch`` is required).
+def _ordered(values: Iterable[str], known: Sequence[str]) -> list[str]:
+    present = set(values)
+    return [v for v in known if v in present] + sorted(present - set(known))
+
+
+def ordered_views(table: EvalTable) -> list[str]:
+    """The table's views, known ones (:data:`KNOWN_VIEWS`) first in their order, then sorted."""
+    return _ordered(table["view"], KNOWN_VIEWS)
+
+
+def ordered_methods(table: EvalTable) -> list[str]:
+    """The table's methods, ``cnn``, ``piecewise``, ``joint`` first, then the others sorted."""
+    return _ordered(table["method"], KNOWN_METHODS)
+
+
+def select_cases(table: EvalTable, method: str, *,
+                 which: Sequence[str] = ("best", "median", "worst"),
+                 views: Sequence[str] | None = None) -> dict[str, dict[str, dict]]:
+    """Pick example images per view by one method's Jaccard, for qualitative figures.
+
+    ``best`` is the highest Jaccard, ``worst`` the lowest, ``median`` the image at the lower
+    median rank (a real image, not an average); ties are broken by (case, slice).
 
     Args:
-        path: the CSV file.
+        table: the evaluation table.
+        method: the method whose Jaccard ranks the images.
+        which: any of ``best``, ``median``, ``worst``.
+        views: views to pick from (default: all of the table's views).
 
     Returns:
-        ``{column: float64 array}`` for ``epoch`` and every other numeric column present;
-        empty cells are NaN. Rows are sorted by epoch.
+        ``{view: {pick: row dict}}``; a view with no scored image maps to ``{}``.
 
     Raises:
-        ValueError: no ``epoch`` column, or a cell that is neither a number nor empty
-            (the message names the file, the line and the column).
+        ValueError: an unknown pick name.
     """
-    path = Path(path)
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        rows = list(reader)
-    if "epoch" not in header:
-        raise ValueError(f"{path}: missing column 'epoch' (a training log needs epoch and any of "
-                         f"{', '.join(TRAINING_LOG_COLUMNS[1:])})")
-    log: dict[str, np.ndarray] = {}
-    for column in header:
-        values = []
-        for i, row in enumerate(rows):
-            text = (row.get(column) or "").strip()
-            try:
-                values.append(float(text) if text and text.lower() != "nan" else math.nan)
-            except ValueError:
-                if column in TRAINING_LOG_COLUMNS:
-                    raise ValueError(f"{path}, line {i + 2}: column {column!r} must be a number "
-                                     f"or empty, got {text!r}") from None
-                values = None
-                break
-        if values is not None:
-            log[column] = np.asarray(values, dtype=np.float64)
-    if np.isnan(log["epoch"]).any():
-        raise ValueError(f"{path}: column 'epoch' has empty cells")
-    order = np.argsort(log["epoch"], kind="stable")
-    return {k: v[order] for k, v in log.items()}
+    bad = [w for w in which if w not in ("best", "median", "worst")]
+    if bad:
+        raise ValueError(f"which must be among best, median, worst; got {bad}")
+    out: dict[str, dict[str, dict]] = {}
+    for view in views if views is not None else ordered_views(table):
+        mask = (table["view"] == view) & (table["method"] == method) & ~np.isnan(table["jaccard"])
+        rows = sorted(table.where(mask).rows(),
+                      key=lambda r: (r["jaccard"], str(r["case"]), str(r["slice"])))
+        picks: dict[str, dict] = {}
+        if rows:
+            index = {"worst": 0, "median": (len(rows) - 1) // 2, "best": len(rows) - 1}
+            picks = {w: rows[index[w]] for w in which}
+        out[view] = picks
+    return out
