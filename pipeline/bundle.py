@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline import distributed
 from pipeline.crf import keep_freed_memory
+from pipeline.data.cta import CTA_HU_WINDOW
 from pipeline.data.phantoms import GENERATED_KINDS, ensure_demo_data
 from pipeline.data.samples import training_sets
 from pipeline.engines import (
@@ -87,7 +88,7 @@ def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: st
     if weights is not None:
         config.network["weights"] = str(Path(weights).resolve())
     config.data = {"kind": data_kind, "view": view, "size": size,
-                   "hu_window": [-200.0, 800.0]}
+                   "hu_window": list(CTA_HU_WINDOW)}
     train_set, val_set = _data(data_kind, dataset_dir, manifest, view, size)
     result = train_run(config, train_set, val_set, Path(output_dir) / mode, init=init,
                        resume=resume, progress=progress)

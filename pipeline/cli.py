@@ -91,6 +91,7 @@ def _cmd_manifest_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_slices(args: argparse.Namespace) -> int:
+    from pipeline.data.cta import CTA_HU_WINDOW
     from pipeline.data.export import export_slices
     from pipeline.data.manifests import load_manifest, manifest_entries
 
@@ -104,7 +105,7 @@ def _cmd_slices(args: argparse.Namespace) -> int:
         raise ValueError("give an IMAGE (NIfTI file or DICOM series folder) or --manifest")
     spacing = args.spacing
     index = export_slices(cases, args.out, views=args.views, fmt=args.format,
-                          hu_window=tuple(args.hu_window), spacing=spacing,
+                          hu_window=tuple(args.hu_window or CTA_HU_WINDOW), spacing=spacing,
                           label_value=args.label_value)
     print(f"wrote {index} ({len(cases)} volume(s), views {', '.join(args.views)})")
     return 0
@@ -190,6 +191,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipeline import distributed
+    from pipeline.data.cta import CTA_HU_WINDOW
     from pipeline.data.phantoms import GENERATED_KINDS, ensure_demo_data
     from pipeline.data.samples import training_sets
     from pipeline.engines import DEFAULT_CONFIG, TrainConfig, train
@@ -204,7 +206,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.weights is not None:
         config.network["weights"] = str(Path(args.weights).resolve())
     config.data = {"kind": args.data, "view": args.view, "size": args.size,
-                   "colour": args.colour, "hu_window": [-200.0, 800.0]}
+                   "colour": args.colour, "hu_window": list(CTA_HU_WINDOW)}
     camus = _camus_selection(args) if args.data == "camus" else None
     if camus is not None:
         config.data["camus"] = camus
@@ -480,8 +482,8 @@ def _parser() -> argparse.ArgumentParser:
     slices.add_argument("--views", nargs="+", default=["axial", "coronal", "sagittal"],
                         choices=["axial", "coronal", "sagittal"])
     slices.add_argument("--format", choices=["png", "nii"], default="png")
-    slices.add_argument("--hu-window", type=float, nargs=2, default=(-200.0, 800.0),
-                        metavar=("LOW", "HIGH"))
+    slices.add_argument("--hu-window", type=float, nargs=2, default=None,
+                        metavar=("LOW", "HIGH"), help="CT window in HU (default -200 800)")
     slices.add_argument("--spacing", type=float, default=None,
                         help="resample to this isotropic voxel size (mm) first")
     slices.add_argument("--label-value", type=int, default=None,

@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.crf import learn_weights, map_labelling
 from pipeline.data import noisy_blocks
+from pipeline.data.writers import atomic_write_text
 from pipeline.metrics import compute_jaccard
 
 __all__ = ["DEMO_SETS", "CRFDemoResult", "DemoResult", "run_crf_demo", "run_demo"]
@@ -68,11 +69,8 @@ def run_crf_demo(*, size: int = 96, n_train: int = 8, n_test: int = 8, C: float 
         jaccard_threshold=float(np.nanmean(j_thr)), jaccard_crf=float(np.nanmean(j_crf)),
         improved_images=int(np.sum(j_crf > j_thr)), seconds=time.perf_counter() - start)
     if output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "crf_demo.json.tmp"
-        tmp.write_text(json.dumps(asdict(demo), indent=2) + "\n")
-        tmp.replace(out / "crf_demo.json")
+        atomic_write_text(Path(output_dir) / "crf_demo.json",
+                          json.dumps(asdict(demo), indent=2) + "\n")
     return demo
 
 

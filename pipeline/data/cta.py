@@ -24,6 +24,7 @@ from pipeline.data.views import VIEWS, SliceViewsd
 
 __all__ = [
     "CTA_HU_WINDOW",
+    "RAS_LABELS",
     "SLICE_PARTS",
     "LoadVolumed",
     "SliceSplit",
@@ -34,6 +35,8 @@ __all__ = [
     "slice_datalist",
 ]
 
+#: Axis labels of MONAI's Orientation for the RAS+ world convention used everywhere here.
+RAS_LABELS: tuple[tuple[str, str], ...] = (("L", "R"), ("P", "A"), ("I", "S"))
 #: Default CT window for contrast-enhanced cardiac CT (level 300, width 1000 HU).
 CTA_HU_WINDOW: tuple[float, float] = (-200.0, 800.0)
 
@@ -94,7 +97,7 @@ def cta_volume_transforms(*, keys: Sequence[str] = ("image", "label"), root: str
         LoadVolumed(keys, root=root, series_uid=series_uid),
         AlignLabeld(label_key, ref_key=image_key, label_value=label_value,
                     allow_crop=allow_crop, allow_missing_keys=True),
-        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")),
+        Orientationd(keys, axcodes="RAS", labels=RAS_LABELS,
                      allow_missing_keys=True),
     ]
     if spacing is not None:

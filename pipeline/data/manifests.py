@@ -176,12 +176,9 @@ def build_manifest(root: str | os.PathLike, *, fractions: Sequence[float] = (0.7
 
 def write_manifest(manifest: Mapping, path: str | os.PathLike) -> Path:
     """Writes a manifest as pretty JSON, atomically."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(out)
-    return out
+    from pipeline.data.writers import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
 
 
 def load_manifest(path: str | os.PathLike) -> dict:

@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.data.alignment import align_label_to_image
-from pipeline.data.cta import SliceSplit, cta_volume_transforms, run_transforms
+from pipeline.data.cta import RAS_LABELS, SliceSplit, cta_volume_transforms, run_transforms
 from pipeline.data.horse import MASK_THRESHOLD
 from pipeline.data.readers import is_nifti, read_volume
 from pipeline.data.views import VIEWS, slice_affine, slice_volume
@@ -40,7 +40,6 @@ _VOLUME_SUFFIXES = ("_mask.nii.gz", ".nii.gz", "_mask.nii", ".nii")
 _IMAGE_PRED_SUFFIXES = ("_mask.png", ".png")
 
 
-_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # as in pipeline.data.cta
 
 
 def _strip(name: str, suffixes: Sequence[str]) -> str:
@@ -184,7 +183,7 @@ def _score_3d(pair: _Pair, pred_path: Path, *, method: str, views: Sequence[str]
     meta = {k: v for k, v in raw.meta.items() if k != "affine"}
     pred = MetaTensor(torch.as_tensor(_binary_prediction(np.asarray(raw), pred_path)[None]),
                       affine=raw.affine, meta=meta)
-    pred = Orientation(axcodes="RAS", labels=_RAS_LABELS)(pred)
+    pred = Orientation(axcodes="RAS", labels=RAS_LABELS)(pred)
     try:
         pred = align_label_to_image(pred, ref)  # no-op when it is on the image's grid
     except ValueError as err:

@@ -15,7 +15,7 @@ from monai.transforms import Orientation, Resize, ScaleIntensityRange
 
 from pipeline.crf import CRFWeights, GraphCutPool, map_labelling, volume_map_labelling
 from pipeline.data.alignment import resample_to_grid
-from pipeline.data.cta import CTA_HU_WINDOW
+from pipeline.data.cta import CTA_HU_WINDOW, RAS_LABELS
 from pipeline.data.views import VIEWS, restack_slices, slice_volume
 from pipeline.models import load_run, predict_probabilities
 
@@ -213,7 +213,7 @@ class VolumePredictor(_GraphCutWorkers):
             raise ValueError(f"expected an X×Y×Z volume, got shape {tuple(volume.shape)}")
         original_affine = np.asarray(volume.affine, dtype=np.float64)
         original_shape = tuple(volume.shape)
-        ras = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))(
+        ras = Orientation(axcodes="RAS", labels=RAS_LABELS)(
             volume[None])
         ras_affine = np.asarray(ras.affine, dtype=np.float64)
         low, high = self.models[self.views[0]].hu_window

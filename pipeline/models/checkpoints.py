@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from pipeline.data.writers import atomic_path
 from pipeline.networks.pretrained import sha256_file
 
 __all__ = ["CHECKPOINT_FORMAT", "export_model", "load_checkpoint", "save_checkpoint"]
@@ -30,9 +31,12 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
-    tmp.replace(out)
+    tmp = atomic_path(out)
+    try:
+        torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

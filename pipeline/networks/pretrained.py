@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.data.writers import atomic_path
 from pipeline.networks.fcn8s import BGR_MEAN
 
 __all__ = [
@@ -251,7 +252,7 @@ def write_vgg16_weights(out: str | os.PathLike, source: str | os.PathLike | None
             "sha256": digest, "package": HED_PACKAGE if digest == HED_SHA256 else "",
             "pinned": str(digest == HED_SHA256)}
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = atomic_path(target)
     try:
         torch.save({"format": WEIGHTS_FORMAT, "state_dict": state, "source": info}, tmp)
         tmp.replace(target)
