@@ -11,22 +11,17 @@ from pathlib import Path
 
 from pipeline import distributed
 from pipeline.crf import keep_freed_memory
-from pipeline.data.cta import CTA_HU_WINDOW
 from pipeline.data.phantoms import GENERATED_KINDS, ensure_demo_data
 from pipeline.data.samples import training_sets
 from pipeline.engines import (
-    DEFAULT_CONFIG,
     MODES,
-    TrainConfig,
     previous_stage_checkpoint,
     stage_checkpoint,
 )
-from pipeline.engines import train as train_run
-from pipeline.evaluation.runs import evaluate_runs
-from pipeline.evaluation.tables import write_eval_table
 from pipeline.inference import VolumePredictor, find_cases, run_batch, segment_frames
 from pipeline.inference.images import segment_image_folder
-from pipeline.reports import build_report, collect_provenance, write_report
+from pipeline.reports import collect_provenance
+from pipeline.workflow import data_settings, evaluate_and_report, stage_config, train_stage
 
 __all__ = ["ensure_demo_data", "evaluate", "infer", "infer_frames", "infer_images", "train"]
 
@@ -65,7 +60,7 @@ def _data(data_kind, dataset_dir, manifest, view, size):
 def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: str = "demo",
           manifest: str | None = None, view: str = "axial", size: int = 64,
           epochs: int | None = None, preset: str | None = None, init: str | None = None,
-          resume: bool = False, in_channels: int = 1, progress: bool = False,
+          resume: bool = False, in_channels: int | None = None, progress: bool = False,
           weights: str | None = None) -> Path:
     """Trains one stage into ``<output_dir>/<mode>/``.
 
@@ -83,15 +78,12 @@ def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: st
             raise FileNotFoundError(f"{previous}: train the {previous.parent.name} stage first "
                                     f"(--mode {previous.parent.name}) or give --init")
         init = None if previous is None else str(previous)
-    config = TrainConfig.from_json(preset or DEFAULT_CONFIG, mode=mode, epochs=epochs)
-    config.network = {**config.network, "in_channels": in_channels}
-    if weights is not None:
-        config.network["weights"] = str(Path(weights).resolve())
-    config.data = {"kind": data_kind, "view": view, "size": size,
-                   "hu_window": list(CTA_HU_WINDOW)}
-    train_set, val_set = _data(data_kind, dataset_dir, manifest, view, size)
-    result = train_run(config, train_set, val_set, Path(output_dir) / mode, init=init,
-                       resume=resume, progress=progress)
+    config = stage_config(preset, data=data_settings(data_kind, view=view, size=size),
+                          weights=weights, mode=mode, epochs=epochs)
+    if in_channels is not None:
+        config.network["in_channels"] = in_channels
+    result = train_stage(config, Path(output_dir) / mode, root=dataset_dir, manifest=manifest,
+                         init=init, resume=resume, progress=progress).result
     return result.best_checkpoint
 
 
@@ -112,16 +104,12 @@ def evaluate(*, dataset_dir: str, output_dir: str, data_kind: str = "demo",
     _, val_set = _data(data_kind, dataset_dir, manifest, view, size)
     if not distributed.is_main():
         return {}
-    rows = evaluate_runs(runs, val_set, progress=progress)
-    out = Path(output_dir)
-    table = write_eval_table(rows, out / "evaluation.csv")
-    log = Path(output_dir) / "joint" / "log.csv"
-    report = build_report([table], training_log=log if log.is_file() else None,
-                          provenance=collect_provenance({"view": view, "size": size},
-                                                        manifest),
-                          title=f"mmcrf evaluation ({view} view)")
-    paths = write_report(report, out / "report")
-    return {"table": table, **paths}
+    done = evaluate_and_report([(runs, val_set)], output_dir,
+                               training_log=Path(output_dir) / "joint" / "log.csv",
+                               provenance=collect_provenance({"view": view, "size": size},
+                                                             manifest),
+                               title=f"mmcrf evaluation ({view} view)", progress=progress)
+    return {k: v for k, v in done.items() if isinstance(v, Path)}
 
 
 def infer(*, input_dir: str, output_dir: str, model_file: str, view: str = "axial",

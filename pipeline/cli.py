@@ -191,37 +191,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipeline import distributed
-    from pipeline.data.cta import CTA_HU_WINDOW
-    from pipeline.data.phantoms import GENERATED_KINDS, ensure_demo_data
-    from pipeline.data.samples import training_sets
-    from pipeline.engines import DEFAULT_CONFIG, TrainConfig, train
+    from pipeline.workflow import data_settings, stage_config, train_stage
 
     distributed.init_from_env()
     overrides = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr, "C": args.C,
                  "batch_size": args.batch_size, "seed": args.seed,
                  "graphcut_workers": args.graphcut_workers, "patience": args.patience}
-    config = TrainConfig.from_json(args.config or DEFAULT_CONFIG, **overrides)
-    in_channels = 3 if args.data in ("horse", "horse_demo") and args.colour == "rgb" else 1
-    config.network = {**config.network, "in_channels": in_channels}
-    if args.weights is not None:
-        config.network["weights"] = str(Path(args.weights).resolve())
-    config.data = {"kind": args.data, "view": args.view, "size": args.size,
-                   "colour": args.colour, "hu_window": list(CTA_HU_WINDOW)}
-    camus = _camus_selection(args) if args.data == "camus" else None
-    if camus is not None:
-        config.data["camus"] = camus
+    data = data_settings(args.data, view=args.view, size=args.size, colour=args.colour,
+                         camus=_camus_selection(args) if args.data == "camus" else None)
+    config = stage_config(args.config, data=data, weights=args.weights, **overrides)
     out = Path(args.out)
-    root = args.root or _default_root(args.data, out.parent)
-    if args.data in GENERATED_KINDS:  # generated data: one rank writes it, the others wait
-        distributed.main_rank_first(ensure_demo_data, args.data, root)
-    train_set, val_set = training_sets(args.data, root=root, manifest=args.manifest,
-                                       view=args.view, size=args.size, colour=args.colour,
-                                       camus=camus)
-    if distributed.is_main():
-        print(f"mmcrf train: {config.mode} on {len(train_set)} training / {len(val_set)} "
-              f"validation images ({args.data}, {args.size}x{args.size}) -> {out}", flush=True)
-    result = train(config, train_set, val_set, out, init=args.init, resume=args.resume,
-                   progress=args.progress)
+    stage = train_stage(config, out, root=args.root or _default_root(args.data, out.parent),
+                        manifest=args.manifest, init=args.init, resume=args.resume,
+                        progress=args.progress,
+                        log=lambda line: print(f"mmcrf train: {line}", flush=True))
+    result = stage.result
     if distributed.is_main():
         for row in result.history:
             shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"

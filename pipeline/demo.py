@@ -129,22 +129,9 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
         ValueError: an unknown data set.
     """
     from pipeline.data.samples import training_sets
-    from pipeline.engines import (
-        DEFAULT_CONFIG,
-        MODES,
-        TrainConfig,
-        previous_stage_checkpoint,
-        train,
-    )
-    from pipeline.evaluation.examples import QualitativeCases
-    from pipeline.evaluation.runs import evaluate_runs_with_examples
-    from pipeline.evaluation.tables import write_eval_table
-    from pipeline.reports import (
-        build_report,
-        collect_provenance,
-        qualitative_figures,
-        write_report,
-    )
+    from pipeline.engines import DEFAULT_CONFIG, MODES, TrainConfig, previous_stage_checkpoint
+    from pipeline.reports import collect_provenance
+    from pipeline.workflow import data_settings, evaluate_and_report, stage_config, train_stage
 
     unknown = [s for s in sets if s not in DEMO_SETS]
     if unknown or not sets:
@@ -153,44 +140,35 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
     out = Path(output_dir)
     preset = config or DEFAULT_CONFIG
     runs: dict[str, str] = {}
-    rows: list[dict] = []
-    examples: list = []
+    groups: list = []
     epochs_of = {"cnn": cnn_epochs, "piecewise": None, "joint": joint_epochs}
     for name in sets:
-        if name == "echo":
-            train_set, val_set = training_sets("echo_demo", root=out / "demo_data" / "echo",
-                                               size=size)
-            what = "frames of the echo phantom cohort"
-        else:
-            train_set, val_set = training_sets("demo", root=out / "demo_data" / "cta",
-                                               view=name, size=size)
-            what = f"{name} slices of the CTA phantom cohort"
-        log(f"[{name}] {len(train_set)} training / {len(val_set)} validation {what} "
+        kind = "echo_demo" if name == "echo" else "demo"
+        root = out / "demo_data" / ("echo" if name == "echo" else "cta")
+        samples = training_sets(kind, root=root, view=name, size=size)
+        what = ("frames of the echo phantom cohort" if name == "echo"
+                else f"{name} slices of the CTA phantom cohort")
+        log(f"[{name}] {len(samples[0])} training / {len(samples[1])} validation {what} "
             f"({size}x{size})")
         view_runs: dict[str, str] = {}
         for mode in MODES:
-            cfg = TrainConfig.from_json(preset, mode=mode, epochs=epochs_of[mode])
-            cfg.data = {"kind": "echo_demo" if name == "echo" else "demo", "view": name,
-                        "size": size}
+            cfg = stage_config(preset, data=data_settings(kind, view=name, size=size),
+                               mode=mode, epochs=epochs_of[mode])
             init = previous_stage_checkpoint(out / "runs" / name, mode)
-            result = train(cfg, train_set, val_set, out / "runs" / name / mode, init=init,
-                           progress=progress)
+            result = train_stage(cfg, out / "runs" / name / mode, init=init, samples=samples,
+                                 progress=progress).result
             view_runs[mode] = runs[f"{name}/{mode}"] = str(result.best_checkpoint)
             log(f"  {mode:9s} best validation Jaccard {result.best_metric:.4f} "
                 f"(epoch {result.best_epoch})" + ("" if result.weights is None else
                                                   f", CRF weights {result.weights}"))
-        evaluation = evaluate_runs_with_examples(view_runs, val_set, progress=progress)
-        rows.extend(evaluation.rows)
-        examples.extend(evaluation.examples.cases)
-    table = write_eval_table(rows, out / "evaluation.csv")
-    cases = QualitativeCases(method="joint", cases=examples)
-    cases.save(out / "examples.npz")
-    first = sets[0]
-    report = build_report([table], training_log=out / "runs" / first / "joint" / "log.csv",
-                          figures=qualitative_figures(cases),
-                          provenance=collect_provenance(asdict(TrainConfig.from_json(preset))),
-                          title="mmcrf demo: CTA phantoms (three views) and echo phantoms")
-    paths = write_report(report, out / "report")
+        groups.append((view_runs, samples[1]))
+    done = evaluate_and_report(
+        groups, out, training_log=out / "runs" / sets[0] / "joint" / "log.csv",
+        provenance=collect_provenance(asdict(TrainConfig.from_json(preset))),
+        title="mmcrf demo: CTA phantoms (three views) and echo phantoms", examples=True,
+        progress=progress)
+    table, report = done["table"], done["report"]
+    paths = {k: v for k, v in done.items() if isinstance(v, Path) and k != "table"}
     means: dict[str, dict[str, float]] = {}
     scored: dict[str, int] = {}
     excluded: dict[str, int] = {}
