@@ -41,7 +41,7 @@ from _report import print_measures, print_targets
 from monai.data import MetaTensor
 
 from pipeline.crf import CRFWeights, keep_freed_memory, learn_weights, map_labelling
-from pipeline.crf.inference import _map_plan
+from pipeline.crf.graphcut import _map_plan
 from pipeline.data import cta_phantom
 from pipeline.data.phantoms import write_cta_cohort
 from pipeline.data.samples import cta_samples

@@ -28,16 +28,16 @@ def block_problem(rng: np.random.Generator, batch: int = 3, size: int = 6, stren
 @pytest.fixture
 def graph_sizes(monkeypatch) -> list[int]:
     """The node count of every graph the graph cuts build while the test runs."""
-    from pipeline.crf import inference
+    from pipeline.crf import graphcut
 
     sizes: list[int] = []
-    build = inference._empty_graph
+    build = graphcut._empty_graph
 
     def recording(n_nodes: int, n_edges: int):
         sizes.append(n_nodes)
         return build(n_nodes, n_edges)
 
-    monkeypatch.setattr(inference, "_empty_graph", recording)
+    monkeypatch.setattr(graphcut, "_empty_graph", recording)
     return sizes
 
 
@@ -45,10 +45,10 @@ def graph_sizes(monkeypatch) -> list[int]:
 def no_persistency(monkeypatch):
     """Returns a switch that turns persistency off: after calling it, every graph cut takes
     the whole grid, the oracle that cuts reduced by persistency must equal."""
-    from pipeline.crf import inference
+    from pipeline.crf import graphcut
 
     def switch() -> None:
-        monkeypatch.setattr(inference, "_undecided_box",
+        monkeypatch.setattr(graphcut, "_undecided_box",
                             lambda undecided: tuple(slice(0, n) for n in undecided.shape))
 
     return switch

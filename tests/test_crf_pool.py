@@ -18,7 +18,7 @@ from pipeline.crf import (
     graph_cut,
     map_labelling,
 )
-from pipeline.crf.inference import keep_freed_memory
+from pipeline.crf.graphcut import keep_freed_memory
 from pipeline.data import noisy_blocks
 
 

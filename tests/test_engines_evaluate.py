@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from pipeline.crf.inference import map_labelling
+from pipeline.crf.graphcut import map_labelling
 from pipeline.data.manifests import build_manifest, manifest_entries
 from pipeline.data.phantoms import write_cta_cohort
 from pipeline.data.samples import cta_samples, to_samples

@@ -15,7 +15,7 @@ from pipeline.crf.features import (
     energy,
     hamming_loss,
 )
-from pipeline.crf.inference import (
+from pipeline.crf.graphcut import (
     GraphCutPool,
     graph_cut,
     keep_freed_memory,

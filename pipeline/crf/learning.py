@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.crf.features import CRFWeights, GridCRF, hamming_loss
-from pipeline.crf.inference import GraphCutPool, graph_cut
+from pipeline.crf.graphcut import GraphCutPool, graph_cut
 from pipeline.crf.qp import MarginQP
 
 __all__ = ["LearningResult", "cutting_plane", "envelope_gradient", "learn_weights"]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.crf.features import CRFWeights, GridCRF
-from pipeline.crf.inference import GraphCutPool
+from pipeline.crf.graphcut import GraphCutPool
 from pipeline.crf.learning import DEFAULT_TOL, LearningResult, cutting_plane, envelope_gradient
 from pipeline.crf.qp import MarginQP
 

@@ -19,7 +19,7 @@ from pipeline.crf.features import (
     _squared_differences,
     _unary_costs,
 )
-from pipeline.crf.inference import _cut, _probability_box
+from pipeline.crf.graphcut import _cut, _probability_box
 
 __all__ = ["VOLUME_OFFSETS", "spacing_factors", "volume_energy", "volume_map_labelling"]
 
@@ -113,7 +113,7 @@ def volume_map_labelling(prob: np.ndarray, image: np.ndarray, weights: CRFWeight
     beta_value = _check_beta(beta)
     if beta_value is None:  # over the whole volume
         beta_value = _beta_of(img, VOLUME_OFFSETS)
-    # persistency (see pipeline.crf.inference._cut_plan), decided on the probabilities: only
+    # persistency (see pipeline.crf.graphcut._cut_plan), decided on the probabilities: only
     # the box of the voxels it leaves open gets unaries, contrasts and the cut
     labels = (z > 0.5).astype(np.uint8)
     box = _probability_box(z, w.w1, [f * (w.w2 + w.w3) for f in _edge_factors(factors)])

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline import distributed as dist
 from pipeline.crf import CRFWeights, GraphCutPool, MarginQP, MaxMarginLoss, learn_weights
-from pipeline.crf.inference import map_labelling
+from pipeline.crf.graphcut import map_labelling
 from pipeline.engines.augment import Augmentation
 from pipeline.engines.rng import rng_state, set_rng_state
 from pipeline.metrics import compute_jaccard

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.crf import CRFWeights
-from pipeline.crf.inference import map_labelling
+from pipeline.crf.graphcut import map_labelling
 from pipeline.evaluation.examples import PICKS, QualitativeCase, QualitativeCases
 from pipeline.evaluation.tables import EvalTable, evaluation_rows, select_cases
 from pipeline.models import load_run, predict_probabilities

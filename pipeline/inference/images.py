@@ -12,7 +12,7 @@ from monai.transforms import Resize
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.crf.inference import map_labelling
+from pipeline.crf.graphcut import map_labelling
 from pipeline.data.writers import write_csv, write_png_mask
 from pipeline.inference.predictor import ViewModel
 from pipeline.models import predict_probabilities

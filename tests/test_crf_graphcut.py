@@ -11,7 +11,7 @@ from pipeline.crf import (
     data_driven_beta,
     energy,
     graph_cut,
-    inference,
+    graphcut,
     loss_augmented_labelling,
     map_labelling,
 )
@@ -106,7 +106,7 @@ def test_reused_graph_cuts_like_a_fresh_graph(rng, connectivity, reuse_max, monk
     # augmentation alternates with MAP: the cut must never depend on what the graph held before
     # (reuse_max=1000: the larger grids get graphs of their own between reused small ones)
     if reuse_max is not None:
-        monkeypatch.setattr(inference, "_REUSE_MAX_NODES", reuse_max)
+        monkeypatch.setattr(graphcut, "_REUSE_MAX_NODES", reuse_max)
     shapes = [(40, 48), (3, 3), (64, 64), (3, 3), (5, 7), (40, 48), (3, 3)]
     for k, shape in enumerate(shapes):
         prob = rng.uniform(0.02, 0.98, shape)
@@ -126,9 +126,9 @@ def test_reused_graph_cuts_like_a_fresh_graph(rng, connectivity, reuse_max, monk
                                  truth)
             assert value == pytest.approx(best, abs=1e-12)
     if reuse_max is not None:  # large grids get their own graph; small ones share one
-        kept = inference._empty_graph(9, 18)
-        assert inference._empty_graph(40 * 48, 4 * 40 * 48) is not kept
-        assert inference._empty_graph(12, 24) is kept
+        kept = graphcut._empty_graph(9, 18)
+        assert graphcut._empty_graph(40 * 48, 4 * 40 * 48) is not kept
+        assert graphcut._empty_graph(12, 24) is kept
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
