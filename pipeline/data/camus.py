@@ -183,7 +183,7 @@ def camus_samples(root: str | os.PathLike, split: str, *, size: int | None = Non
         ValueError: a malformed split (a patient in two splits is one), an unknown split, a
             listed patient without images, or an image without its ``_gt`` file.
     """
-    from pipeline.data.samples import to_samples
+    from pipeline.data.samples import ECHO_VIEW, to_samples
     from pipeline.data.splits import read_split
 
     splits = read_split(root)
@@ -195,9 +195,10 @@ def camus_samples(root: str | os.PathLike, split: str, *, size: int | None = Non
         image, mask = load_camus(item, labels)
         if mask is None:
             raise ValueError(f"{item.image}: no label file {item.name}_gt.* beside it")
+        # case = patient, slice = the image's name: the keys of evaluation tables
         items.append({"image": image[None], "label": mask[None], "id": item.name,
-                      "source": item.patient})
-    return to_samples(items, size, keep=("source",))
+                      "source": item.patient, "view": ECHO_VIEW, "slice": item.name})
+    return to_samples(items, size)
 
 
 def check_camus(root: str | os.PathLike) -> dict[str, Any]:
