@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 __all__ = [
     "atomic_path",
+    "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
     "write_csv",
@@ -154,12 +155,13 @@ def write_dicom_series(volume_hu: np.ndarray, affine: np.ndarray, folder: str | 
     return out
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Calls ``write(temporary path)``, then renames the file onto ``path``: readers see the
+    old file or the whole new one, and a failed write leaves nothing behind.
 
     Args:
         path: destination; its folder is created if missing.
-        data: the bytes to write.
+        write: writes the file it is given (a sibling of ``path``, see :func:`atomic_path`).
 
     Returns:
         The destination path.
@@ -168,14 +170,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
     try:
-        with tmp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(tmp)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes ``data`` to ``path`` atomically (:func:`atomic_write`), synced to disk."""
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    return atomic_write(path, write)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from pipeline.data.writers import atomic_path
-from pipeline.networks.pretrained import sha256_file
+from pipeline.data.writers import atomic_write
+from pipeline.networks.pretrained import load_weights_only, sha256_file
 
 __all__ = ["CHECKPOINT_FORMAT", "export_model", "load_checkpoint", "save_checkpoint"]
 
@@ -29,24 +29,12 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     Returns:
         The path written.
     """
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(out)
-    try:
-        torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return atomic_write(path, lambda tmp: torch.save({"format": CHECKPOINT_FORMAT, **payload},
+                                                     tmp))
 
 
 def _read(p: Path) -> dict[str, Any]:
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such checkpoint")
-    try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{p}: cannot load checkpoint ({type(err).__name__}: {err})") from None
+    payload = load_weights_only(p, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{p}: not an mmcrf checkpoint (format {CHECKPOINT_FORMAT})")
     return payload

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.data.writers import atomic_path
+from pipeline.data.writers import atomic_write
 from pipeline.networks.fcn8s import BGR_MEAN
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "download_hed_wheel",
     "hed_edges",
     "load_pretrained_backbone",
+    "load_weights_only",
     "read_hed_h5",
     "read_vgg16_file",
     "sha256_file",
@@ -251,13 +252,8 @@ def write_vgg16_weights(out: str | os.PathLike, source: str | os.PathLike | None
     info = {"file": str(origin.resolve()), "member": HED_MEMBER if origin != h5 else "",
             "sha256": digest, "package": HED_PACKAGE if digest == HED_SHA256 else "",
             "pinned": str(digest == HED_SHA256)}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(target)
-    try:
-        torch.save({"format": WEIGHTS_FORMAT, "state_dict": state, "source": info}, tmp)
-        tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(target, lambda tmp: torch.save(
+        {"format": WEIGHTS_FORMAT, "state_dict": state, "source": info}, tmp))
     return {**info, "path": str(target)}
 
 
@@ -272,12 +268,7 @@ def read_vgg16_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         ValueError: unreadable, or neither form (the message names the file).
     """
     source = Path(path)
-    if not source.is_file():
-        raise FileNotFoundError(f"VGG16 weights file not found: {source}")
-    try:
-        payload = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{source} cannot be read as a torch file: {exc}") from None
+    payload = load_weights_only(source, "VGG16 weights file")
     info: dict[str, str] = {}
     if isinstance(payload, Mapping) and payload.get("format") == WEIGHTS_FORMAT:
         info = dict(payload.get("source") or {})
@@ -286,6 +277,22 @@ def read_vgg16_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
             isinstance(k, str) and isinstance(v, Tensor) for k, v in payload.items()):
         raise ValueError(f"{source} is neither an mmcrf VGG16 weights file nor a state dict")
     return dict(payload), info
+
+
+def load_weights_only(path: str | os.PathLike, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: nothing is unpickled.
+
+    Raises:
+        FileNotFoundError: no such file (the message says what was looked for).
+        ValueError: unreadable (the message names the file and the reason).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such {what}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{p}: cannot load {what} ({type(err).__name__}: {err})") from None
 
 
 def _backbone_convs(model: nn.Module) -> list[nn.Conv2d]:
