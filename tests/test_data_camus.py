@@ -21,7 +21,7 @@ from pipeline.data.camus import (
 from pipeline.data.samples import split_samples, training_sets
 from pipeline.data.ultrasound import load_ultrasound
 from pipeline.engines import TrainConfig, train
-from pipeline.models import export_model
+from pipeline.models import export_model, load_checkpoint
 from tests.test_engines_training import TINY_NET
 
 H, W = 40, 48  # rows × columns of the loader's view; non-square, so a transpose shows
@@ -221,3 +221,18 @@ def test_infer_writes_one_mask_per_camus_frame_on_its_grid(camus_model, tmp_path
         source = root / name.replace("_mask.nii.gz", ".nii.gz")
         assert nib.load(out / name).shape == nib.load(source).shape == (W, H)
         np.testing.assert_array_equal(nib.load(out / name).affine, nib.load(source).affine)
+
+
+def test_cli_trains_on_a_camus_folder_with_its_selection(tmp_path, capsys):
+    root = _camus(tmp_path / "c", patients=4)
+    out = tmp_path / "run"
+    assert main(["train", "--data", "camus", "--root", str(root), "--size", "32", "--epochs", "1",
+                 "--camus-view", "both", "--camus-phase", "ES", "--camus-labels", "2", "1",
+                 "--mode", "cnn", "--out", str(out)]) == 0
+    assert "cnn on 4 training / 4 validation images (camus, 32x32)" in capsys.readouterr().out
+    data = load_checkpoint(out / "last.pt")["config"]["data"]
+    assert data["kind"] == "camus" and data["size"] == 32
+    assert data["camus"] == {"views": ["2CH", "4CH"], "phases": ["ES"], "labels": [1, 2]}
+    assert main(["train", "--data", "camus", "--root", str(root), "--camus-labels", "0",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "--camus-labels: CAMUS foreground labels are 1-3" in capsys.readouterr().err
