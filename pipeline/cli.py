@@ -151,7 +151,12 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
 
 def _camus_selection(args: argparse.Namespace) -> dict[str, list]:
     """The CAMUS views, phases and foreground labels of ``--camus-view/--camus-phase/--labels``."""
-    from pipeline.data.camus import CAMUS_LABELS, CAMUS_PHASES, CAMUS_VIEWS, camus_selection
+    from pipeline.data.datasets.camus import (
+        CAMUS_LABELS,
+        CAMUS_PHASES,
+        CAMUS_VIEWS,
+        camus_selection,
+    )
 
     args.camus_labels_given = args.camus_labels is not None
     labels = sorted(set(args.camus_labels or [1]))
@@ -177,7 +182,7 @@ def _add_camus_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_camus_check(args: argparse.Namespace) -> int:
-    from pipeline.data.camus import check_camus
+    from pipeline.data.datasets.camus import check_camus
 
     report = check_camus(args.root)
     for problem in report["problems"]:
@@ -243,7 +248,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError("--images needs --model (a checkpoint or a bundle folder) or "
                              "--run METHOD=CHECKPOINT (repeatable), not both")
         runs = model_files(args.model) if args.model else _parse_runs(args.run)
-        from pipeline.data.camus import is_camus_folder
+        from pipeline.data.datasets.camus import is_camus_folder
 
         camus = is_camus_folder(args.images)
         if camus:

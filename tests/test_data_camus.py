@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.cli import main
-from pipeline.data.camus import (
+from pipeline.data.datasets.camus import (
     camus_selection,
     check_camus,
     find_camus_images,

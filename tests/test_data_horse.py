@@ -11,7 +11,7 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, EnsureTyped
 from PIL import Image
 
-from pipeline.data.horse import (
+from pipeline.data.datasets.horse import (
     MASK_THRESHOLD,
     BrokenImageError,
     LoadHorsed,

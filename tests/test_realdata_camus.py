@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.data.camus import check_camus, find_camus_images
+from pipeline.data.datasets.camus import check_camus, find_camus_images
 from pipeline.evaluation.folders import evaluate_camus_folder
 from pipeline.models import model_files
 from tests.test_bundles import REPO

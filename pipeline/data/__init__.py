@@ -13,7 +13,7 @@ from pipeline.data.cta import (
     select_slices,
     slice_datalist,
 )
-from pipeline.data.horse import (
+from pipeline.data.datasets.horse import (
     BrokenImageError,
     LoadHorsed,
     horse_datalist,

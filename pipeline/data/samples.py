@@ -11,7 +11,7 @@ import torch
 from monai.transforms import Resized
 
 from pipeline.data.cta import slice_datalist
-from pipeline.data.horse import horse_datalist, load_horse
+from pipeline.data.datasets.horse import horse_datalist, load_horse
 
 __all__ = ["DATA_KINDS", "ECHO_VIEW", "TWO_D_KINDS", "cta_samples", "echo_samples",
            "generated_base_kind", "horse_samples", "split_samples", "to_samples",
@@ -158,7 +158,7 @@ def split_samples(kind: str, split: str, *, root: str | os.PathLike | None = Non
             ultrasound cohort folder, see :func:`echo_samples`), ``echo_demo`` (the
             generated echo phantom cohort, written to ``root`` if absent) or ``camus`` (a
             CAMUS folder with a ``split.json`` of patients, see
-            :func:`pipeline.data.camus.camus_samples`).
+            :func:`pipeline.data.datasets.camus.camus_samples`).
         split: ``training``, ``validation``, ...
         root: data root.
         manifest: manifest path (``cta``).
@@ -185,7 +185,7 @@ def split_samples(kind: str, split: str, *, root: str | os.PathLike | None = Non
     if kind == "horse":
         return horse_samples(root, split, size=size, colour=colour)
     if kind == "camus":
-        from pipeline.data.camus import camus_samples
+        from pipeline.data.datasets.camus import camus_samples
 
         selection = dict(camus or {})
         return camus_samples(root, split, size=size,

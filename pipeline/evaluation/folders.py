@@ -9,7 +9,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.data.horse import BrokenImageError, horse_split, load_horse, scan_horse_folder
+from pipeline.data.datasets.horse import (
+    BrokenImageError,
+    horse_split,
+    load_horse,
+    scan_horse_folder,
+)
 from pipeline.data.writers import write_csv, write_png_mask
 from pipeline.evaluation.tables import evaluation_rows, write_eval_table
 from pipeline.inference.images import predict_image
@@ -137,7 +142,7 @@ def evaluate_camus_folder(models: Mapping[str, str | os.PathLike], images: str |
     Raises:
         ValueError: no CAMUS image of the selection, or an unknown split.
     """
-    from pipeline.data.camus import find_camus_images, load_camus
+    from pipeline.data.datasets.camus import find_camus_images, load_camus
     from pipeline.data.samples import ECHO_VIEW
     from pipeline.data.splits import read_split
     from pipeline.inference.frames import FramePredictor, write_frame_masks

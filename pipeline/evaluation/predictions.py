@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data.alignment import align_label_to_image
 from pipeline.data.cta import RAS_LABELS, SliceSplit, cta_volume_transforms, run_transforms
-from pipeline.data.horse import MASK_THRESHOLD
+from pipeline.data.datasets.horse import MASK_THRESHOLD
 from pipeline.data.readers import is_nifti, read_volume
 from pipeline.data.views import VIEWS, slice_affine, slice_volume
 from pipeline.evaluation.tables import evaluation_rows

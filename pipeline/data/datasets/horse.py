@@ -381,7 +381,7 @@ def horse_manifest(root: str | os.PathLike[str]) -> dict[str, Any]:
             f"{MASK_THRESHOLD}. rgb/ is stored at another resolution than the mask: resample "
             "it to the mask's size. Broken rgb images are listed under 'excluded' with the "
             "reason and their grey twin as 'fallback_image', not under their split. Built by "
-            "pipeline.data.horse.write_horse_manifest."
+            "pipeline.data.datasets.horse.write_horse_manifest."
         ),
         "reference": ("E. Borenstein and S. Ullman, 'Class-specific, top-down segmentation', "
                       "ECCV 2002. No licence stated; research use."),
