@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from pipeline.data.alignment import AlignLabel
 from pipeline.data.cta import SliceSplit
+from pipeline.data.pictures import read_picture
 from pipeline.data.readers import find_dicom_series, is_nifti, read_volume
 
 __all__ = [
@@ -263,16 +263,13 @@ def manifest_entries(manifest: Mapping, root: str | os.PathLike,
 def _check_2d(image: Path, label: Path | None) -> list[tuple[str, str, str]]:
     problems = []
     try:
-        with Image.open(image) as img:
-            size = img.size
-            img.load()
-    except Exception as err:
+        size = read_picture(image).size
+    except (ValueError, FileNotFoundError) as err:
         return [("image", str(image), f"unreadable image ({err})")]
     if label is not None:
         try:
-            with Image.open(label) as lab:
-                mask = np.asarray(lab.convert("L"))
-        except Exception as err:
+            mask = np.asarray(read_picture(label, "L"))
+        except (ValueError, FileNotFoundError) as err:
             return [("label", str(label), f"unreadable label ({err})")]
         if mask.shape[::-1] != size:
             problems.append(("label", str(label), f"label size {mask.shape[::-1]} differs from "

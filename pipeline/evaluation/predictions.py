@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation
-from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.data.alignment import align_label_to_image
 from pipeline.data.cta import RAS_LABELS, SliceSplit, cta_volume_transforms, run_transforms
 from pipeline.data.datasets.horse import MASK_THRESHOLD
+from pipeline.data.pictures import read_picture
 from pipeline.data.readers import is_nifti, read_volume
 from pipeline.data.views import VIEWS, slice_affine, slice_volume
 from pipeline.evaluation.tables import evaluation_rows
@@ -144,13 +144,12 @@ def _binary_prediction(array: np.ndarray, path: Path) -> np.ndarray:
 
 def _read_image(path: Path, what: str) -> np.ndarray:
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("1", "L", "I", "I;16", "F"):
-                return np.asarray(img)
-            arr = np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as err:
+        img = read_picture(path)
+    except ValueError as err:
         raise ValueError(f"{path}: unreadable {what} image ({err})") from None
+    if img.mode in ("1", "L", "I", "I;16", "F"):
+        return np.asarray(img)
+    arr = np.asarray(img.convert("RGB"))
     if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0],
                                                                          arr[..., 2])):
         raise ValueError(f"{path}: {what} is a colour image; a mask must be grey")

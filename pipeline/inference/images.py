@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.transforms import Resize
-from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.crf.graphcut import map_labelling
+from pipeline.data.pictures import read_picture
 from pipeline.data.writers import write_csv, write_png_mask
 from pipeline.inference.predictor import ViewModel
 from pipeline.models import predict_probabilities
@@ -45,11 +45,7 @@ def predict_image(vm: ViewModel, image: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def _read_image(path: Path, colour: str) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB" if colour == "rgb" else "L"), dtype=np.float32)
-    except Exception as err:
-        raise ValueError(f"{path}: unreadable image ({err})") from None
+    arr = np.asarray(read_picture(path, "RGB" if colour == "rgb" else "L"), dtype=np.float32)
     arr = arr / 255.0
     return arr.transpose(2, 0, 1) if arr.ndim == 3 else arr[None]
 

@@ -14,6 +14,7 @@ import numpy as np
 from monai.transforms import MapTransform
 from PIL import Image
 
+from pipeline.data.pictures import read_picture
 from pipeline.data.splits import SPLIT_FILE, read_split
 
 __all__ = [
@@ -334,13 +335,13 @@ def horse_datalist(root: str | os.PathLike[str], split: str | None = "training",
     for name in names:
         image = root / folder / f"{name}{SUFFIX}"
         label = root / MASK_DIR / f"{name}{SUFFIX}"
-        defect = find_defect(_open_image(image, "L")) if check else None
+        defect = find_defect(read_picture(image, "L")) if check else None
         if defect is not None:
             if on_broken == "raise":
                 raise BrokenImageError(image, defect)
             if on_broken == "gray":
                 twin = root / GRAY_DIR / f"{name}{SUFFIX}"
-                twin_defect = find_defect(_open_image(twin, "L"))
+                twin_defect = find_defect(read_picture(twin, "L"))
                 if twin_defect is not None:
                     raise BrokenImageError(twin, f"grey fallback also broken: {twin_defect}")
                 report.append(HorseIssue(name, str(image), defect, "gray_fallback"))
@@ -538,17 +539,6 @@ def _require_file(path: Path) -> None:
         raise FileNotFoundError(f"no such file {path}")
 
 
-def _open_image(path: Path, mode: str) -> Image.Image:
-    """Decodes a whole image file and converts it to ``mode``, with errors naming the file."""
-    _require_file(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert(mode)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot decode image {path}: {exc}") from exc
-
-
 def _names_in(folder: Path) -> frozenset[str]:
     if not folder.is_dir():
         return frozenset()
@@ -594,9 +584,9 @@ def _load_pair(image_path: Path, mask_path: Path, *, name: str, colour: Colour,
         raise ValueError("on_broken='gray' is a fallback for colour='rgb' only")
     _require_file(image_path)
     _require_file(mask_path)
-    mask_img = _open_image(mask_path, "L")
+    mask_img = read_picture(mask_path, "L")
     mask = (np.asarray(mask_img) >= MASK_THRESHOLD).astype(np.uint8)
-    img = _open_image(image_path, "RGB" if colour == "rgb" else "L")
+    img = read_picture(image_path, "RGB" if colour == "rgb" else "L")
     is_gray_file = image_path.parent.name == GRAY_DIR
     _check_size(img, image_path, mask_path, mask_img.size, exact=is_gray_file)
     stored = (img.size[1], img.size[0])
@@ -606,7 +596,7 @@ def _load_pair(image_path: Path, mask_path: Path, *, name: str, colour: Colour,
         if on_broken == "raise":
             raise BrokenImageError(image_path, defect)
         twin = image_path.parent.parent / GRAY_DIR / image_path.name
-        img = _open_image(twin, "L")
+        img = read_picture(twin, "L")
         _check_size(img, twin, mask_path, mask_img.size, exact=True)
         twin_defect = find_defect(img)
         if twin_defect is not None:
