@@ -93,15 +93,12 @@ def echo_samples(root: str | os.PathLike, split: str, *, size: int | None = None
             a case in two splits is one), an unknown split, or a case without its files (the
             message names the file).
     """
-    from pipeline.data.splits import read_split
+    from pipeline.data.splits import split_members
     from pipeline.data.ultrasound import load_ultrasound, normalise_frames
 
     base = Path(root)
-    splits = read_split(base)
-    if split not in splits:
-        raise ValueError(f"{base / 'split.json'}: no split {split!r} (has {sorted(splits)})")
     items = []
-    for case in splits[split]:
+    for case in split_members(base, split):
         image, mask = _cine_files(base / case)
         frames = load_ultrasound(image, mask)
         stack = normalise_frames(image, np.stack([f.image for f in frames]))

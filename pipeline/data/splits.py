@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["SPLIT_FILE", "read_split"]
+__all__ = ["SPLIT_FILE", "read_split", "split_members"]
 
 SPLIT_FILE = "split.json"
 
@@ -51,3 +51,16 @@ def read_split(root: str | os.PathLike[str]) -> dict[str, list[str]]:
                 raise ValueError(f"{path}: {item!r} is listed in {split!r} {where}")
             seen[item] = split
     return {split: list(names) for split, names in raw.items()}
+
+
+def split_members(root: str | os.PathLike[str], split: str) -> list[str]:
+    """The names listed under one split of ``root/split.json`` (see :func:`read_split`).
+
+    Raises:
+        FileNotFoundError: no ``split.json``.
+        ValueError: a malformed file, or no such split (the message lists the splits it has).
+    """
+    splits = read_split(root)
+    if split not in splits:
+        raise ValueError(f"{Path(root) / SPLIT_FILE}: no split {split!r} (has {sorted(splits)})")
+    return splits[split]

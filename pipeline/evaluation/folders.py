@@ -11,10 +11,10 @@ from tqdm.auto import tqdm
 
 from pipeline.data.datasets.horse import (
     BrokenImageError,
-    horse_split,
     load_horse,
     scan_horse_folder,
 )
+from pipeline.data.splits import split_members
 from pipeline.data.writers import write_csv, write_png_mask
 from pipeline.evaluation.tables import evaluation_rows, write_eval_table
 from pipeline.inference.images import predict_image
@@ -66,10 +66,7 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
     scan = scan_horse_folder(root)
     names = scan.usable(colour)  # type: ignore[arg-type]
     if split is not None:
-        splits = horse_split(root)
-        if split not in splits:
-            raise ValueError(f"{root / 'split.json'}: no split {split!r} (has {sorted(splits)})")
-        wanted = set(splits[split])
+        wanted = set(split_members(root, split))
         names = [n for n in names if n in wanted]
     if not names:
         raise ValueError(f"{root}: no image with a mask in {colour}/ and figure_ground/"
@@ -144,17 +141,11 @@ def evaluate_camus_folder(models: Mapping[str, str | os.PathLike], images: str |
     """
     from pipeline.data.datasets.camus import find_camus_images, load_camus
     from pipeline.data.samples import ECHO_VIEW
-    from pipeline.data.splits import read_split
     from pipeline.inference.frames import FramePredictor, write_frame_masks
     from pipeline.models import load_checkpoint
 
     root = Path(images)
-    patients = None
-    if split is not None:
-        splits = read_split(root)
-        if split not in splits:
-            raise ValueError(f"{root / 'split.json'}: no split {split!r} (has {sorted(splits)})")
-        patients = splits[split]
+    patients = None if split is None else split_members(root, split)
     items = find_camus_images(root, views=views, phases=phases, patients=patients)
     if not items:
         raise ValueError(f"{root}: no CAMUS {'/'.join(views)} {'/'.join(phases)} images "

@@ -30,6 +30,7 @@ __all__ = [
     "FRAME_SUMMARY_COLUMNS",
     "FramePredictor",
     "find_frame_cases",
+    "frame_grid",
     "is_frame_model",
     "run_frames",
     "segment_frames",
@@ -231,31 +232,40 @@ class FramePredictor(_GraphCutWorkers):
 
 # Batch -----------------------------------------------------------------------------------------
 
-def _frame_affine(path: Path, spacing: tuple[float, float] | None) -> np.ndarray:
-    """The output's affine: a NIfTI input's own (in mm units), a MetaImage input's origin,
-    spacing and direction (LPS, turned into RAS), else the pixel spacing."""
+def frame_grid(path: str | os.PathLike, spacing: tuple[float, float] | None = None,
+               n_frames: int = 1) -> tuple[tuple[int, ...] | None, np.ndarray]:
+    """The grid of the file frames came from, read from its header once: the NIfTI shape of
+    a single-frame NIfTI or MetaImage input (None: the reader's X×Y×1×T cine layout) and the
+    affine (a NIfTI input's own in mm units, a MetaImage input's origin, spacing and direction
+    turned from LPS into RAS, else ``diag(col spacing, row spacing, 1)``).
+    """
+    path = Path(path)
     suffix = _suffix(path)
+    shape: tuple[int, ...] | None = None
     if suffix in (".nii", ".nii.gz"):
         import nibabel as nib
 
         img = nib.load(path)
+        shape = tuple(img.shape) if n_frames == 1 else None
         if img.header.get_xyzt_units()[0] in ("mm", "unknown"):
-            return np.asarray(img.affine, dtype=np.float64)
-    if suffix in (".mhd", ".mha"):
+            return shape, np.asarray(img.affine, dtype=np.float64)
+    elif suffix in (".mhd", ".mha"):
         import SimpleITK as sitk
 
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         reader.ReadImageInformation()
         dim = reader.GetDimension()
+        if n_frames == 1:
+            shape = tuple(reader.GetSize()[:2])
         direction = np.asarray(reader.GetDirection(), dtype=np.float64).reshape(dim, dim)
         lps = np.eye(4)
         n = min(dim, 3)
         lps[:n, :n] = direction[:n, :n] * np.asarray(reader.GetSpacing()[:n])
         lps[:n, 3] = reader.GetOrigin()[:n]
-        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+        return shape, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     row, col = spacing if spacing is not None else (1.0, 1.0)
-    return np.diag([col, row, 1.0, 1.0])
+    return shape, np.diag([col, row, 1.0, 1.0])
 
 
 def _as_nifti_cine(frames: np.ndarray) -> np.ndarray:
@@ -263,33 +273,23 @@ def _as_nifti_cine(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(frames).transpose(2, 1, 0)[:, :, None, :])
 
 
-def _input_layout(frames: np.ndarray, source: Path) -> np.ndarray:
-    """T×H×W frames as a NIfTI array on the input's own grid: a single-frame input keeps its
-    shape (X×Y for a 2-D NIfTI or MetaImage frame such as CAMUS), a cine the reader's
-    X×Y×1×T layout."""
-    cine = _as_nifti_cine(frames)
-    if len(frames) != 1 or _suffix(source) not in (".nii", ".nii.gz", ".mhd", ".mha"):
-        return cine
-    if _suffix(source) in (".nii", ".nii.gz"):
-        import nibabel as nib
-
-        shape = tuple(nib.load(source).shape)
-    else:
-        shape = cine.shape[:2]
-    return cine.reshape(shape) if int(np.prod(shape)) == cine.size else cine
-
-
 def write_frame_masks(frames: np.ndarray, source: str | os.PathLike, out: str | os.PathLike,
                       *, spacing: tuple[float, float] | None = None,
+                      grid: tuple[tuple[int, ...] | None, np.ndarray] | None = None,
                       dtype=np.uint8) -> Path:
     """Writes T×H×W frames (as the ultrasound reader gives them) as NIfTI on the grid of the
-    file they came from: its affine (:func:`_frame_affine`) and, for a single frame, its shape.
+    file they came from (:func:`frame_grid`; pass ``grid`` to reuse one): its affine and, for
+    a single frame, its shape (X×Y for a 2-D frame such as CAMUS's); a cine gets the reader's
+    X×Y×1×T layout.
 
     The write is atomic (temporary name, then rename).
     """
-    source = Path(source)
-    return write_nifti(_input_layout(np.asarray(frames), source),
-                       _frame_affine(source, spacing), out, dtype=dtype)
+    frames = np.asarray(frames)
+    shape, affine = grid if grid is not None else frame_grid(source, spacing, len(frames))
+    data = _as_nifti_cine(frames)
+    if shape is not None and int(np.prod(shape)) == data.size:
+        data = data.reshape(shape)
+    return write_nifti(data, affine, out, dtype=dtype)
 
 
 def _run_frame_case(case: Case, predictor: FramePredictor, out_dir: Path, *, write_cnn: bool,
@@ -302,12 +302,13 @@ def _run_frame_case(case: Case, predictor: FramePredictor, out_dir: Path, *, wri
     except RuntimeError as err:  # e.g. a frame too small for the network
         raise RuntimeError(f"{case.path}: {err}") from err
     spacing = frames[0].spacing
+    grid = frame_grid(case.path, spacing, len(frames))
     if write_probability:
-        write_frame_masks(result.probability, case.path, paths["probability"], spacing=spacing,
+        write_frame_masks(result.probability, case.path, paths["probability"], grid=grid,
                           dtype=np.float32)
     if write_cnn and result.crf is not None:
-        write_frame_masks(result.cnn, case.path, paths["cnn"], spacing=spacing)
-    write_frame_masks(result.mask, case.path, paths["mask"], spacing=spacing)  # last
+        write_frame_masks(result.cnn, case.path, paths["cnn"], grid=grid)
+    write_frame_masks(result.mask, case.path, paths["mask"], grid=grid)  # last
     pixels = float(result.mask.reshape(len(frames), -1).sum(axis=1).mean())
     return {"output": str(paths["mask"]), "frames": len(frames),
             "shape": "x".join(map(str, images.shape[1:])),

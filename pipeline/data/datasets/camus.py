@@ -138,6 +138,19 @@ def find_camus_images(root: str | os.PathLike, *, views: Sequence[str] = ("2CH",
     return out
 
 
+def _label_problems(path: Path, values: np.ndarray, shape: tuple[int, ...]) -> list[str]:
+    """What is wrong with a label map read from ``path`` for an image of ``shape``."""
+    problems = []
+    if values.shape != tuple(shape):
+        problems.append(f"{path}: label map is {values.shape[0]}×{values.shape[1]} but the "
+                        f"image is {shape[0]}×{shape[1]}")
+    unexpected = sorted(set(np.unique(values).tolist()) - set(CAMUS_LABELS))
+    if unexpected:
+        problems.append(f"{path}: unexpected label values {unexpected[:8]} "
+                        f"(CAMUS labels are 0–3)")
+    return problems
+
+
 def load_camus(item: CamusImage, labels: Sequence[int] = (1,)
                ) -> tuple[np.ndarray, np.ndarray | None]:
     """An image scaled to [0, 1] as at inference, and its foreground mask.
@@ -163,13 +176,9 @@ def load_camus(item: CamusImage, labels: Sequence[int] = (1,)
     if item.label is None:
         return image, None
     values = load_label_map(item.label)
-    if values.shape != image.shape:
-        raise ValueError(f"{item.label}: label map is {values.shape[0]}×{values.shape[1]} but "
-                         f"{item.image} is {image.shape[0]}×{image.shape[1]}")
-    unexpected = sorted(set(np.unique(values).tolist()) - set(CAMUS_LABELS))
-    if unexpected:
-        raise ValueError(f"{item.label}: unexpected label values {unexpected[:8]} "
-                         f"(CAMUS labels are 0–3)")
+    problems = _label_problems(item.label, values, image.shape)
+    if problems:
+        raise ValueError(problems[0])
     return image, np.isin(values, list(labels)).astype(np.uint8)
 
 
@@ -184,14 +193,11 @@ def camus_samples(root: str | os.PathLike, split: str, *, size: int | None = Non
             listed patient without images, or an image without its ``_gt`` file.
     """
     from pipeline.data.samples import ECHO_VIEW, to_samples
-    from pipeline.data.splits import read_split
+    from pipeline.data.splits import split_members
 
-    splits = read_split(root)
-    if split not in splits:
-        raise ValueError(f"{Path(root) / 'split.json'}: no split {split!r} "
-                         f"(has {sorted(splits)})")
     items = []
-    for item in find_camus_images(root, views=views, phases=phases, patients=splits[split]):
+    for item in find_camus_images(root, views=views, phases=phases,
+                                  patients=split_members(root, split)):
         image, mask = load_camus(item, labels)
         if mask is None:
             raise ValueError(f"{item.image}: no label file {item.name}_gt.* beside it")
@@ -251,13 +257,7 @@ def check_camus(root: str | os.PathLike) -> dict[str, Any]:
         except (OSError, ValueError) as err:
             problems.append(f"{label_path}: unreadable label map: {err}")
             continue
-        if values.shape != pixels.shape:
-            problems.append(f"{label_path}: label map is {values.shape[0]}×{values.shape[1]} "
-                            f"but the image is {pixels.shape[0]}×{pixels.shape[1]}")
-        unexpected = sorted(set(np.unique(values).tolist()) - set(CAMUS_LABELS))
-        if unexpected:
-            problems.append(f"{label_path}: unexpected label values {unexpected[:8]} "
-                            f"(CAMUS labels are 0–3)")
+        problems.extend(_label_problems(label_path, values, pixels.shape))
     for paths in digests.values():
         if len(paths) > 1:
             problems.append("byte-identical images under different names: " + ", ".join(paths))
