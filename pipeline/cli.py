@@ -150,7 +150,8 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
 
 
 def _camus_selection(args: argparse.Namespace) -> dict[str, list]:
-    """The CAMUS views, phases and foreground labels of ``--camus-view/--camus-phase/--labels``."""
+    """The CAMUS views, phases and foreground labels of ``--camus-view``, ``--camus-phase``
+    and ``--camus-labels`` (default: label 1)."""
     from pipeline.data.datasets.camus import (
         CAMUS_LABELS,
         CAMUS_PHASES,
@@ -158,7 +159,6 @@ def _camus_selection(args: argparse.Namespace) -> dict[str, list]:
         camus_selection,
     )
 
-    args.camus_labels_given = args.camus_labels is not None
     labels = sorted(set(args.camus_labels or [1]))
     bad = [v for v in labels if v not in CAMUS_LABELS or v == 0]
     if bad:
@@ -257,7 +257,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             selection = _camus_selection(args)
             rows = evaluate_camus_folder(runs, args.images, args.out,
                                          views=selection["views"], phases=selection["phases"],
-                                         labels=(selection["labels"] if args.camus_labels_given
+                                         labels=(selection["labels"] if args.camus_labels is not None
                                                  else None),
                                          split=args.split, progress=args.progress)
         else:
