@@ -255,10 +255,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             from pipeline.evaluation.folders import evaluate_camus_folder
 
             selection = _camus_selection(args)
+            given = args.camus_labels is not None  # else: the labels the model was trained on
             rows = evaluate_camus_folder(runs, args.images, args.out,
                                          views=selection["views"], phases=selection["phases"],
-                                         labels=(selection["labels"] if args.camus_labels is not None
-                                                 else None),
+                                         labels=selection["labels"] if given else None,
                                          split=args.split, progress=args.progress)
         else:
             rows = evaluate_image_folder(runs, args.images, args.out, colour=args.colour,
