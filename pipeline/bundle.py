@@ -11,8 +11,7 @@ from pathlib import Path
 
 from pipeline import distributed
 from pipeline.crf import keep_freed_memory
-from pipeline.data.phantoms import GENERATED_KINDS, ensure_demo_data
-from pipeline.data.samples import training_sets
+from pipeline.data.phantoms import ensure_demo_data
 from pipeline.engines import (
     MODES,
     previous_stage_checkpoint,
@@ -21,7 +20,13 @@ from pipeline.engines import (
 from pipeline.inference import VolumePredictor, find_cases, run_batch, segment_frames
 from pipeline.inference.images import segment_image_folder
 from pipeline.reports import collect_provenance
-from pipeline.workflow import data_settings, evaluate_and_report, stage_config, train_stage
+from pipeline.workflow import (
+    data_settings,
+    evaluate_and_report,
+    stage_config,
+    stage_samples,
+    train_stage,
+)
 
 __all__ = ["ensure_demo_data", "evaluate", "infer", "infer_frames", "infer_images", "train"]
 
@@ -49,12 +54,6 @@ def _raise_if_failed(rows: list[dict], output_dir: str, key: str) -> list[dict]:
 def _model_for_view(model_file: str, view: str) -> str:
     """``model_file`` with ``{view}`` filled in; other braces in the path are left alone."""
     return model_file.replace("{view}", view)
-
-
-def _data(data_kind, dataset_dir, manifest, view, size):
-    if data_kind in GENERATED_KINDS:  # one rank writes the generated data, the others wait
-        distributed.main_rank_first(ensure_demo_data, data_kind, dataset_dir)
-    return training_sets(data_kind, root=dataset_dir, manifest=manifest, view=view, size=size)
 
 
 def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: str = "demo",
@@ -101,7 +100,8 @@ def evaluate(*, dataset_dir: str, output_dir: str, data_kind: str = "demo",
         runs = {"model": model_file}
     if not runs:
         raise FileNotFoundError(f"{output_dir}: no trained stage to evaluate (cnn/best.pt ...)")
-    _, val_set = _data(data_kind, dataset_dir, manifest, view, size)
+    _, val_set = stage_samples(data_settings(data_kind, view=view, size=size),
+                               root=dataset_dir, manifest=manifest)
     if not distributed.is_main():
         return {}
     done = evaluate_and_report([(runs, val_set)], output_dir,

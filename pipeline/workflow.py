@@ -15,7 +15,7 @@ from pipeline.data.samples import training_sets
 from pipeline.engines import DEFAULT_CONFIG, TrainConfig, TrainResult, train
 
 __all__ = ["StageRun", "data_settings", "evaluate_and_report", "input_channels",
-           "stage_config", "train_stage"]
+           "stage_config", "stage_samples", "train_stage"]
 
 
 def input_channels(kind: str, colour: str = "rgb") -> int:
@@ -61,6 +61,17 @@ def stage_config(preset: str | os.PathLike | None, *, data: Mapping[str, Any],
     return config
 
 
+def stage_samples(data: Mapping[str, Any], *, root: str | os.PathLike | None = None,
+                  manifest: str | os.PathLike | None = None) -> tuple[list[dict], list[dict]]:
+    """(training, validation) samples of a ``data`` block (:func:`data_settings`); generated
+    kinds are written to ``root`` first (rank 0 writes, the others wait)."""
+    if data["kind"] in GENERATED_KINDS:
+        distributed.main_rank_first(ensure_demo_data, data["kind"], root)
+    return training_sets(data["kind"], root=root, manifest=manifest,
+                         view=data.get("view", "axial"), size=data.get("size", 64),
+                         colour=data.get("colour", "rgb"), camus=data.get("camus"))
+
+
 @dataclass
 class StageRun:
     """A trained stage and the sizes of the sets it saw."""
@@ -97,11 +108,7 @@ def train_stage(config: TrainConfig, out: str | os.PathLike, *,
     """
     data = config.data
     if samples is None:
-        if data["kind"] in GENERATED_KINDS:
-            distributed.main_rank_first(ensure_demo_data, data["kind"], root)
-        samples = training_sets(data["kind"], root=root, manifest=manifest,
-                                view=data.get("view", "axial"), size=data.get("size", 64),
-                                colour=data.get("colour", "rgb"), camus=data.get("camus"))
+        samples = stage_samples(data, root=root, manifest=manifest)
     train_set, val_set = samples
     if log is not None and distributed.is_main():
         log(f"{config.mode} on {len(train_set)} training / {len(val_set)} validation images "
