@@ -382,13 +382,43 @@ def _report_cases(rows: list[dict], output: str) -> int:
 
     if not distributed.is_main():
         return 0
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    counts = {s: sum(r["status"] == s for r in rows)
+              for s in ("ok", "skipped", "excluded", "failed")}
     for row in rows:
-        if row["status"] == "failed":
-            print(f"FAILED {row['case']}: {row['error']}", file=sys.stderr)
+        if row["status"] in ("failed", "excluded"):
+            print(f"{row['status'].upper()} {row['case']}: {row['error']}", file=sys.stderr)
+        if row.get("warning"):
+            print(f"WARNING {row['case']}: {row['warning']}", file=sys.stderr)
+    excluded = (f", {counts['excluded']} excluded (label maps, not segmented)"
+                if counts["excluded"] else "")
     print(f"{len(rows)} case(s): {counts['ok']} done, {counts['skipped']} skipped (already "
-          f"done), {counts['failed']} failed; summary {output}/summary.csv")
+          f"done), {counts['failed']} failed{excluded}; summary {output}/summary.csv")
     return 1 if counts["failed"] else 0
+
+
+def _infer_models(args: argparse.Namespace) -> tuple[object, list[str] | None]:
+    """The checkpoint(s) and views of ``infer``: VIEW=CHECKPOINT pairs, a checkpoint, or a
+    bundle folder (its per-view models or its best method); views from ``--view``, else the
+    bundle's default, else the model(s)' own (None)."""
+    from pipeline.models import inference_models
+
+    all_views = ["axial", "coronal", "sagittal"]
+    if any("=" in m for m in args.model):
+        models: object = _parse_runs(args.model)
+        default = None
+    else:
+        if len(args.model) != 1:
+            raise ValueError("--model takes one checkpoint or bundle folder, or VIEW=CHECKPOINT "
+                             "once per view")
+        models, default = inference_models(args.model[0])
+    view = args.view or default
+    if view is None:
+        return models, None
+    if view == "all":
+        return models, all_views
+    if isinstance(models, dict) and view not in models:
+        raise ValueError(f"--view {view}: no model for it (given: {', '.join(models)})")
+    return models, [view]
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
@@ -398,12 +428,12 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     distributed.init_from_env()
     if _wants_frames(args):
         return _report_cases(_infer_frames(args), args.output)
-    views = ["axial", "coronal", "sagittal"] if args.view == "all" else [args.view]
-    models = _parse_runs(args.model) if any("=" in m for m in args.model) else args.model[0]
+    models, views = _infer_models(args)
     cases = find_cases(args.input, exclude=args.exclude or (), root=args.root,
-                       splits=args.splits)
-    predictor = VolumePredictor(models, views, workers=args.workers,
-                                batch_size=args.batch_size, crf_3d=args.crf_3d)
+                       splits=args.splits, output=args.output)
+    predictor = VolumePredictor(models, views, workers=args.workers,  # type: ignore[arg-type]
+                                batch_size=args.batch_size, crf_3d=args.crf_3d,
+                                any_view=args.any_view)
     try:
         rows = run_batch(cases, args.output, predictor, overwrite=args.overwrite,
                          write_cnn=args.cnn, write_probability=args.probabilities,
@@ -598,9 +628,14 @@ def _parser() -> argparse.ArgumentParser:
                           "searched recursively for them")
     inf.add_argument("--output", required=True, help="output folder (masks + summary.csv)")
     inf.add_argument("--model", action="append", required=True,
-                     help="checkpoint (e.g. runs/joint/best.pt), or VIEW=CHECKPOINT per view")
+                     help="checkpoint (e.g. runs/joint/best.pt), a bundle folder (e.g. "
+                          "bundles/cta_pericardium_crf), or VIEW=CHECKPOINT per view")
     inf.add_argument("--view", choices=["axial", "coronal", "sagittal", "all"],
-                     default="axial", help="'all' fuses the three views' probabilities")
+                     default=None, help="'all' fuses the three views' probabilities "
+                     "(default: the view the model was trained on; a bundle: its default)")
+    inf.add_argument("--any-view", action="store_true",
+                     help="allow running a model on another view than it was trained on "
+                          "(refused by default)")
     inf.add_argument("--root", default=None,
                      help="data root of a manifest given as --input (default: its folder)")
     inf.add_argument("--splits", nargs="+", default=None,

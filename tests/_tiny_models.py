@@ -48,3 +48,32 @@ def colour_checkpoint(model: Path, path: Path, **network: object) -> Path:
     return save_checkpoint({k: v for k, v in payload.items() if k not in ("format", "crf")} |
                            {"network": spec, "model": build_model(spec).state_dict(),
                             "crf": None}, path)
+
+
+def tiny_horse_bundle(tmp_path_factory) -> Path:
+    """A folder with models/cnn.pt and models/joint.pt trained in seconds on a tiny
+    horse-like set (3-channel images, 32×32)."""
+    import json
+
+    from pipeline.data.samples import horse_samples
+    from pipeline.models import export_model
+    from tests.test_data_horse import SPLIT, _make_horse
+
+    rgb_net = {**TINY_NET, "in_channels": 3}
+    root = tmp_path_factory.mktemp("horse") / "train"
+    for seed, name in enumerate([*SPLIT["training"], *SPLIT["validation"]], start=1):
+        _make_horse(root, name, seed)
+    (root / "split.json").write_text(json.dumps(SPLIT))
+    samples = horse_samples(root, "training", size=32)
+    data = {"kind": "horse", "size": 32}
+    runs = tmp_path_factory.mktemp("runs")
+    cnn = train(TrainConfig(mode="cnn", epochs=8, batch_size=2, lr=1e-2, network=rgb_net,
+                            data=data), samples, [], runs / "cnn")
+    pw = train(TrainConfig(mode="piecewise", C=10.0, network=rgb_net, data=data), samples,
+               [], runs / "piecewise", init=cnn.last_checkpoint)
+    joint = train(TrainConfig(mode="joint", epochs=1, batch_size=2, network=rgb_net,
+                              data=data), samples, [], runs / "joint", init=pw.last_checkpoint)
+    folder = tmp_path_factory.mktemp("bundle")
+    export_model(cnn.last_checkpoint, folder / "models" / "cnn.pt")
+    export_model(joint.last_checkpoint, folder / "models" / "joint.pt")
+    return folder

@@ -12,36 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.samples import horse_samples
-from pipeline.engines import TrainConfig, train
 from pipeline.evaluation.folders import evaluate_image_folder
-from pipeline.models import export_model, model_files
-from tests.test_data_horse import MASK_H, MASK_W, SPLIT, _make_horse
-from tests.test_engines_training import TINY_NET
-
-RGB_NET = {**TINY_NET, "in_channels": 3}
+from pipeline.models import model_files
+from tests._tiny_models import tiny_horse_bundle
+from tests.test_data_horse import MASK_H, MASK_W, _make_horse
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     """A folder with models/cnn.pt and models/joint.pt trained on a tiny horse-like set."""
-    root = tmp_path_factory.mktemp("horse") / "train"
-    for seed, name in enumerate([*SPLIT["training"], *SPLIT["validation"]], start=1):
-        _make_horse(root, name, seed)
-    (root / "split.json").write_text(json.dumps(SPLIT))
-    samples = horse_samples(root, "training", size=32)
-    data = {"kind": "horse", "size": 32}
-    runs = tmp_path_factory.mktemp("runs")
-    cnn = train(TrainConfig(mode="cnn", epochs=8, batch_size=2, lr=1e-2, network=RGB_NET,
-                            data=data), samples, [], runs / "cnn")
-    pw = train(TrainConfig(mode="piecewise", C=10.0, network=RGB_NET, data=data), samples,
-               [], runs / "piecewise", init=cnn.last_checkpoint)
-    joint = train(TrainConfig(mode="joint", epochs=1, batch_size=2, network=RGB_NET,
-                              data=data), samples, [], runs / "joint", init=pw.last_checkpoint)
-    folder = tmp_path_factory.mktemp("bundle")
-    export_model(cnn.last_checkpoint, folder / "models" / "cnn.pt")
-    export_model(joint.last_checkpoint, folder / "models" / "joint.pt")
-    return folder
+    return tiny_horse_bundle(tmp_path_factory)
 
 
 def test_model_files_reads_a_bundle_or_a_checkpoint(bundle, tmp_path):
@@ -81,7 +61,6 @@ def test_evaluate_scores_any_horse_like_folder(bundle, tmp_path):
 
 
 def test_evaluate_one_split_of_a_folder_and_report_it(bundle, tmp_path):
-    import json
 
     from pipeline.evaluation.tables import read_eval_table
     from pipeline.reports import build_report

@@ -194,9 +194,19 @@ def load_manifest(path: str | os.PathLike) -> dict:
                                                   for s in SPLITS):
         raise ValueError(f"{p}: a manifest needs at least one of the lists {SPLITS}")
     for split in SPLITS:
-        for i, entry in enumerate(manifest.get(split, []) or []):
+        entries = manifest.get(split, []) or []
+        if not isinstance(entries, list):
+            raise ValueError(f"{p}: {split!r} must be a list of entries, got "
+                             f"{type(entries).__name__}")
+        for i, entry in enumerate(entries):
             if not isinstance(entry, dict) or "image" not in entry:
                 raise ValueError(f"{p}: {split}[{i}] needs an 'image' path")
+            for key in ("image", "label"):
+                value = entry.get(key)
+                if key in entry and (not isinstance(value, str) or not value.strip()) \
+                        and not (key == "label" and value is None):
+                    raise ValueError(f"{p}: {split}[{i}] {key!r} must be a path (a string), "
+                                     f"got {value!r}")
     return manifest
 
 

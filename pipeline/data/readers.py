@@ -16,6 +16,7 @@ from monai.utils import MetaKeys, SpaceKeys
 from pydicom.errors import InvalidDicomError
 
 __all__ = [
+    "MAX_VOXELS",
     "NO_SERIES_UID",
     "DicomSeries",
     "DicomSeriesReader",
@@ -28,6 +29,11 @@ __all__ = [
 
 #: Key under which files without a SeriesInstanceUID are grouped (anonymised data lacks it).
 NO_SERIES_UID = "<no SeriesInstanceUID>"
+
+#: The most voxels a volume may declare (its header, before anything is allocated): 2**29,
+#: 2 GiB as float32, above a 512×512×2000 CT. The environment variable ``MMCRF_MAX_VOXELS``
+#: or ``read_volume(max_voxels=...)`` changes it.
+MAX_VOXELS = 2**29
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -155,14 +161,72 @@ def series_affine(headers: Sequence[pydicom.Dataset]) -> np.ndarray:
     return _LPS_TO_RAS @ affine_lps
 
 
-def _read_dicom_series(series: DicomSeries, folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Reads a series into an X×Y×Z float32 array (HU for CT) and its RAS affine."""
-    slices = []
-    for path in series.files:
+def _read_dicom_file(path: Path) -> pydicom.Dataset:
+    """A whole DICOM file; a file cut off (pydicom then warns and returns what it could
+    read) is a ValueError saying so."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(path)
         except Exception as err:
             raise ValueError(f"{path}: unreadable DICOM file ({err})") from None
+    cut = [str(w.message) for w in caught
+           if any(k in str(w.message).lower() for k in ("end of file", "truncat", "expected",
+                                                        "unexpected", "bytes"))]
+    if cut or ("PixelData" not in ds and "Rows" in ds):
+        raise ValueError(f"{path}: truncated DICOM file (it ends before its pixel data does"
+                         f"{': ' + cut[0] if cut else ''})")
+    return ds
+
+
+def _check_pixel_length(path: Path, ds: pydicom.Dataset) -> None:
+    """ValueError when uncompressed pixel data is shorter than Rows × Columns × samples ×
+    frames × bytes per sample (a file cut off or tampered with)."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or syntax.is_compressed or "PixelData" not in ds:
+        return
+    expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+                * int(ds.get("NumberOfFrames", 1) or 1) * (int(ds.BitsAllocated) // 8))
+    actual = len(ds.PixelData)
+    if actual < expected:
+        raise ValueError(f"{path}: cannot decode pixel data: it is {actual} bytes, {expected} "
+                         f"expected for {ds.Rows}x{ds.Columns} at {ds.BitsAllocated} bits (the "
+                         f"file is truncated or corrupt)")
+
+
+#: Header fields on which the slices of one scan agree; two values in a folder mean two scans.
+_SCAN_KEYS = ("StudyInstanceUID", "FrameOfReferenceUID", "SeriesNumber", "AcquisitionNumber",
+              "Rows", "Columns", "PixelSpacing", "SliceThickness", "AcquisitionTime")
+
+
+def _scans_mixed(series: DicomSeries, slices: Sequence[tuple[Path, pydicom.Dataset]],
+                 depth: np.ndarray) -> str | None:
+    """Why the slices look like more than one scan (None when they do not): headers that
+    disagree, or positions that fall on two interleaved grids."""
+    for key in _SCAN_KEYS:
+        values = {str(ds.get(key, "")) for _, ds in slices}
+        if len(values) > 1:
+            return f"{key} takes {len(values)} values ({', '.join(sorted(values)[:3])})"
+    if len(depth) > 3:
+        gaps = np.diff(np.sort(depth))
+        small, large = gaps.min(), gaps.max()
+        if small > 1e-6 and large / small > 1.5:
+            steps = np.round(gaps / small)
+            if not np.allclose(gaps, steps * small, rtol=0.05, atol=0.01):
+                return (f"slice positions fall on more than one grid (gaps "
+                        f"{small:.3f}-{large:.3f} mm, not multiples of one step)")
+    return None
+
+
+def _read_dicom_series(series: DicomSeries, folder: Path, max_voxels: int | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Reads a series into an X×Y×Z float32 array (HU for CT) and its RAS affine."""
+    first = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+    _check_size(folder, (int(first.get("Columns", 0) or 0), int(first.get("Rows", 0) or 0),
+                         len(series.files)), max_voxels)
+    slices = []
+    for path in series.files:
+        ds = _read_dicom_file(path)
         for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if key not in ds:
                 raise ValueError(f"{path}: DICOM file lacks {key}; cannot place it in space")
@@ -179,17 +243,23 @@ def _read_dicom_series(series: DicomSeries, folder: Path) -> tuple[np.ndarray, n
                                               np.array(item[1].ImagePositionPatient, float))))
     positions = np.array([np.array(ds.ImagePositionPatient, float) for _, ds in slices])
     depth = positions @ normal
+    mixed = _scans_mixed(series, slices, depth)
+    if mixed is not None:
+        raise ValueError(f"{folder}: holds slices of two scans or more under series "
+                         f"{series.uid} ({mixed}); put each scan in a folder of its own")
     if len(slices) > 1:
         gaps = np.diff(depth)
         if np.any(gaps < 1e-6):
             dup = slices[int(np.argmin(gaps)) + 1][0]
-            raise ValueError(f"{dup}: two slices of series {series.uid} share the same position")
+            raise ValueError(f"{dup}: two slices of series {series.uid} share the same position "
+                             f"(two scans mixed in one folder, or a file copied twice?)")
         if not np.allclose(gaps, gaps.mean(), rtol=1e-3, atol=1e-3):
             raise ValueError(f"{folder}: slices of series {series.uid} are unevenly spaced "
                              f"(gaps {gaps.min():.3f}–{gaps.max():.3f} mm); a missing slice?")
     frames = []
     shape = None
     for path, ds in slices:
+        _check_pixel_length(path, ds)
         try:
             pixels = ds.pixel_array.astype(np.float32)
         except Exception as err:
@@ -232,9 +302,10 @@ class DicomSeriesReader(ImageReader):
         series_uid: the series to read from a folder holding several.
     """
 
-    def __init__(self, series_uid: str | None = None) -> None:
+    def __init__(self, series_uid: str | None = None, max_voxels: int | None = None) -> None:
         super().__init__()
         self.series_uid = series_uid
+        self.max_voxels = max_voxels
 
     def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
         names = [filename] if isinstance(filename, (str, os.PathLike)) else list(filename)
@@ -246,7 +317,7 @@ class DicomSeriesReader(ImageReader):
             raise ValueError(f"DicomSeriesReader reads one series folder at a time, got {names}")
         folder = Path(names[0])
         series = _select_series(folder, kwargs.get("series_uid", self.series_uid))
-        volume, affine, meta = _read_dicom_series(series, folder)
+        volume, affine, meta = _read_dicom_series(series, folder, self.max_voxels)
         meta["filename_or_obj"] = str(folder)
         return volume, affine, meta
 
@@ -261,34 +332,73 @@ class DicomSeriesReader(ImageReader):
         return volume, meta
 
 
+def _voxel_limit(max_voxels: int | None) -> int:
+    if max_voxels is not None:
+        return int(max_voxels)
+    value = os.environ.get("MMCRF_MAX_VOXELS", "")
+    try:
+        return int(value) if value else MAX_VOXELS
+    except ValueError:
+        raise ValueError(f"MMCRF_MAX_VOXELS must be a whole number, got {value!r}") from None
+
+
+def _check_size(path: Path, shape: Sequence[int], max_voxels: int | None) -> None:
+    """ValueError, before anything is allocated, when ``shape`` (as a header declares it)
+    holds more voxels than the limit."""
+    limit = _voxel_limit(max_voxels)
+    count = int(np.prod([int(n) for n in shape], dtype=np.float64))
+    if count > limit:
+        dims = "x".join(str(int(n)) for n in shape)
+        raise ValueError(f"{path}: the header declares {dims} voxels ({count:,}, "
+                         f"{count * 4 / 2**30:.1f} GiB as float32), over the limit of "
+                         f"{limit:,} voxels (MMCRF_MAX_VOXELS); refused before reading")
+
+
+def _check_nifti_header(path: Path, max_voxels: int | None) -> None:
+    """Reads only the NIfTI header (nibabel loads lazily) and applies :func:`_check_size`."""
+    import nibabel as nib
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            header = nib.load(path).header
+    except Exception as err:
+        raise ValueError(f"{path}: unreadable volume ({type(err).__name__}: {err})") from None
+    _check_size(path, header.get_data_shape(), max_voxels)
+
+
 def _check_exists(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
 
 
 def read_volume(path: str | os.PathLike, *, series_uid: str | None = None,
-                require_3d: bool = True) -> MetaTensor:
+                require_3d: bool = True, max_voxels: int | None = None) -> MetaTensor:
     """Reads a 3-D volume from a NIfTI file or a DICOM series folder.
 
     Args:
         path: a ``.nii``/``.nii.gz`` file, or a folder holding one DICOM series.
         series_uid: with a DICOM folder holding several series, the one to read.
         require_3d: refuse 2-D images (and 3-D images with a single slice).
+        max_voxels: the most voxels the header may declare (default: ``MMCRF_MAX_VOXELS``
+            from the environment, else :data:`MAX_VOXELS`); checked before reading any voxel.
 
     Returns:
         A channel-less X×Y×Z MetaTensor whose ``affine`` maps voxel indices to RAS world mm.
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: unsupported format, unreadable/corrupt file, several series, not 3-D.
+        ValueError: unsupported format, unreadable/corrupt/truncated file, several series or
+            scans mixed, not 3-D, NaN voxels, or more voxels declared than the limit.
     """
     p = Path(path)
     _check_exists(p)
     # The readers are called directly: MONAI's LoadImage would fall back to other readers when
     # ours refuses an input (e.g. a folder with several series), hiding the problem.
     if p.is_dir():
-        reader: ImageReader = DicomSeriesReader(series_uid)
+        reader: ImageReader = DicomSeriesReader(series_uid, max_voxels)
     elif is_nifti(p):
+        _check_nifti_header(p, max_voxels)
         reader = NibabelReader()
     else:
         raise ValueError(f"{p}: unsupported volume format; expected a .nii/.nii.gz file or a "

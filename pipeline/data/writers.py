@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -66,13 +67,12 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike, 
     image = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
     image.set_qform(image.affine, code=1)
     image.set_sform(image.affine, code=1)
-    tmp = atomic_path(out)
-    # nibabel picks gzip from the file name: keep the real suffix on the temporary file
-    tmp = tmp.with_name(tmp.name + ("".join(out.suffixes[-2:]) if out.name.endswith(".gz")
-                                    else out.suffix))
-    nib.save(image, tmp)
-    tmp.replace(out)
-    return out
+    # serialised in memory, so the temporary file keeps atomic_path's name, which never
+    # looks like an input (nibabel would pick gzip from a .nii.gz suffix on it)
+    data = image.to_bytes()
+    if out.name.lower().endswith(".gz"):
+        data = gzip.compress(data, compresslevel=1, mtime=0)
+    return atomic_write_bytes(out, data)
 
 
 def write_dicom_series(volume_hu: np.ndarray, affine: np.ndarray, folder: str | os.PathLike, *,

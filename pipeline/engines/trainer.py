@@ -517,7 +517,12 @@ def train(config: TrainConfig, train_samples: Sequence[dict], val_samples: Seque
     last = run / "last.pt"
     if resume and last.exists():
         payload = load_checkpoint(last)
-        state.restore(payload)
+        try:
+            state.restore(payload)
+        except RuntimeError as err:
+            raise ValueError(f"{last}: its weights do not fit this run's network "
+                             f"({str(err).strip().splitlines()[0][:300]}); resume with the "
+                             f"settings it was trained with") from None
         state.history = list(payload["history"])
         best = payload["best"]
         state.best_metric, state.best_epoch, state.stale = (best["metric"], best["epoch"],
@@ -525,7 +530,12 @@ def train(config: TrainConfig, train_samples: Sequence[dict], val_samples: Seque
         start_epoch = int(payload["epoch"])
         set_rng_state(payload["rng"])
     elif init is not None:
-        state.restore(load_checkpoint(init))
+        try:
+            state.restore(load_checkpoint(init))
+        except RuntimeError as err:  # load_state_dict: missing keys or size mismatch
+            raise ValueError(f"{init}: its weights do not fit this run's network "
+                             f"({str(err).strip().splitlines()[0][:300]}); start from a "
+                             f"checkpoint of the same network settings") from None
     if progress and dist.is_main():
         from ignite.contrib.handlers import ProgressBar
 

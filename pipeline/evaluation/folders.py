@@ -10,6 +10,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.data.datasets.horse import (
+    GRAY_DIR,
+    MASK_DIR,
+    RGB_DIR,
+    SUFFIX,
     BrokenImageError,
     load_horse,
     scan_horse_folder,
@@ -17,7 +21,7 @@ from pipeline.data.datasets.horse import (
 from pipeline.data.splits import split_members
 from pipeline.data.writers import write_csv, write_png_mask
 from pipeline.evaluation.tables import evaluation_rows, write_eval_table
-from pipeline.inference.images import predict_image
+from pipeline.inference.images import predict_image, read_image_array
 from pipeline.inference.predictor import ViewModel
 
 __all__ = [
@@ -32,6 +36,27 @@ IMAGE_TABLE_COLUMNS: tuple[str, ...] = ("image", "method", "jaccard", "dice", "s
                                         "error", "mask_file")
 
 
+def _unscored_rows(loaded: Mapping[str, ViewModel], root: Path, name: str, colour: str,
+                   out: Path) -> list[dict]:
+    """An image without its mask: segmented (mask written) but not scored, status
+    ``unscored``; ``failed`` where the image itself cannot be read."""
+    image_file = root / (RGB_DIR if colour == "rgb" else GRAY_DIR) / f"{name}{SUFFIX}"
+    why = f"no mask {MASK_DIR}/{name}{SUFFIX}: segmented, not scored"
+    try:
+        image = read_image_array(image_file, colour)
+    except (ValueError, FileNotFoundError) as err:
+        return [{"image": name, "method": m, "status": "failed", "error": f"{err}; {why}"}
+                for m in loaded]
+    rows = []
+    for method, vm in loaded.items():
+        prob, crf = predict_image(vm, image)
+        mask_file = out / method / f"{name}.png"
+        write_png_mask(((prob > 0.5) if crf is None else crf).astype(np.uint8), mask_file)
+        rows.append({"image": name, "method": method, "status": "unscored", "error": why,
+                     "mask_file": mask_file.relative_to(out).as_posix()})
+    return rows
+
+
 def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str | os.PathLike,
                           out_dir: str | os.PathLike, *, colour: str = "rgb",
                           split: str | None = None, progress: bool = True) -> list[dict]:
@@ -43,8 +68,9 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
     ``<out>/evaluation.csv`` (view ``2d``) for ``mmcrf report``: paired comparisons with
     bootstrap intervals. A CNN-only checkpoint is scored by thresholding at 0.5, one with CRF
     weights by its graph-cut mask. A broken rgb image is scored on its gray twin (noted in the
-    row); an image that cannot be used at all (unreadable, no mask) gets a row with its error
-    and the others carry on.
+    row); an image without a mask is segmented and gets ``unscored`` rows saying so; an
+    image that cannot be used at all gets ``failed`` rows with its error, and the others
+    carry on.
 
     Args:
         models: method name → checkpoint.
@@ -65,9 +91,11 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
     root = Path(images)
     scan = scan_horse_folder(root)
     names = scan.usable(colour)  # type: ignore[arg-type]
+    unmasked = sorted((scan.rgb if colour == "rgb" else scan.gray) - scan.masks)
     if split is not None:
         wanted = set(split_members(root, split))
         names = [n for n in names if n in wanted]
+        unmasked = [n for n in unmasked if n in wanted]
     if not names:
         raise ValueError(f"{root}: no image with a mask in {colour}/ and figure_ground/"
                          + (f" in split {split!r}" if split else ""))
@@ -75,12 +103,16 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
     loaded = {method: ViewModel.from_checkpoint(path) for method, path in models.items()}
     rows: list[dict] = []
     table: list[dict] = []
-    for name in tqdm(names, desc="images", disable=not progress):
+    # a broken rgb image (e.g. horse318, almost all black) is scored on its gray twin, and
+    # the row says so; a broken gray image has no twin and fails its rows
+    on_broken = "gray" if colour == "rgb" else "raise"
+    for name in tqdm(sorted([*names, *unmasked]), desc="images", disable=not progress):
+        if name in unmasked:
+            rows.extend(_unscored_rows(loaded, root, name, colour, out))
+            continue
         try:
-            # a broken rgb image (e.g. horse318, almost all black) is scored on its gray twin,
-            # and the row says so
             sample = load_horse(root, name, colour=colour,  # type: ignore[arg-type]
-                                on_broken="gray")
+                                on_broken=on_broken)  # type: ignore[arg-type]
         except (BrokenImageError, ValueError, FileNotFoundError) as err:
             rows.extend({"image": name, "method": m, "status": "failed", "error": str(err)}
                         for m in loaded)

@@ -6,31 +6,50 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
 from pipeline import distributed as dist
 from pipeline.data.readers import read_volume
-from pipeline.data.writers import atomic_path, write_csv, write_nifti
-from pipeline.inference.discovery import Case
+from pipeline.data.writers import atomic_path, atomic_write_text, write_csv, write_nifti
+from pipeline.inference.discovery import OUTPUT_MARKER, Case
 from pipeline.inference.predictor import VolumePredictor
 
-__all__ = ["SUMMARY_COLUMNS", "output_paths", "run_batch", "run_cases"]
+__all__ = ["STATUSES", "SUMMARY_COLUMNS", "NotAScanError", "output_paths", "run_batch", "run_cases"]
 
-SUMMARY_COLUMNS: tuple[str, ...] = ("case", "input", "output", "status", "error",
-                                    "foreground_ml", "seconds", "series_uid", "shape",
-                                    "cnn_seconds", "crf_seconds")
+#: Columns of ``summary.csv``. ``foreground_ml``: predicted volume; ``foreground_slices``:
+#: fraction of the first view's slices holding foreground; ``warning``: e.g. a predicted
+#: volume outside the range the model saw in training; ``model_sha256``, ``views``, ``crf``,
+#: ``mmcrf_version``: what made the mask (also in its ``_mask.json`` sidecar).
+SUMMARY_COLUMNS: tuple[str, ...] = ("case", "input", "output", "status", "error", "warning",
+                                    "foreground_ml", "foreground_slices", "seconds",
+                                    "series_uid", "shape", "cnn_seconds", "crf_seconds",
+                                    "model_sha256", "views", "crf", "mmcrf_version")
+
+#: Statuses of a summary row: done now, done before by the same model, not an image to
+#: segment (a label map), or failed (the error says why).
+STATUSES: tuple[str, ...] = ("ok", "skipped", "excluded", "failed")
+
+#: How far outside the training range a predicted volume may lie before the row warns.
+VOLUME_MARGIN = 0.5
+
+
+class NotAScanError(ValueError):
+    """The input is a label map (a few integer values), not an image to segment."""
 
 
 def output_paths(case: Case, out_dir: Path) -> dict[str, Path]:
     """Where a case's results go: ``<out>/<relative name>_mask.nii.gz`` and friends
-    (``_seg.dcm``: the DICOM SEG of a DICOM series case)."""
+    (``_mask.json``: what made the mask; ``_seg.dcm``: the DICOM SEG of a DICOM series
+    case)."""
     base = out_dir / case.name
     return {"mask": base.with_name(base.name + "_mask.nii.gz"),
+            "provenance": base.with_name(base.name + "_mask.json"),
             "cnn": base.with_name(base.name + "_cnn_mask.nii.gz"),
             "probability": base.with_name(base.name + "_prob.nii.gz"),
             "dicom_seg": base.with_name(base.name + "_seg.dcm")}
@@ -59,21 +78,56 @@ def _write_case_seg(volume: MetaTensor, mask: np.ndarray, predictor: VolumePredi
     from; any failure becomes a ValueError naming the SEG (the case then fails)."""
     from pipeline.data.dicom_seg import write_dicom_seg
 
-    first = predictor.models[predictor.views[0]]
-    crf = ("none" if first.weights is None
-           else "3-D graph cut" if predictor.crf_3d else "per-slice graph cut")
     try:
         write_dicom_seg(mask, volume.meta["files"], path,
                         affine=np.asarray(volume.affine, dtype=np.float64),
-                        algorithm_parameters={"views": ",".join(predictor.views), "crf": crf})
+                        algorithm_parameters={"views": ",".join(predictor.views),
+                                              "crf": predictor.crf_method})
     except (ValueError, OSError, KeyError) as err:
         raise ValueError(f"DICOM SEG {path.name} not written: {err}") from None
+
+
+def _check_is_scan(volume: MetaTensor, path: Path) -> None:
+    """NotAScanError when the volume holds only a few integer values (a label map, e.g. a
+    heart mask beside its CT), judged on a sample of voxels first and then on all."""
+    flat = volume.reshape(-1)
+    for sample in (flat[:: max(1, flat.numel() // 100_000)], flat):
+        values = torch.unique(sample)
+        if len(values) > 8 or not bool(torch.all(values == torch.round(values))):
+            return
+    shown = ", ".join(f"{v:g}" for v in values.tolist())
+    raise NotAScanError(f"{path}: a label map (only the values {shown}), not an image to "
+                        f"segment; not segmented (--exclude it to leave it out)")
+
+
+#: The world (RAS) axis each view's slices are stacked along.
+_VIEW_WORLD_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+def _slice_fraction(mask: np.ndarray, affine: np.ndarray, view: str) -> float:
+    """Fraction of the view's slices (along the voxel axis closest to the view's world axis)
+    that hold foreground."""
+    axis = int(np.argmax(np.abs(affine[_VIEW_WORLD_AXIS[view], :3])))
+    other = tuple(a for a in range(3) if a != axis)
+    return round(float(np.asarray(mask).any(axis=other).mean()), 4)
+
+
+def _volume_warning(ml: float, predictor: VolumePredictor) -> str:
+    seen = predictor.models[predictor.views[0]].foreground_ml
+    if seen is None:
+        return ""
+    low, high = seen[0] * (1 - VOLUME_MARGIN), seen[1] * (1 + VOLUME_MARGIN)
+    if low <= ml <= high:
+        return ""
+    return (f"predicted volume {ml:.0f} mL is outside the range the model saw in training "
+            f"({seen[0]:.0f}-{seen[1]:.0f} mL, ±{VOLUME_MARGIN:.0%}): check the mask")
 
 
 def _run_case(case: Case, predictor: VolumePredictor, out_dir: Path, *, write_cnn: bool,
               write_probability: bool, write_dicom_seg: bool = False) -> dict:
     paths = output_paths(case, out_dir)
     volume = read_volume(case.path, series_uid=case.series_uid)
+    _check_is_scan(volume, case.path)
     result = predictor.predict(volume)
     affine = np.asarray(volume.affine, dtype=np.float64)
     if write_probability:
@@ -84,8 +138,11 @@ def _run_case(case: Case, predictor: VolumePredictor, out_dir: Path, *, write_cn
         _write_case_seg(volume, result.mask, predictor, paths["dicom_seg"])
     write_nifti(result.mask, affine, paths["mask"], dtype=np.uint8)  # last: marks the case done
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    ml = float(result.mask.sum()) * voxel_ml
     return {"output": str(paths["mask"]), "shape": "x".join(map(str, volume.shape)),
-            "foreground_ml": round(float(result.mask.sum()) * voxel_ml, 3),
+            "foreground_ml": round(ml, 3),
+            "foreground_slices": _slice_fraction(result.mask, affine, predictor.views[0]),
+            "warning": _volume_warning(ml, predictor),
             "cnn_seconds": round(result.seconds["cnn"], 3),
             "crf_seconds": round(result.seconds["crf"], 3)}
 
@@ -97,8 +154,11 @@ def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Volu
     """Segments every case, writing masks on each input's own grid and a summary.
 
     Each case is written to temporary names and renamed, the mask last, so an interrupted
-    run leaves no half-written mask; a re-run skips cases whose mask exists (unless
-    ``overwrite``). A failing case is recorded with its error and the others go on.
+    run leaves no half-written mask; each mask gets a ``_mask.json`` sidecar saying what
+    made it (:meth:`VolumePredictor.provenance` and the input's path), and a re-run skips a
+    case only when the same model made its mask from the same input; another model's mask is
+    refused (status ``failed``) unless ``overwrite``. A failing case is recorded with its
+    error and the others go on; a label map found among the inputs gets ``excluded``.
     ``summary.csv``/``summary.json`` are rewritten after every case. Under torchrun, cases
     are sharded across ranks and rank 0 merges one summary at the end.
 
@@ -126,21 +186,98 @@ def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Volu
         return _run_case(case, predictor, out, write_cnn=write_cnn,
                          write_probability=write_probability, write_dicom_seg=write_dicom_seg)
 
-    return run_cases(cases, out_dir, run_case, overwrite=overwrite, progress=progress)
+    return run_cases(cases, out_dir, run_case, overwrite=overwrite, progress=progress,
+                     provenance=predictor.provenance())
+
+
+def _fingerprint(provenance: Mapping) -> dict:
+    """The part of a provenance record that says which model made a mask (not where its
+    files were)."""
+    return {"views": list(provenance.get("views") or []), "crf": provenance.get("crf"),
+            "sha256": {v: m.get("sha256") for v, m in (provenance.get("models") or {}).items()}}
+
+
+def _provenance_columns(provenance: Mapping | None) -> dict:
+    if provenance is None:
+        return {}
+    models = provenance.get("models") or {}
+    return {"model_sha256": ";".join(f"{v}={m.get('sha256', '')}" for v, m in models.items()),
+            "views": ",".join(provenance.get("views") or []), "crf": provenance.get("crf", ""),
+            "mmcrf_version": provenance.get("mmcrf_version", "")}
+
+
+def _made_here(case: Case, sidecar: Path, provenance: Mapping) -> str | None:
+    """None when the mask beside ``sidecar`` was made from this case's input by this model,
+    else why not."""
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return (f"{sidecar.name} is missing or unreadable, so which model made the mask is "
+                f"unknown")
+    if record.get("input") != str(Path(case.path).resolve()):
+        return f"the mask was made from another input, {record.get('input')}"
+    if _fingerprint(record) != _fingerprint(provenance):
+        theirs = _fingerprint(record)
+        return (f"the mask was made by another model (sha256 "
+                f"{', '.join(str(v)[:12] for v in theirs['sha256'].values())}, views "
+                f"{','.join(theirs['views'])}, crf {theirs['crf']})")
+    return None
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Removes the temporary files (``.<name>.<pid>.tmp``) of runs that were killed."""
+    for path in out.rglob(".*.tmp*"):
+        pid = path.name.split(".")[-2] if path.name.endswith(".tmp") else ""
+        if not pid.isdigit():  # an older naming (``.x.nii.gz.<pid>.tmp.nii.gz``)
+            parts = [p for p in path.name.split(".") if p.isdigit()]
+            pid = parts[-1] if parts else ""
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _prepare_output(out: Path) -> None:
+    """Creates the output folder, marks it as one (so it is never taken as input), and
+    clears the temporaries of killed runs; under torchrun rank 0 does it, the others wait."""
+    _check_writable(out)
+    if dist.is_main():
+        marker = out / OUTPUT_MARKER
+        if not marker.exists():
+            marker.write_text("mmcrf batch output: never read as input\n")
+        _remove_stale_temporaries(out)
+    dist.barrier()
 
 
 def run_cases(cases: Sequence[Case], out_dir: str | os.PathLike,
               run_case: Callable[[Case, Path], dict], *,
               columns: Sequence[str] = SUMMARY_COLUMNS, overwrite: bool = False,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, provenance: Mapping | None = None) -> list[dict]:
     """The batch loop that volumes (:func:`run_batch`) and ultrasound frames share.
 
-    A case is done when its mask (``output_paths(case, out_dir)["mask"]``) exists: it is
-    skipped unless ``overwrite``. ``run_case(case, out_dir)`` writes the case's outputs
-    (atomically, the mask last) and returns the row's other values. Failing cases (ValueError,
-    FileNotFoundError, OSError, RuntimeError) get status ``failed`` and the error; the others
-    go on. ``summary.csv``/``summary.json`` (``columns``) are rewritten after every case;
-    under torchrun, cases are sharded across ranks and rank 0 merges one summary at the end.
+    ``run_case(case, out_dir)`` writes the case's outputs (atomically, the mask last) and
+    returns the row's other values. With ``provenance`` (what makes the masks, e.g.
+    :meth:`VolumePredictor.provenance`), each case first gets a sidecar
+    ``<name>_mask.json`` with it and the input's path, and a case whose mask exists is
+    skipped only when its sidecar says this input and this model made it; a mask made by
+    another model or from another input (or without a sidecar) is refused, status
+    ``failed``, unless ``overwrite``: it is never silently kept nor silently replaced.
+    Without ``provenance`` an existing mask means done. Failing cases (ValueError,
+    FileNotFoundError, OSError, RuntimeError) get status ``failed`` and the error, a label
+    map (:class:`NotAScanError`) status ``excluded``; the others go on.
+    ``summary.csv``/``summary.json`` (``columns``) are rewritten after every case; under
+    torchrun, cases are sharded across ranks and rank 0 merges one summary at the end. The
+    output folder gets :data:`~pipeline.inference.discovery.OUTPUT_MARKER`, and temporary
+    files left by a killed run are removed first.
 
     Args:
         cases: the cases.
@@ -149,6 +286,7 @@ def run_cases(cases: Sequence[Case], out_dir: str | os.PathLike,
         columns: the summary's columns (every row holds each, empty where unknown).
         overwrite: redo cases whose mask already exists.
         progress: progress bar over cases.
+        provenance: what makes the masks (JSON-serialisable), recorded per case.
 
     Returns:
         One summary row per case (this rank's cases merged with the others' on rank 0).
@@ -157,26 +295,44 @@ def run_cases(cases: Sequence[Case], out_dir: str | os.PathLike,
         ValueError: the output folder cannot be written.
     """
     out = Path(out_dir)
-    _check_writable(out)
+    _prepare_output(out)
     mine = list(cases)[dist.rank()::dist.world_size()]
     summary_path = out / ("summary.csv" if dist.world_size() == 1
                           else f"summary.rank{dist.rank()}.csv")
     rows: list[dict] = []
     for case in tqdm(mine, desc="cases", unit="case", disable=not progress):
-        row = {**dict.fromkeys(columns, ""), "case": case.name, "input": str(case.path)}
+        row = {**dict.fromkeys(columns, ""), "case": case.name, "input": str(case.path),
+               **{k: v for k, v in _provenance_columns(provenance).items() if k in columns}}
         if "series_uid" in columns:
             row["series_uid"] = case.series_uid or ""
-        mask_path = output_paths(case, out)["mask"]
+        paths = output_paths(case, out)
         start = time.perf_counter()
-        if mask_path.exists() and not overwrite:
-            row.update(status="skipped", output=str(mask_path),
-                       error="output exists (use --overwrite to redo)")
+        if case.problem is not None:
+            row.update(status="failed", error=case.problem)
+        elif paths["mask"].exists() and not overwrite:
+            why = None if provenance is None else _made_here(case, paths["provenance"],
+                                                             provenance)
+            if why is None:
+                row.update(status="skipped", output=str(paths["mask"]),
+                           error="output exists (use --overwrite to redo)")
+            else:
+                row.update(status="failed", error=f"{paths['mask']} exists and is kept: {why}; "
+                                                  f"use --overwrite to replace it, or another "
+                                                  f"--output")
         else:
             try:
+                if provenance is not None:
+                    atomic_write_text(paths["provenance"], json.dumps(
+                        {**provenance, "input": str(Path(case.path).resolve()),
+                         "case": case.name}, indent=2) + "\n")
                 row.update(run_case(case, out))
                 row["status"] = "ok"
+            except NotAScanError as err:
+                row.update(status="excluded", error=str(err))
             except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
                 row.update(status="failed", error=str(err))
+            if row["status"] != "ok":
+                paths["provenance"].unlink(missing_ok=True)
         row["seconds"] = round(time.perf_counter() - start, 3)
         rows.append(row)
         _write_table(rows, summary_path, columns)

@@ -50,11 +50,13 @@ DEFAULT_FRAME_EXCLUDE: tuple[str, ...] = ("*_mask*", "*_gt.*", "*_gt_*")
 #: ``foreground_px``: mean foreground pixels per frame; ``foreground_mm2``: mean foreground
 #: area per frame in mm² (empty where the file carries no pixel spacing, e.g. PNG);
 #: ``foreground_ml`` stays empty (a 2-D frame has no volume) so the summary keeps the columns
-#: of the volume summary.
+#: of the volume summary; ``model_sha256``, ``views`` (``frame``), ``crf``, ``mmcrf_version``:
+#: what made the mask, as in the volume summary.
 FRAME_SUMMARY_COLUMNS: tuple[str, ...] = ("case", "input", "output", "status", "error",
                                           "frames", "foreground_ml", "foreground_px",
                                           "foreground_mm2", "seconds", "shape", "cnn_seconds",
-                                          "crf_seconds")
+                                          "crf_seconds", "model_sha256", "views", "crf",
+                                          "mmcrf_version")
 
 
 def is_frame_model(checkpoint: str | os.PathLike) -> bool:
@@ -203,6 +205,15 @@ class FramePredictor(_GraphCutWorkers):
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.pool = GraphCutPool(workers) if workers > 0 else None
+
+    def provenance(self) -> dict:
+        """What made this predictor's masks (as :meth:`VolumePredictor.provenance`; the one
+        model's view is ``frame``)."""
+        from pipeline import __version__
+
+        return {"models": {"frame": self.model.describe()}, "views": ["frame"],
+                "crf": "none" if self.model.weights is None else "per-frame graph cut",
+                "mmcrf_version": __version__}
 
     def predict(self, frames: np.ndarray) -> VolumePrediction:
         """Segments T×H×W frames already normalised to [0, 1].
@@ -355,7 +366,7 @@ def run_frames(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Fra
                                write_probability=write_probability)
 
     return run_cases(cases, out_dir, run_case, columns=FRAME_SUMMARY_COLUMNS,
-                     overwrite=overwrite, progress=progress)
+                     overwrite=overwrite, progress=progress, provenance=predictor.provenance())
 
 
 def segment_frames(source: str | os.PathLike, out_dir: str | os.PathLike,

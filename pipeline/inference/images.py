@@ -17,7 +17,7 @@ from pipeline.data.writers import write_csv, write_png_mask
 from pipeline.inference.predictor import ViewModel
 from pipeline.models import predict_probabilities
 
-__all__ = ["IMAGE_SUMMARY_COLUMNS", "predict_image", "segment_image_folder"]
+__all__ = ["IMAGE_SUMMARY_COLUMNS", "predict_image", "read_image_array", "segment_image_folder"]
 
 IMAGE_SUMMARY_COLUMNS: tuple[str, ...] = ("image", "output", "status", "error",
                                           "foreground_fraction", "seconds")
@@ -28,9 +28,18 @@ def predict_image(vm: ViewModel, image: np.ndarray) -> tuple[np.ndarray, np.ndar
     """Foreground probability and CRF mask (None without CRF weights) of one C×H×W image.
 
     The CNN sees the image resized to its training size; its probability is resized back to
-    H×W, where the CRF runs with the image's own contrast.
+    H×W, where the CRF runs with the image's own contrast. A grey image given to a colour
+    model is replicated to its channels (as the training's grey fallback is).
+
+    Raises:
+        ValueError: a colour image for a model trained on grey images.
     """
     x = torch.as_tensor(np.asarray(image, dtype=np.float32))
+    if x.shape[0] == 1 and vm.in_channels > 1:
+        x = x.expand(vm.in_channels, -1, -1)
+    elif x.shape[0] != vm.in_channels:
+        raise ValueError(f"a {x.shape[0]}-channel image for a model trained on "
+                         f"{vm.in_channels}-channel images (use --colour gray?)")
     height, width = x.shape[-2:]
     if vm.size:
         x = torch.as_tensor(np.asarray(Resize((vm.size, vm.size), mode="bilinear")(x)))
@@ -44,7 +53,8 @@ def predict_image(vm: ViewModel, image: np.ndarray) -> tuple[np.ndarray, np.ndar
                                   connectivity=vm.connectivity, beta=vm.beta)
 
 
-def _read_image(path: Path, colour: str) -> np.ndarray:
+def read_image_array(path: str | os.PathLike, colour: str) -> np.ndarray:
+    """A picture file as float32 C×H×W in [0, 1]: 3 channels for ``rgb``, 1 for ``gray``."""
     arr = np.asarray(read_picture(path, "RGB" if colour == "rgb" else "L"), dtype=np.float32)
     arr = arr / 255.0
     return arr.transpose(2, 0, 1) if arr.ndim == 3 else arr[None]
@@ -83,7 +93,7 @@ def segment_image_folder(model: str | os.PathLike, images: str | os.PathLike,
             row.update(status="skipped", error="output exists (use overwrite to redo)")
         else:
             try:
-                prob, crf = predict_image(vm, _read_image(path, colour))
+                prob, crf = predict_image(vm, read_image_array(path, colour))
                 mask = (prob > 0.5) if crf is None else crf
                 write_png_mask(mask, target)
                 row.update(status="ok", foreground_fraction=round(float(mask.mean()), 4))

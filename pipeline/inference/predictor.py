@@ -18,6 +18,7 @@ from pipeline.data.alignment import resample_to_grid
 from pipeline.data.cta import CTA_HU_WINDOW, RAS_LABELS
 from pipeline.data.views import VIEWS, restack_slices, slice_volume
 from pipeline.models import load_run, predict_probabilities
+from pipeline.networks.pretrained import sha256_file
 
 __all__ = ["ViewModel", "VolumePrediction", "VolumePredictor"]
 
@@ -33,16 +34,31 @@ class ViewModel:
     connectivity: int = 4
     beta: float | None = None
     in_channels: int = 1
+    path: str = ""
+    sha256: str = ""
+    view: str | None = None
+    foreground_ml: tuple[float, float] | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> ViewModel:
-        """Loads a run's checkpoint (weights only) and its recorded data settings."""
+        """Loads a run's checkpoint (weights only), its recorded data settings and, for
+        provenance, the file's path and sha256."""
         model, weights, config = load_run(path)
         data = config.get("data") or {}
         window = tuple(data.get("hu_window") or CTA_HU_WINDOW)
+        seen = data.get("training_foreground_ml")
         # the built network's own count: a spec without in_channels gets FCN-8s's default
         return cls(model, weights, data.get("size"), window,  # type: ignore[arg-type]
-                   config.get("connectivity", 4), config.get("beta"), model.in_channels)
+                   config.get("connectivity", 4), config.get("beta"), model.in_channels,
+                   os.fspath(path), sha256_file(path), data.get("view"),
+                   None if not seen else (float(seen[0]), float(seen[1])))
+
+    def describe(self) -> dict:
+        """What a mask made by this model records of it: the checkpoint and its sha256, the
+        view it was trained on and the CRF weights (None: CNN only)."""
+        return {"checkpoint": self.path, "sha256": self.sha256, "trained_view": self.view,
+                "crf_weights": None if self.weights is None
+                else [float(v) for v in self.weights.as_array()]}
 
     def require_grey(self, path: str | os.PathLike, what: str) -> ViewModel:
         """This model, or ValueError naming ``path`` when it does not take 1-channel images
@@ -132,7 +148,9 @@ class VolumePredictor(_GraphCutWorkers):
         models: one checkpoint for every view, or view → checkpoint.
         views: the views to run; with several, their probabilities are averaged (on the RAS
             grid) before the CRF, which then runs slice by slice along the first view with
-            that view's CRF weights.
+            that view's CRF weights. Default: the view each checkpoint records it was trained
+            on (``axial`` where it records none); with view → checkpoint, the views given,
+            in axial, coronal, sagittal order.
         batch_size: slices per CNN forward pass.
         workers: graph-cut worker processes (0: in this process).
         device: torch device for the CNN.
@@ -145,16 +163,34 @@ class VolumePredictor(_GraphCutWorkers):
             voxels whose unary outweighs their edges are decided without it), at worst the
             whole volume at about 0.3 kB per voxel, and it runs in this process
             (``workers`` only serve the per-slice CRF).
+        any_view: allow a checkpoint on slices of another view than the one it was trained
+            on (refused by default: the result is silently worse).
 
     Raises:
-        ValueError: unknown view, or no model for a requested view.
+        ValueError: unknown view, no model for a requested view, or a model asked to run on
+            another view than its own (unless ``any_view``).
     """
 
     def __init__(self, models: str | os.PathLike | Mapping[str, str | os.PathLike],
-                 views: Sequence[str] = ("axial",), *, batch_size: int = 16, workers: int = 0,
-                 device: str | torch.device = "cpu", crf_3d: bool = False) -> None:
-        self.views = tuple(views)
+                 views: Sequence[str] | None = None, *, batch_size: int = 16,
+                 workers: int = 0, device: str | torch.device = "cpu",
+                 crf_3d: bool = False, any_view: bool = False) -> None:
         self.crf_3d = bool(crf_3d)
+        loaded: dict[str, ViewModel] = {}
+
+        def load(path: str | os.PathLike) -> ViewModel:
+            key = os.fspath(path)
+            if key not in loaded:
+                loaded[key] = ViewModel.from_checkpoint(path).require_grey(path, "CT volumes")
+                loaded[key].model.to(device)
+            return loaded[key]
+
+        if views is None:  # the view(s) the model(s) were trained on
+            if isinstance(models, Mapping):
+                views = [v for v in VIEWS if v in models]
+            else:
+                views = [load(models).view or "axial"]
+        self.views = tuple(views)
         for view in self.views:
             if view not in VIEWS:
                 raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
@@ -165,17 +201,31 @@ class VolumePredictor(_GraphCutWorkers):
             paths = {v: models[v] for v in self.views}
         else:
             paths = dict.fromkeys(self.views, models)
-        loaded: dict[str, ViewModel] = {}
-        self.models: dict[str, ViewModel] = {}
-        for view, path in paths.items():
-            key = os.fspath(path)
-            if key not in loaded:
-                loaded[key] = ViewModel.from_checkpoint(path).require_grey(path, "CT volumes")
-                loaded[key].model.to(device)
-            self.models[view] = loaded[key]
+        self.models: dict[str, ViewModel] = {view: load(path) for view, path in paths.items()}
+        for view, vm in self.models.items():
+            if not any_view and vm.view is not None and vm.view != view:
+                raise ValueError(f"{vm.path}: trained on {vm.view} slices, but asked to segment "
+                                 f"{view} slices with it; leave out --view (the model's own "
+                                 f"view is the default) or give one model per view")
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.pool = GraphCutPool(workers) if workers > 0 else None
+
+    @property
+    def crf_method(self) -> str:
+        """``none`` (CNN only), ``per-slice graph cut`` or ``3-D graph cut``."""
+        first = self.models[self.views[0]]
+        return ("none" if first.weights is None
+                else "3-D graph cut" if self.crf_3d else "per-slice graph cut")
+
+    def provenance(self) -> dict:
+        """What made this predictor's masks: each view's checkpoint (path, sha256, trained
+        view, CRF weights), the views fused, the CRF step and the project version."""
+        from pipeline import __version__
+
+        return {"models": {view: vm.describe() for view, vm in self.models.items()},
+                "views": list(self.views), "crf": self.crf_method,
+                "mmcrf_version": __version__}
 
     def _view_slices(self, windowed: np.ndarray, view: str) -> tuple[np.ndarray, np.ndarray]:
         """The view's N×H×W slices of the windowed volume and the network's probabilities."""

@@ -8,12 +8,19 @@ from pipeline.models.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from pipeline.models.loading import build_model, load_run, model_files, predict_probabilities
+from pipeline.models.loading import (
+    build_model,
+    inference_models,
+    load_run,
+    model_files,
+    predict_probabilities,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "build_model",
     "export_model",
+    "inference_models",
     "load_checkpoint",
     "load_run",
     "model_files",

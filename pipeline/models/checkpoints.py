@@ -50,14 +50,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file, or its ``model_from`` sibling is missing.
-        ValueError: not an mmcrf checkpoint, unreadable, or a ``model_from`` that is not a
+        ValueError: not an mmcrf checkpoint (or one refused by weights-only loading),
+            unreadable, without a network spec or weights, or a ``model_from`` that is not a
             plain file name beside it, has another hash or shares in turn.
     """
     p = Path(path)
     payload = _read(p)
     source = payload.get("model_from")
     if source is None:
-        return payload
+        return _complete(payload, p)
     if not isinstance(source, str) or Path(source).name != source or source in ("", ".", ".."):
         raise ValueError(f"{p}: model_from must name a file beside it, got {source!r}")
     sibling = p.parent / source
@@ -70,7 +71,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     shared = _read(sibling)
     if "model" not in shared:
         raise ValueError(f"{p}: {sibling.name} holds no network weights of its own")
-    return {**payload, "model": shared["model"]}
+    return _complete({**payload, "model": shared["model"]}, p)
+
+
+def _complete(payload: dict[str, Any], p: Path) -> dict[str, Any]:
+    """The payload, or ValueError naming the file when it lacks what every checkpoint has:
+    a ``network`` spec (a dict) and ``model`` weights (name → tensor)."""
+    for key in ("network", "model"):
+        if key not in payload:
+            raise ValueError(f"{p}: not a complete mmcrf checkpoint (no {key!r})")
+    if not isinstance(payload["network"], dict):
+        raise ValueError(f"{p}: its 'network' must be a dict of settings, got "
+                         f"{type(payload['network']).__name__}")
+    model = payload["model"]
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in model.values()):
+        raise ValueError(f"{p}: its 'model' must map parameter names to tensors")
+    return payload
 
 
 def export_model(checkpoint: str | os.PathLike, path: str | os.PathLike, *,
@@ -93,9 +110,14 @@ def export_model(checkpoint: str | os.PathLike, path: str | os.PathLike, *,
         The written path.
 
     Raises:
-        ValueError: the shared file is in another folder or holds other network weights.
+        ValueError: the checkpoint is not a loadable model (see :func:`load_checkpoint`; its
+            network spec must fit its weights), or the shared file is in another folder or
+            holds other network weights.
     """
+    from pipeline.models.loading import network_of  # loading builds on this module
+
     payload = load_checkpoint(checkpoint)
+    network_of(payload, checkpoint)  # a model file that cannot be loaded is not written
     out = {k: payload[k] for k in _MODEL_KEYS if k in payload}
     if half:
         out["model"] = {k: v.half() if v.is_floating_point() else v

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,14 @@ from pipeline.models.checkpoints import load_checkpoint
 from pipeline.networks import FCN8s, load_vgg16_weights
 from pipeline.networks.pretrained import load_pretrained_backbone
 
-__all__ = ["build_model", "load_run", "model_files", "predict_probabilities"]
+__all__ = [
+    "build_model",
+    "inference_models",
+    "load_run",
+    "model_files",
+    "network_of",
+    "predict_probabilities",
+]
 
 
 def build_model(network: dict[str, Any], *, pretrained: bool = False) -> FCN8s:
@@ -58,14 +66,29 @@ def predict_probabilities(model: torch.nn.Module, images: torch.Tensor) -> torch
     return torch.sigmoid(logits)
 
 
+def network_of(payload: dict[str, Any], checkpoint: str | os.PathLike) -> FCN8s:
+    """The checkpoint's network built from its spec with its weights loaded; ValueError naming
+    the file when spec and weights do not fit (e.g. an edited ``in_channels``)."""
+    try:
+        model = build_model(payload["network"])
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, TypeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{checkpoint}: its network spec does not fit its weights "
+                         f"({first[:300]})") from None
+    return model
+
+
 def load_run(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, CRFWeights | None, dict]:
     """The network (eval mode), CRF weights (None for a CNN-only run) and config of a
     checkpoint."""
     payload = load_checkpoint(checkpoint)
-    model = build_model(payload["network"])
-    model.load_state_dict(payload["model"])
+    model = network_of(payload, checkpoint)
     model.eval()
-    crf = None if payload.get("crf") is None else CRFWeights.from_array(payload["crf"])
+    try:
+        crf = None if payload.get("crf") is None else CRFWeights.from_array(payload["crf"])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{checkpoint}: bad CRF weights ({err})") from None
     return model, crf, payload.get("config", {})
 
 
@@ -90,3 +113,35 @@ def model_files(model: str | os.PathLike) -> dict[str, Path]:
     if not runs:
         raise FileNotFoundError(f"{folder}: no cnn.pt, piecewise.pt, joint.pt or model.pt")
     return runs
+
+
+_VIEW_NAMES = ("axial", "coronal", "sagittal")
+
+
+def inference_models(model: str | os.PathLike) -> tuple[Path | dict[str, Path], str | None]:
+    """What ``mmcrf infer --model`` runs: a checkpoint file itself, or from a bundle folder
+    its per-view models (``models/model_{view}.pt`` → view → file) or else its best method
+    (joint, then piecewise, cnn, model). The second value is the bundle's default view
+    (``view`` of its ``configs/inference.json``; None for a file or where it sets none).
+
+    Raises:
+        FileNotFoundError: neither a file nor a bundle folder with models.
+    """
+    path = Path(model)
+    if path.is_file():
+        return path, None
+    folder = path / "models" if (path / "models").is_dir() else path
+    per_view = {v: folder / f"model_{v}.pt" for v in _VIEW_NAMES
+                if (folder / f"model_{v}.pt").is_file()}
+    config = path / "configs" / "inference.json"
+    view = None
+    if config.is_file():
+        try:
+            view = json.loads(config.read_text()).get("view")
+        except ValueError:
+            view = None
+    if per_view:
+        return per_view, view if isinstance(view, str) else None
+    runs = model_files(path)
+    best = next(m for m in (*reversed(_METHOD_ORDER), "model") if m in runs)
+    return runs[best], None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -291,6 +292,13 @@ def load_weights_only(path: str | os.PathLike, what: str) -> Any:
         raise FileNotFoundError(f"{p}: no such {what}")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own message advises weights_only=False, which would run the file's code
+        detail = " ".join(str(err).split("WeightsUnpickler error:")[-1].split("Check the")[0]
+                          .split())
+        raise ValueError(f"{p}: not a trusted mmcrf {what}: weights-only loading refused it "
+                         f"({detail[:160] or 'not a plain tensor file'}); it was not loaded, "
+                         f"and no other way of loading it is safe") from None
     except Exception as err:
         raise ValueError(f"{p}: cannot load {what} ({type(err).__name__}: {err})") from None
 
