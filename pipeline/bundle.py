@@ -68,7 +68,7 @@ def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: st
     backbone of a fresh CNN stage (``mmcrf weights vgg16``; the ``vgg16`` network preset).
 
     Returns:
-        The stage's best checkpoint.
+        The stage's best checkpoint (also printed, by rank 0 only under torchrun).
     """
     _prepare_process(slice_after_slice=False)
     if init is None:
@@ -83,6 +83,8 @@ def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: st
         config.network["in_channels"] = in_channels
     result = train_stage(config, Path(output_dir) / mode, root=dataset_dir, manifest=manifest,
                          init=init, resume=resume, progress=progress).result
+    if distributed.is_main():  # under torchrun: said once, not once per rank
+        print(f"best checkpoint: {result.best_checkpoint}")
     return result.best_checkpoint
 
 
@@ -134,7 +136,8 @@ def infer(*, input_dir: str, output_dir: str, model_file: str, view: str = "axia
               else model_file)
     predictor = VolumePredictor(models, views, workers=workers, crf_3d=crf_3d)
     try:
-        rows = run_batch(find_cases(input_dir, exclude=exclude or ()), output_dir, predictor,
+        rows = run_batch(find_cases(input_dir, exclude=exclude or (), output=output_dir),
+                         output_dir, predictor,
                          overwrite=overwrite, write_cnn=write_cnn,
                          write_probability=write_probability, write_dicom_seg=write_dicom_seg,
                          progress=distributed.is_main())

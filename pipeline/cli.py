@@ -238,7 +238,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation.predictions import evaluate_predictions
     from pipeline.evaluation.runs import evaluate_runs, evaluate_runs_with_examples
     from pipeline.evaluation.samples import evaluation_entries, evaluation_samples
-    from pipeline.evaluation.tables import write_eval_table
+    from pipeline.evaluation.tables import write_eval_table, write_table_provenance
 
     if args.images:
         from pipeline.evaluation.folders import evaluate_image_folder
@@ -263,6 +263,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         else:
             rows = evaluate_image_folder(runs, args.images, args.out, colour=args.colour,
                                          split=args.split, progress=args.progress)
+        if (Path(args.out) / "evaluation.csv").is_file():
+            write_table_provenance(Path(args.out) / "evaluation.csv", runs)
         for method in runs:
             scores = [r["jaccard"] for r in rows if r["method"] == method and r["status"] == "ok"]
             mean = f"{100 * sum(scores) / len(scores):.2f} %" if scores else "undefined"
@@ -319,6 +321,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         rows = evaluate_runs(runs, samples, empty=args.empty, progress=args.progress)
     out = write_eval_table(rows, args.out)
+    write_table_provenance(out, runs)
     scored = sum(1 for r in rows if r["jaccard"] == r["jaccard"])
     shown = ", ".join(sorted({str(s.get("view", "2d")) for s in samples}))
     print(f"wrote {out}: {len(rows)} rows ({len(samples)} images x {len(runs)} methods, "
@@ -328,7 +331,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from pipeline.evaluation.examples import QualitativeCases
-    from pipeline.evaluation.tables import load_tables
+    from pipeline.evaluation.tables import load_tables, read_table_provenance
     from pipeline.reports import (
         build_report,
         collect_provenance,
@@ -340,8 +343,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     figures = []
     for path in args.examples or []:
         figures += qualitative_figures(QualitativeCases.load(path), views=args.figure_views)
+    provenance = {**collect_provenance(None, args.manifest),
+                  **read_table_provenance(args.tables)}
     report = build_report(table, training_log=args.training_log, figures=figures,
-                          provenance=collect_provenance(None, args.manifest), title=args.title)
+                          provenance=provenance, title=args.title, baseline=args.baseline)
     paths = write_report(report, args.out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -356,8 +361,10 @@ def _wants_frames(args: argparse.Namespace) -> bool:
     if len(args.model) != 1 or ("=" in args.model[0] and not Path(args.model[0]).is_file()):
         return False
     from pipeline.inference import is_frame_model
+    from pipeline.models import inference_models
 
-    return is_frame_model(args.model[0])
+    model, _ = inference_models(args.model[0])  # a bundle folder: its default model
+    return isinstance(model, Path) and is_frame_model(model)
 
 
 def _infer_frames(args: argparse.Namespace) -> list[dict]:
@@ -370,10 +377,13 @@ def _infer_frames(args: argparse.Namespace) -> list[dict]:
     if args.dicom_seg:
         raise ValueError("--dicom-seg is for CT volumes read from DICOM series, not for "
                          "ultrasound frames")
-    return segment_frames(args.input, args.output, args.model[0], exclude=args.exclude,
+    from pipeline.models import inference_models
+
+    model, _ = inference_models(args.model[0])
+    return segment_frames(args.input, args.output, model, exclude=args.exclude,
                           workers=args.workers, batch_size=args.batch_size,
                           overwrite=args.overwrite, write_cnn=args.cnn,
-                          write_probability=args.probabilities, progress=not args.no_progress)
+                          write_probability=args.probabilities, progress=args.progress)
 
 
 def _report_cases(rows: list[dict], output: str) -> int:
@@ -437,28 +447,60 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     try:
         rows = run_batch(cases, args.output, predictor, overwrite=args.overwrite,
                          write_cnn=args.cnn, write_probability=args.probabilities,
-                         write_dicom_seg=args.dicom_seg, progress=not args.no_progress)
+                         write_dicom_seg=args.dicom_seg, progress=args.progress)
     finally:
         predictor.close()
     return _report_cases(rows, args.output)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False,
+                                                                   argparse.SUPPRESS)) or \
+                isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return text
+        return super()._get_help_string(action)
+
+
+def _progress_flags(parser: argparse.ArgumentParser) -> None:
+    """Progress bars on by default (rank 0 only under torchrun); ``--no-progress`` turns them
+    off; ``--progress`` is kept for older command lines."""
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars (they are shown by default)")
+    parser.add_argument("--progress", dest="progress", action="store_true",
+                        help=argparse.SUPPRESS)
+    parser.set_defaults(progress=True)
 
 
 def _parser() -> argparse.ArgumentParser:
     from pipeline import __version__
 
     parser = argparse.ArgumentParser(
-        prog="mmcrf", description="FCN-8s + graph-cut CRF segmentation with max-margin learning.")
+        prog="mmcrf", description="FCN-8s + graph-cut CRF segmentation with max-margin learning. "
+        "On your own data, start with `mmcrf manifest build` and `mmcrf manifest check` "
+        "(README: 'Your own data').", formatter_class=_Help)
     parser.add_argument("--version", action="version", version=f"mmcrf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
+        return _add(name, formatter_class=_Help, **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
     demo = sub.add_parser("demo", help="the main job on generated CTA and echo phantoms: train "
                           "the three methods per view, evaluate, report")
     demo.add_argument("--output", default="demo_output", help="output folder")
     demo.add_argument("--size", type=int, default=64, help="training image side (default 64)")
-    demo.add_argument("--cnn-epochs", type=int, default=None)
-    demo.add_argument("--joint-epochs", type=int, default=None)
+    demo.add_argument("--cnn-epochs", type=int, default=None,
+                      help="CNN epochs per set (default: the preset's)")
+    demo.add_argument("--joint-epochs", type=int, default=None,
+                      help="joint max-margin epochs per set (default: the preset's)")
     demo.add_argument("--sets", nargs="+", default=list(_DEMO_SETS), choices=_DEMO_SETS,
                       help="data sets to run (default: all: the three CTA views and echo)")
-    demo.add_argument("--progress", action="store_true", help="show progress bars")
+    _progress_flags(demo)
     demo.set_defaults(func=_cmd_demo)
 
     crf = sub.add_parser("crf-demo", help="learn a CRF on noisy blocks and report what it adds")
@@ -559,15 +601,20 @@ def _parser() -> argparse.ArgumentParser:
                     help="pretrained VGG16 file for the backbone of a fresh run (from "
                          "`mmcrf weights vgg16`, or a torchvision state dict)")
     tr.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    tr.add_argument("--epochs", type=int, default=None)
-    tr.add_argument("--lr", type=float, default=None)
-    tr.add_argument("--C", type=float, default=None)
-    tr.add_argument("--batch-size", type=int, default=None)
-    tr.add_argument("--seed", type=int, default=None)
-    tr.add_argument("--graphcut-workers", type=int, default=None)
+    tr.add_argument("--epochs", type=int, default=None,
+                    help="epochs of this stage (default: the preset's, per mode)")
+    tr.add_argument("--lr", type=float, default=None,
+                    help="learning rate of the CNN (default: the preset's, per mode)")
+    tr.add_argument("--C", type=float, default=None,
+                    help="max-margin slack penalty of the CRF stages (default: the preset's)")
+    tr.add_argument("--batch-size", type=int, default=None,
+                    help="images per step (default: the preset's)")
+    tr.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
+    tr.add_argument("--graphcut-workers", type=int, default=None,
+                    help="graph-cut processes during training (default: the preset's)")
     tr.add_argument("--patience", type=int, default=None,
                     help="early stopping after N validations without improvement")
-    tr.add_argument("--progress", action="store_true", help="show a progress bar")
+    _progress_flags(tr)
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("evaluate", help="score trained runs or saved predictions image by "
@@ -616,7 +663,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="method ranking the examples (default: joint, else the last --run)")
     ev.add_argument("--out", required=True,
                     help="evaluation table CSV to write (a folder with --images)")
-    ev.add_argument("--progress", action="store_true")
+    _progress_flags(ev)
     ev.set_defaults(func=_cmd_evaluate)
 
     inf = sub.add_parser("infer", help="segment a folder of NIfTI files / DICOM series, or of "
@@ -656,7 +703,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="for DICOM series inputs only, also write <name>_seg.dcm: a binary "
                           "DICOM SEG whose frames reference the series' instances (highdicom); "
                           "NIfTI inputs get no SEG and are not failed for it; a SEG that "
-                          "cannot be written fails its case")
+                          "cannot be written (e.g. empty UIDs) leaves the NIfTI mask and a warning")
     inf.add_argument("--overwrite", action="store_true", help="redo finished cases")
     inf.add_argument("--workers", type=int, default=0, help="graph-cut processes")
     inf.add_argument("--crf-3d", action="store_true",
@@ -667,7 +714,7 @@ def _parser() -> argparse.ArgumentParser:
                           "network is unsure of (at worst the volume, about 0.3 kB per voxel) "
                           "and runs in one process")
     inf.add_argument("--batch-size", type=int, default=16, help="slices per CNN pass")
-    inf.add_argument("--no-progress", action="store_true")
+    _progress_flags(inf)
     inf.set_defaults(func=_cmd_infer)
 
     rp = sub.add_parser("report", help="per-view report from evaluation tables")
@@ -676,13 +723,31 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--training-log", default=None, help="a run's log.csv for the curves")
     rp.add_argument("--manifest", default=None, help="manifest to hash into the provenance")
     rp.add_argument("--title", default="mmcrf evaluation")
+    rp.add_argument("--baseline", default=None, metavar="METHOD",
+                    help="compare every other method with this one (default: joint/piecewise/"
+                         "cnn pairs where present, else every pair of methods)")
     rp.add_argument("--examples", action="append", default=None, metavar="NPZ",
                     help="example images from `mmcrf evaluate --examples`: one qualitative "
                          "figure per view (repeatable)")
     rp.add_argument("--figure-views", nargs="+", default=None,
                     help="views to draw from --examples (default: all)")
     rp.set_defaults(func=_cmd_report)
+    _show_defaults(parser)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Gives options without a help text one, so that their default is shown too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
+        elif action.help is None and not any(action.default is v for v in (None, False,
+                                                                          argparse.SUPPRESS)):
+            shown = " ".join(map(str, action.default)) if isinstance(action.default, (list,
+                                                                                    tuple)) \
+                else str(action.default)
+            action.help = f"(default: {shown.replace('%', '%%')})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

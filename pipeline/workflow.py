@@ -11,7 +11,7 @@ from typing import Any
 from pipeline import distributed
 from pipeline.data.cta import CTA_HU_WINDOW
 from pipeline.data.phantoms import GENERATED_KINDS, ensure_demo_data
-from pipeline.data.samples import training_sets
+from pipeline.data.samples import training_foreground_ml, training_sets
 from pipeline.engines import DEFAULT_CONFIG, TrainConfig, TrainResult, train
 
 __all__ = ["StageRun", "data_settings", "evaluate_and_report", "input_channels",
@@ -109,6 +109,16 @@ def train_stage(config: TrainConfig, out: str | os.PathLike, *,
     data = config.data
     if samples is None:
         samples = stage_samples(data, root=root, manifest=manifest)
+    if manifest is not None and "manifest" not in data:  # what the model was trained on
+        from pipeline.data.manifests import manifest_hash
+
+        data = {**data, "manifest": Path(manifest).name,
+                "manifest_sha256": manifest_hash(manifest)}
+    if "training_foreground_ml" not in data:  # recorded for inference's volume warning
+        seen = training_foreground_ml(data["kind"], root=root, manifest=manifest)
+        if seen is not None:
+            data = {**data, "training_foreground_ml": seen}
+    config.data = data
     train_set, val_set = samples
     if log is not None and distributed.is_main():
         log(f"{config.mode} on {len(train_set)} training / {len(val_set)} validation images "
@@ -142,7 +152,11 @@ def evaluate_and_report(groups: Sequence[tuple[Mapping[str, str | os.PathLike],
     """
     from pipeline.evaluation.examples import QualitativeCases
     from pipeline.evaluation.runs import evaluate_runs, evaluate_runs_with_examples
-    from pipeline.evaluation.tables import write_eval_table
+    from pipeline.evaluation.tables import (
+        read_table_provenance,
+        write_eval_table,
+        write_table_provenance,
+    )
     from pipeline.reports import build_report, qualitative_figures, write_report
 
     out = Path(out_dir)
@@ -163,8 +177,10 @@ def evaluate_and_report(groups: Sequence[tuple[Mapping[str, str | os.PathLike],
                                  cases=picked)
         cases.save(out / "examples.npz")
     log = Path(training_log) if training_log is not None else None
+    write_table_provenance(table, {m: p for runs, _ in groups for m, p in runs.items()})
     report = build_report([table], training_log=log if log is not None and log.is_file()
                           else None, figures=qualitative_figures(cases) if cases else [],
-                          provenance=provenance, title=title)
+                          provenance={**(provenance or {}), **read_table_provenance([table])},
+                          title=title)
     return {"table": table, "report": report, "examples": cases,
             **write_report(report, out / "report")}

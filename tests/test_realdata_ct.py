@@ -80,7 +80,7 @@ def test_tiny_training_then_batch_inference_gives_a_mask_on_the_ct_grid(
     for view in ("axial", "all"):  # one view, and the three views fused (same model)
         out = tmp_path / view
         _mmcrf("infer", "--input", ct_path, "--output", out, "--model", heart_model,
-               "--view", view, "--no-progress")
+               "--view", view, "--any-view", "--no-progress")
         (row,) = list(csv.DictReader((out / "summary.csv").open()))
         assert row["status"] == "ok", row["error"]
         mask = nib.load(out / "ct_cropped_mask.nii.gz")
@@ -179,3 +179,29 @@ def test_dicom_seg_of_the_real_series_references_its_instances(heart_model, shar
         covered.add(round(z))
     for k in set(range(data.shape[2])) - covered:  # slices without a frame are empty
         assert not data[:, :, k].any()
+
+
+def test_the_bundle_models_find_the_real_heart_and_warn_on_an_abdomen(shared_data, tmp_path):
+    """The CTA bundle's default models (trained on this CT, leave-slices-out) through
+    `mmcrf infer --model BUNDLE`: the fused three views cover the heart on the CT's own grid,
+    the label file beside the CT is excluded, and on the abdominal series (no heart) the row
+    warns that the predicted volume is far from the one seen in training."""
+    bundle = REPO / "bundles" / "cta_pericardium_crf"
+    _mmcrf("infer", "--input", shared_data / "ct_heart", "--output", tmp_path / "ct",
+           "--model", bundle, "--view", "all", "--no-progress")
+    rows = {r["case"]: r for r in csv.DictReader((tmp_path / "ct" / "summary.csv").open())}
+    assert rows["heart"]["status"] == "excluded"
+    row = rows["ct_cropped"]
+    assert row["status"] == "ok" and row["warning"] == ""
+    ct = nib.load(shared_data / "ct_heart" / "ct_cropped.nii.gz")
+    label = nib.load(shared_data / "ct_heart" / "heart.nii.gz")
+    ref = resample_to_grid(np.asarray(label.dataobj).astype(np.uint8), label.affine,
+                           ct.affine, ct.shape, order=0) > 0
+    mask = np.asarray(nib.load(tmp_path / "ct" / "ct_cropped_mask.nii.gz").dataobj) > 0
+    assert 2 * (mask & ref).sum() / (mask.sum() + ref.sum()) > 0.88
+    assert 0.8 < float(row["foreground_ml"]) / (ref.sum() * 1.5 ** 3 / 1000) < 1.2
+    assert "axial=" in row["model_sha256"] and row["views"] == "axial,coronal,sagittal"
+    assert main(["infer", "--input", str(shared_data / "ct_dicom_series"), "--output",
+                 str(tmp_path / "abdomen"), "--model", str(bundle), "--no-progress"]) == 0
+    (row,) = list(csv.DictReader((tmp_path / "abdomen" / "summary.csv").open()))
+    assert row["status"] == "ok" and "outside the range the model saw" in row["warning"]

@@ -195,8 +195,10 @@ def _check_pixel_length(path: Path, ds: pydicom.Dataset) -> None:
 
 
 #: Header fields on which the slices of one scan agree; two values in a folder mean two scans.
-_SCAN_KEYS = ("StudyInstanceUID", "FrameOfReferenceUID", "SeriesNumber", "AcquisitionNumber",
-              "Rows", "Columns", "PixelSpacing", "SliceThickness", "AcquisitionTime")
+#: (Not AcquisitionTime or AcquisitionNumber: helical and step-and-shoot scanners vary them
+#: from slice to slice within one scan.)
+_SCAN_KEYS = ("StudyInstanceUID", "FrameOfReferenceUID", "SeriesNumber", "Rows", "Columns",
+              "PixelSpacing", "SliceThickness")
 
 
 def _scans_mixed(series: DicomSeries, slices: Sequence[tuple[Path, pydicom.Dataset]],

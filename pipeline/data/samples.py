@@ -219,3 +219,34 @@ def training_sets(kind: str, *, root: str | os.PathLike | None = None,
               "colour": colour, "camus": camus}
     kind = generated_base_kind(kind, root)
     return split_samples(kind, "training", **kwargs), split_samples(kind, "validation", **kwargs)
+
+
+def training_foreground_ml(kind: str, *, root: str | os.PathLike | None = None,
+                           manifest: str | os.PathLike | None = None) -> list[float] | None:
+    """[smallest, largest] foreground volume (mL) of the labelled training volumes of a
+    volume kind (``cta``, ``demo``; None for the 2-D kinds or without labels): what a model
+    saw in training, so inference can warn about a predicted volume far outside it.
+
+    Raises:
+        ValueError: a label volume that cannot be read.
+    """
+    from pipeline.data.manifests import load_manifest, manifest_entries
+    from pipeline.data.phantoms import demo_cohort_manifest
+    from pipeline.data.readers import read_volume
+
+    if kind == "demo" and root is not None:
+        spec = demo_cohort_manifest(root)
+    elif kind == "cta" and root is not None and manifest is not None:
+        spec = load_manifest(manifest)
+    else:
+        return None
+    volumes = []
+    for entry in manifest_entries(spec, root, ["training"]):
+        if not entry.get("label"):
+            continue
+        label = read_volume(entry["label"])
+        value = entry.get("label_value")
+        voxels = float((label == value).sum() if value is not None else (label > 0).sum())
+        volumes.append(voxels * abs(float(np.linalg.det(np.asarray(label.affine)[:3, :3])))
+                       / 1000.0)
+    return [round(min(volumes), 1), round(max(volumes), 1)] if volumes else None

@@ -56,7 +56,9 @@ class TrainConfig:
         mode: ``cnn`` (pixelwise cross-entropy), ``piecewise`` (CNN frozen, CRF learned by
             Algorithm 1) or ``joint`` (Algorithm 2: γ back-propagated into the CNN).
         epochs: epochs to train (piecewise always uses one pass).
-        batch_size: images per batch.
+        batch_size: images per optimisation step, over all ranks: under torchrun each of W
+            ranks takes ceil(batch_size / W), so an epoch makes as many steps as on one
+            process and the training curve does not depend on the process count.
         lr: learning rate (the starting one under a schedule).
         lr_schedule: ``constant``, or ``cosine``: epoch e (1-based) of E trains at
             lr·(1 + cos(π(e − 1)/E))/2, a function of the epoch alone, so a resumed run
@@ -197,7 +199,11 @@ def _loader(samples, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader
     dataset = _ListDataset(samples)
     sampler = _LazyEpochSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(),
                                  shuffle=shuffle, seed=seed, drop_last=False)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    # under torchrun the per-rank batch is a share of the global one; a last batch of one
+    # image would break batch norm, so that image waits for another epoch (shuffled)
+    lone = dist.world_size() > 1 and shuffle and len(sampler) > 1 and \
+        len(sampler) % batch_size == 1
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=lone)
 
 
 def _check_samples(samples: Sequence[dict], name: str) -> None:
@@ -249,7 +255,8 @@ class _Run:
                                   tol=config.tol, max_iterations=config.max_cp_iterations,
                                   pool=self.pool)
         self.weights: CRFWeights | None = None
-        self.train_loader = _loader(train_samples, config.batch_size, shuffle=True,
+        self.train_loader = _loader(train_samples,
+                                    -(-config.batch_size // dist.world_size()), shuffle=True,
                                     seed=config.seed)
         self.val_loader = (_loader(val_samples, config.batch_size, shuffle=False, seed=0)
                            if val_samples else None)

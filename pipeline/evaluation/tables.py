@@ -35,8 +35,10 @@ __all__ = [
     "ordered_methods",
     "ordered_views",
     "read_eval_table",
+    "read_table_provenance",
     "select_cases",
     "write_eval_table",
+    "write_table_provenance",
 ]
 
 #: Required columns of the per-image evaluation CSV, in this order when written.
@@ -48,15 +50,18 @@ EVAL_COLUMNS: tuple[str, ...] = (
     "case", "view", "slice", "method", "jaccard", "dice", "truth_empty", "pred_empty",
 )
 #: Optional columns understood by the reports (others are kept as text): the image path or id,
-#: precision, recall and the 95th-percentile Hausdorff distance in mm (empty when undefined).
-OPTIONAL_COLUMNS: tuple[str, ...] = ("image", "precision", "recall", "hd95_mm")
+#: precision, recall and the 95th-percentile Hausdorff distance in mm (empty when undefined),
+#: and the pixel counts of the overlap, the prediction and the truth (per-volume 3-D Dice).
+OPTIONAL_COLUMNS: tuple[str, ...] = ("image", "precision", "recall", "hd95_mm", "overlap_px",
+                                     "pred_px", "truth_px")
 #: Method and view names in report order; other names are allowed and sorted after these.
 KNOWN_METHODS: tuple[str, ...] = ("cnn", "piecewise", "joint")
 KNOWN_VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal", "ultrasound", "horse")
 
 _KEY = ("case", "view", "slice", "method")
 _TEXT = ("case", "view", "slice", "method", "image")
-_FLOATS = ("jaccard", "dice", "precision", "recall", "hd95_mm")
+_COUNTS = ("overlap_px", "pred_px", "truth_px")
+_FLOATS = ("jaccard", "dice", "precision", "recall", "hd95_mm", *_COUNTS)
 _FRACTIONS = ("jaccard", "dice", "precision", "recall")
 _FLAGS = ("truth_empty", "pred_empty")
 _TRUE = {"1", "1.0", "true", "yes"}
@@ -178,8 +183,8 @@ def _parse(column: str, value, source: str, where: str):
         if column in _FRACTIONS and not 0.0 <= number <= 1.0:
             raise ValueError(f"{source}, {where}: column {column!r} must lie in [0, 1] "
                              f"(a fraction, not a percentage), got {number}")
-        if column == "hd95_mm" and not number >= 0.0:
-            raise ValueError(f"{source}, {where}: column 'hd95_mm' must be >= 0, got {number}")
+        if column in ("hd95_mm", *_COUNTS) and not number >= 0.0:
+            raise ValueError(f"{source}, {where}: column {column!r} must be >= 0, got {number}")
         return number
     if column == "slice" and text:
         try:
@@ -271,6 +276,8 @@ def load_tables(tables: Sequence | str | os.PathLike | EvalTable) -> EvalTable:
 def _format(column: str, value) -> str:
     if column in _FLAGS:
         return "1" if value else "0"
+    if column in _COUNTS:
+        return "" if math.isnan(float(value)) else str(int(value))
     if column in _FLOATS:
         v = float(value)
         return "" if math.isnan(v) else repr(v)
@@ -319,7 +326,8 @@ def evaluation_rows(y_pred, y, *, case: str | Sequence[str], view: str | Sequenc
         surface: also compute ``precision``, ``recall`` and ``hd95_mm``.
 
     Returns:
-        One dict per item with :data:`EVAL_COLUMNS` (+ ``image`` and the surface columns).
+        One dict per item with :data:`EVAL_COLUMNS`, the pixel counts ``overlap_px``,
+        ``pred_px``, ``truth_px`` (+ ``image`` and the surface columns).
     """
     if empty not in EMPTY_POLICIES:
         raise ValueError(f"empty must be one of {EMPTY_POLICIES}, got {empty!r}")
@@ -338,11 +346,16 @@ def evaluation_rows(y_pred, y, *, case: str | Sequence[str], view: str | Sequenc
                                                             and len(images) != n):
         raise ValueError(f"case/view/slices/images must have one entry per item ({n})")
     hd = compute_hd95(y_pred, y, spacing=spacing) if surface else None
+    pred_flat = np.asarray(y_pred).reshape(n, -1).astype(bool)
+    truth_flat = np.asarray(y).reshape(n, -1).astype(bool)
+    overlap = (pred_flat & truth_flat).sum(1)
     rows = []
     for i in range(n):
         row = {"case": cases[i], "view": views[i], "slice": slices[i], "method": method,
                "jaccard": float(jac[i]), "dice": float(dice[i]),
-               "truth_empty": int(truth_empty[i]), "pred_empty": int(pred_empty[i])}
+               "truth_empty": int(truth_empty[i]), "pred_empty": int(pred_empty[i]),
+               "overlap_px": int(overlap[i]), "pred_px": int(pred_flat[i].sum()),
+               "truth_px": int(truth_flat[i].sum())}
         if images is not None:
             row["image"] = str(images[i])
         if surface:
@@ -400,3 +413,42 @@ def select_cases(table: EvalTable, method: str, *,
             picks = {w: rows[index[w]] for w in which}
         out[view] = picks
     return out
+
+
+def _sidecar(table: str | os.PathLike) -> Path:
+    path = Path(table)
+    return path.with_name(path.stem + ".provenance.json")
+
+
+def write_table_provenance(table: str | os.PathLike,
+                           runs: Mapping[str, str | os.PathLike]) -> Path:
+    """Writes ``<table stem>.provenance.json`` beside an evaluation table: each method's
+    checkpoint path and sha256, so a report made from the table names them."""
+    import json
+
+    from pipeline.networks.pretrained import sha256_file
+
+    record = {"checkpoints": {m: {"path": str(p), "sha256": sha256_file(p)}
+                              for m, p in runs.items()}}
+    return atomic_write_text(_sidecar(table), json.dumps(record, indent=2) + "\n")
+
+
+def read_table_provenance(tables: Iterable[str | os.PathLike]) -> dict:
+    """The checkpoints recorded beside the given tables (see :func:`write_table_provenance`),
+    ``{"checkpoints": {method: {...}}}`` merged (a method named twice with other files is
+    listed once per table as ``method (table)``); empty where none was recorded."""
+    import json
+
+    merged: dict[str, dict] = {}
+    for table in tables:
+        sidecar = _sidecar(table)
+        if not sidecar.is_file():
+            continue
+        try:
+            found = json.loads(sidecar.read_text()).get("checkpoints") or {}
+        except ValueError:
+            continue
+        for method, record in found.items():
+            key = method if merged.get(method, record) == record else f"{method} ({table})"
+            merged[key] = record
+    return {"checkpoints": merged} if merged else {}

@@ -124,25 +124,30 @@ def _volume_warning(ml: float, predictor: VolumePredictor) -> str:
 
 
 def _run_case(case: Case, predictor: VolumePredictor, out_dir: Path, *, write_cnn: bool,
-              write_probability: bool, write_dicom_seg: bool = False) -> dict:
+              write_probability: bool, write_dicom_seg: bool = False,
+              progress: bool = False) -> dict:
     paths = output_paths(case, out_dir)
     volume = read_volume(case.path, series_uid=case.series_uid)
     _check_is_scan(volume, case.path)
-    result = predictor.predict(volume)
+    result = predictor.predict(volume, progress=progress)
     affine = np.asarray(volume.affine, dtype=np.float64)
     if write_probability:
         write_nifti(result.probability.astype(np.float32), affine, paths["probability"])
     if write_cnn and result.crf is not None:
         write_nifti(result.cnn, affine, paths["cnn"], dtype=np.uint8)
+    warnings = []
     if write_dicom_seg and case.kind == "dicom":  # NIfTI inputs: no SEG, nothing to reference
-        _write_case_seg(volume, result.mask, predictor, paths["dicom_seg"])
+        try:
+            _write_case_seg(volume, result.mask, predictor, paths["dicom_seg"])
+        except ValueError as err:  # e.g. empty UIDs: the NIfTI mask is still worth having
+            warnings.append(f"{err}; the NIfTI mask is written")
     write_nifti(result.mask, affine, paths["mask"], dtype=np.uint8)  # last: marks the case done
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     ml = float(result.mask.sum()) * voxel_ml
     return {"output": str(paths["mask"]), "shape": "x".join(map(str, volume.shape)),
             "foreground_ml": round(ml, 3),
             "foreground_slices": _slice_fraction(result.mask, affine, predictor.views[0]),
-            "warning": _volume_warning(ml, predictor),
+            "warning": "; ".join(w for w in (*warnings, _volume_warning(ml, predictor)) if w),
             "cnn_seconds": round(result.seconds["cnn"], 3),
             "crf_seconds": round(result.seconds["crf"], 3)}
 
@@ -173,8 +178,9 @@ def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Volu
             DICOM SEG whose frames reference the series' instances (see
             :func:`pipeline.data.dicom_seg.write_dicom_seg`); NIfTI inputs have no instances
             to reference and get none (their case is still ``ok``). A SEG that cannot be
-            written fails its case (no mask either).
-        progress: progress bar over cases.
+            written (e.g. a series whose UIDs are empty) leaves the NIfTI mask and a
+            ``warning`` saying why.
+        progress: progress bar over cases (over the slices for a single case).
 
     Returns:
         One summary row per case (this rank's cases merged with the others' on rank 0).
@@ -182,12 +188,15 @@ def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Volu
     Raises:
         ValueError: the output folder cannot be written.
     """
+    single = len(cases) == 1  # one volume: a bar over its slices instead of over cases
+
     def run_case(case: Case, out: Path) -> dict:
         return _run_case(case, predictor, out, write_cnn=write_cnn,
-                         write_probability=write_probability, write_dicom_seg=write_dicom_seg)
+                         write_probability=write_probability, write_dicom_seg=write_dicom_seg,
+                         progress=progress and single and dist.is_main())
 
-    return run_cases(cases, out_dir, run_case, overwrite=overwrite, progress=progress,
-                     provenance=predictor.provenance())
+    return run_cases(cases, out_dir, run_case, overwrite=overwrite,
+                     progress=progress and not single, provenance=predictor.provenance())
 
 
 def _fingerprint(provenance: Mapping) -> dict:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation, Resize, ScaleIntensityRange
+from tqdm.auto import tqdm
 
 from pipeline.crf import CRFWeights, GraphCutPool, map_labelling, volume_map_labelling
 from pipeline.data.alignment import resample_to_grid
@@ -69,9 +70,11 @@ class ViewModel:
         return self
 
     def probabilities(self, images: np.ndarray, *, batch_size: int = 16,
-                      device: str | torch.device = "cpu") -> np.ndarray:
+                      device: str | torch.device = "cpu", bar=None) -> np.ndarray:
         """Foreground probabilities of N×H×W one-channel images: each resized to the training
         size, through the network in batches, and back to H×W.
+
+        ``bar`` (a tqdm bar, optional) advances by the images of each batch.
 
         Returns:
             N×H×W float32 in [0, 1].
@@ -89,6 +92,8 @@ class ViewModel:
             if up is not None:
                 p = torch.as_tensor(np.asarray(up(p)))
             probs.append(p.numpy())
+            if bar is not None:
+                bar.update(len(chunk))
         return np.concatenate(probs).clip(0.0, 1.0).astype(np.float32)
 
 
@@ -227,11 +232,12 @@ class VolumePredictor(_GraphCutWorkers):
                 "views": list(self.views), "crf": self.crf_method,
                 "mmcrf_version": __version__}
 
-    def _view_slices(self, windowed: np.ndarray, view: str) -> tuple[np.ndarray, np.ndarray]:
+    def _view_slices(self, windowed: np.ndarray, view: str, bar=None
+                     ) -> tuple[np.ndarray, np.ndarray]:
         """The view's N×H×W slices of the windowed volume and the network's probabilities."""
         slices = slice_volume(windowed[None], view)[:, 0]
         probs = self.models[view].probabilities(slices, batch_size=self.batch_size,
-                                                device=self.device)
+                                                device=self.device, bar=bar)
         return slices, probs
 
     def _crf(self, probability: np.ndarray, windowed: np.ndarray, spacing: np.ndarray,
@@ -253,8 +259,9 @@ class VolumePredictor(_GraphCutWorkers):
             images = slice_volume(windowed[None], view)[:, 0]
         return restack_slices(self._labellings(probs, images, vm)[:, None], view)[0]
 
-    def predict(self, volume: MetaTensor) -> VolumePrediction:
-        """Segments one X×Y×Z volume (HU for CT) carrying its affine.
+    def predict(self, volume: MetaTensor, *, progress: bool = False) -> VolumePrediction:
+        """Segments one X×Y×Z volume (HU for CT) carrying its affine; ``progress`` shows a
+        bar over the slices (the CNN's of each view, then the CRF's).
 
         Returns:
             Probability, CNN mask and CRF mask on the input's grid.
@@ -271,8 +278,13 @@ class VolumePredictor(_GraphCutWorkers):
         start = time.perf_counter()
         stack = None  # with one view, its slices and probabilities are kept for the CRF
         volumes = []
+        axis = {"sagittal": 0, "coronal": 1, "axial": 2}
+        crf_slices = windowed.shape[axis[self.views[0]]] if not self.crf_3d else 1
+        bar = tqdm(total=sum(windowed.shape[axis[v]] for v in self.views) + crf_slices,
+                   desc="slices", unit="slice", disable=not progress, leave=False)
         for view in self.views:
-            slices, probs = self._view_slices(windowed, view)
+            bar.set_postfix_str(f"CNN {view}")
+            slices, probs = self._view_slices(windowed, view, bar)
             volumes.append(restack_slices(probs[:, None], view)[0])
             if len(self.views) == 1:
                 stack = (slices, probs)
@@ -281,7 +293,10 @@ class VolumePredictor(_GraphCutWorkers):
         cnn_s = time.perf_counter() - start
         start = time.perf_counter()
         spacing = np.linalg.norm(ras_affine[:3, :3], axis=0)  # mm per voxel along each axis
+        bar.set_postfix_str("CRF")
         crf = self._crf(probability, windowed, spacing, stack)
+        bar.update(crf_slices)
+        bar.close()
         del stack
         crf_s = time.perf_counter() - start
         seconds = {"cnn": cnn_s, "crf": crf_s}

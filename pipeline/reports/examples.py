@@ -51,7 +51,11 @@ def qualitative_figures(cases: QualitativeCases, *, views: Sequence[str] | None 
         caption = (f"{view.capitalize()} view: the {', '.join(c.pick for c in picked)} image by "
                    f"the per-image Jaccard of {cases.method}. Green: ground truth; one panel "
                    f"per method ({', '.join(names)}) with its outline and its Jaccard in the "
-                   f"corner, as in the paper's Fig. 1–2.")
+                   f"corner, as in the paper's Fig. 1–2. Images, masks and these Jaccards "
+                   f"are at {picked[0].truth.shape[0]}×{picked[0].truth.shape[1]} px, the size "
+                   f"the examples were scored at (`mmcrf evaluate --run`: the model's "
+                   f"training size); a table made at another size (`evaluate --images` scores "
+                   f"at each image's own) can give other numbers for the same image.")
         out.append(ReportFigure(f"Qualitative results, {view} view", png, caption,
                                 f"qualitative_{view}"))
     return out

@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.data.writers import atomic_write_bytes, atomic_write_text
 from pipeline.reports.provenance import flatten_provenance
 from pipeline.reports.report import Report
-from pipeline.reports.stats import ALL_VIEWS, GroupSummary, PairedComparison
+from pipeline.reports.stats import ALL_VIEWS, GroupSummary, PairedComparison, VolumeScore
 
 __all__ = ["FORMATS", "render_html", "render_markdown", "write_report"]
 
@@ -62,6 +62,31 @@ def _paired_cells(c: PairedComparison) -> list[str]:
             f"{c.wins} / {c.losses} / {c.ties}", c.note]
 
 
+_METRICS_HEAD = ("View", "Method", "Mean J (%)", "Mean Dice (%)", "Precision (%)",
+                 "Recall (%)", "HD95 (mm)", "3-D Dice per volume (%)", "Volumes", "Scored")
+_VOLUME_HEAD = ("View", "Case", "Method", "Slices", "3-D Dice (%)", "Truth (px)",
+                "Prediction (px)")
+_METRICS_INTRO = ("Means over the scored images (empty ground truth excluded). Precision, "
+                  "recall and HD95 appear where the evaluation computed them (— otherwise). "
+                  "3-D Dice per volume: 2·Σoverlap / (Σprediction + Σtruth) over all the "
+                  "slices of a volume (empty ones included), averaged over the volumes.")
+
+
+def _mm(x: float) -> str:
+    return "—" if x is None or math.isnan(x) else f"{x:.2f}"
+
+
+def _metric_cells(s: GroupSummary) -> list[str]:
+    return [_view(s.view), s.method, _pct(s.mean_jaccard), _pct(s.mean_dice),
+            _pct(s.mean_precision), _pct(s.mean_recall), _mm(s.mean_hd95_mm),
+            _pct(s.mean_volume_dice), str(s.n_volumes or "—"), str(s.n_scored)]
+
+
+def _volume_cells(v) -> list[str]:
+    return [v.view, v.case, v.method, str(v.n_slices), _pct(v.dice), str(v.truth_px),
+            str(v.pred_px)]
+
+
 def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     def line(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ")
@@ -102,11 +127,16 @@ def render_markdown(report: Report, *, figure_dir: str | None = "figures",
     out += [f"- {n}" for n in notes] + [""]
     out += ["## Jaccard per view and method", "",
             _md_table(_SUMMARY_HEAD, [_summary_cells(s) for s in report.summaries]), ""]
+    out += ["## Every metric per view and method", "", _METRICS_INTRO, "",
+            _md_table(_METRICS_HEAD, [_metric_cells(s) for s in report.summaries]), ""]
+    if report.volumes:
+        out += ["## 3-D Dice per volume", "",
+                _md_table(_VOLUME_HEAD, [_volume_cells(v) for v in report.volumes]), ""]
     out += ["## Paired comparisons", "", _paired_intro(report), ""]
     if report.comparisons:
         out += [_md_table(_PAIRED_HEAD, [_paired_cells(c) for c in report.comparisons]), ""]
     else:
-        out += ["No pair of compared methods is present in the tables.", ""]
+        out += ["Only one method is present: nothing to compare.", ""]
     if report.figures:
         out += ["## Figures", ""]
         for fig in report.figures:
@@ -162,10 +192,15 @@ def render_html(report: Report) -> str:
             else f"<li>{esc(n)}</li>" for n in notes]
     out += ["</ul>", "<h2>Jaccard per view and method</h2>",
             _html_table(_SUMMARY_HEAD, [_summary_cells(s) for s in report.summaries]),
-            "<h2>Paired comparisons</h2>", f"<p>{esc(_paired_intro(report))}</p>"]
+            "<h2>Every metric per view and method</h2>", f"<p>{esc(_METRICS_INTRO)}</p>",
+            _html_table(_METRICS_HEAD, [_metric_cells(s) for s in report.summaries])]
+    if report.volumes:
+        out += ["<h2>3-D Dice per volume</h2>",
+                _html_table(_VOLUME_HEAD, [_volume_cells(v) for v in report.volumes])]
+    out += ["<h2>Paired comparisons</h2>", f"<p>{esc(_paired_intro(report))}</p>"]
     out.append(_html_table(_PAIRED_HEAD, [_paired_cells(c) for c in report.comparisons])
                if report.comparisons else
-               "<p>No pair of compared methods is present in the tables.</p>")
+               "<p>Only one method is present: nothing to compare.</p>")
     if report.figures:
         out.append("<h2>Figures</h2>")
         for fig in report.figures:
@@ -204,7 +239,8 @@ def write_report(report: Report, out_dir: str | os.PathLike, *,
     ``<stem>_summary.csv`` and ``<stem>_comparisons.csv`` (one row per
     :class:`~pipeline.reports.stats.GroupSummary` /
     :class:`~pipeline.reports.stats.PairedComparison`, Jaccard as fractions, empty =
-    undefined), ``<stem>.json`` (the same numbers, ``null`` = undefined, with notes, settings
+    undefined), ``<stem>_volumes.csv`` for volumes (3-D Dice per volume), ``<stem>.json``
+    (the same numbers, ``null`` = undefined, with notes, settings
     and provenance).
 
     Args:
@@ -215,7 +251,7 @@ def write_report(report: Report, out_dir: str | os.PathLike, *,
 
     Returns:
         ``{kind: path}`` with kinds ``md``, ``html``, ``summary_csv``, ``comparisons_csv``,
-        ``json`` and ``figure:<name>``.
+        ``volumes_csv`` (volumes only), ``json`` and ``figure:<name>``.
 
     Raises:
         ValueError: an unknown format.
@@ -238,6 +274,9 @@ def write_report(report: Report, out_dir: str | os.PathLike, *,
                                                    _csv_text(report.summaries, GroupSummary))
         written["comparisons_csv"] = atomic_write_text(
             out / f"{stem}_comparisons.csv", _csv_text(report.comparisons, PairedComparison))
+        if report.volumes:
+            written["volumes_csv"] = atomic_write_text(out / f"{stem}_volumes.csv",
+                                                       _csv_text(report.volumes, VolumeScore))
     if "json" in formats:
         text = json.dumps(report.to_dict(), indent=2, allow_nan=False, ensure_ascii=False)
         written["json"] = atomic_write_text(out / f"{stem}.json", text + "\n")

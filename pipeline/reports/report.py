@@ -12,12 +12,14 @@ import numpy as np
 from pipeline.evaluation.tables import EvalTable, load_tables, ordered_methods, ordered_views
 from pipeline.reports.figures import ReportFigure, plot_training_curves
 from pipeline.reports.stats import (
-    DEFAULT_COMPARISONS,
     NO_LABELS_NOTE,
     GroupSummary,
     PairedComparison,
+    VolumeScore,
     compare_all,
+    comparison_pairs,
     summarize,
+    volume_scores,
 )
 
 __all__ = ["Report", "build_report"]
@@ -46,6 +48,7 @@ class Report:
     provenance: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    volumes: list[VolumeScore] = field(default_factory=list)
 
     def summary(self, view: str, method: str) -> GroupSummary | None:
         """The summary of one (view, method), or ``None``."""
@@ -64,6 +67,7 @@ class Report:
             "settings": self.settings,
             "summaries": [s.to_dict() for s in self.summaries],
             "comparisons": [c.to_dict() for c in self.comparisons],
+            "volumes": [v.to_dict() for v in self.volumes],
             "figures": [{"name": f.stem, "title": f.title, "caption": f.caption}
                         for f in self.figures],
             "provenance": self.provenance,
@@ -99,7 +103,8 @@ def build_report(tables: Sequence | str | os.PathLike | EvalTable, *,
                  training_log: str | os.PathLike | Mapping | None = None,
                  figures: Iterable[ReportFigure] = (),
                  provenance: Mapping | None = None,
-                 comparisons: Sequence[tuple[str, str]] = DEFAULT_COMPARISONS,
+                 comparisons: Sequence[tuple[str, str]] | None = None,
+                 baseline: str | None = None,
                  n_boot: int = 2000, confidence: float = 0.95, seed: int = 0,
                  title: str = "mmcrf evaluation") -> Report:
     """Compute the report from one or more per-image evaluation tables.
@@ -111,7 +116,10 @@ def build_report(tables: Sequence | str | os.PathLike | EvalTable, *,
         figures: extra figures (e.g. :func:`~pipeline.reports.figures.plot_qualitative` PNGs for
             the :func:`~pipeline.reports.stats.select_cases` picks).
         provenance: e.g. :func:`~pipeline.reports.provenance.collect_provenance`'s dict.
-        comparisons: (A, B) method pairs compared on the same images (A − B).
+        comparisons: (A, B) method pairs compared on the same images (A − B); default
+            :func:`~pipeline.reports.stats.comparison_pairs` (``baseline`` against every
+            other method, else cnn/piecewise/joint's pairs, else every pair).
+        baseline: the method every other one is compared with.
         n_boot: bootstrap resamples for the intervals.
         confidence: interval coverage.
         seed: bootstrap seed.
@@ -124,6 +132,8 @@ def build_report(tables: Sequence | str | os.PathLike | EvalTable, *,
         ValueError: a table violates the schema (the message names the file and column).
     """
     table = load_tables(tables)
+    if comparisons is None:
+        comparisons = comparison_pairs(table, baseline)
     summaries = summarize(table)
     paired = compare_all(table, comparisons, n_boot=n_boot, confidence=confidence, seed=seed)
     notes = [_POLICY_NOTE]
@@ -146,4 +156,5 @@ def build_report(tables: Sequence | str | os.PathLike | EvalTable, *,
         provenance=dict(provenance or {}), notes=notes,
         settings={"n_boot": n_boot, "confidence": confidence, "seed": seed,
                   "comparisons": [list(p) for p in comparisons]},
+        volumes=volume_scores(table),
     )

@@ -18,11 +18,14 @@ __all__ = [
     "NO_LABELS_NOTE",
     "GroupSummary",
     "PairedComparison",
+    "VolumeScore",
     "bootstrap_ci",
     "compare_all",
     "compare_methods",
+    "comparison_pairs",
     "paired_differences",
     "summarize",
+    "volume_scores",
     "wilcoxon_test",
 ]
 
@@ -44,7 +47,9 @@ class GroupSummary:
     truth); ``n_false_positive`` counts the excluded images with a non-empty prediction, so the
     exclusion hides nothing. ``std_jaccard`` is the sample standard deviation (ddof=1) of the
     per-image Jaccard, NaN with fewer than two scored images; means are NaN when nothing is
-    scored, and ``note`` then says why.
+    scored, and ``note`` then says why. Precision, recall and HD95 are means over the scored
+    images where the table has them (NaN otherwise); ``mean_volume_dice`` is the mean 3-D Dice
+    of the group's ``n_volumes`` volumes (see :func:`volume_scores`).
     """
 
     view: str
@@ -59,10 +64,65 @@ class GroupSummary:
     median_jaccard: float
     mean_dice: float
     note: str = ""
+    mean_precision: float = math.nan
+    mean_recall: float = math.nan
+    mean_hd95_mm: float = math.nan
+    n_volumes: int = 0
+    mean_volume_dice: float = math.nan
 
     def to_dict(self) -> dict:
         """Field dict (NaN kept as float NaN)."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class VolumeScore:
+    """3-D Dice of one volume (case) in one view and method, from the per-slice pixel counts:
+    2·Σ overlap / (Σ prediction + Σ truth), over all its slices (empty ones included)."""
+
+    case: str
+    view: str
+    method: str
+    n_slices: int
+    dice: float
+    truth_px: int
+    pred_px: int
+
+    def to_dict(self) -> dict:
+        """Field dict."""
+        return asdict(self)
+
+
+def volume_scores(table: EvalTable) -> list[VolumeScore]:
+    """Per-volume 3-D Dice of every (case, view, method) with more than one slice, where the
+    table has the pixel counts (``overlap_px``, ``pred_px``, ``truth_px``); empty otherwise."""
+    if not all(c in table.names for c in ("overlap_px", "pred_px", "truth_px")):
+        return []
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(table)):
+        if not np.isfinite(table["overlap_px"][i]):
+            continue
+        groups.setdefault((table["case"][i], table["view"][i], table["method"][i]),
+                          []).append(i)
+    out = []
+    for (case, view, method), rows in groups.items():
+        if len(rows) < 2:
+            continue  # a 2-D image: its Dice is already the image's
+        overlap = float(np.sum(table["overlap_px"][rows]))
+        pred = float(np.sum(table["pred_px"][rows]))
+        truth = float(np.sum(table["truth_px"][rows]))
+        dice = 2 * overlap / (pred + truth) if truth > 0 else math.nan
+        out.append(VolumeScore(case, view, method, len(rows), dice, int(truth), int(pred)))
+    order = {m: k for k, m in enumerate(ordered_methods(table))}
+    views = {v: k for k, v in enumerate(ordered_views(table))}
+    return sorted(out, key=lambda v: (views.get(v.view, 99), v.case, order.get(v.method, 99)))
+
+
+def _column_mean(rows: EvalTable, column: str, scored: np.ndarray) -> float:
+    if column not in rows.names:
+        return math.nan
+    values = np.asarray(rows[column], dtype=np.float64)[scored]
+    return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
 
 
 def _summary(view: str, method: str, rows: EvalTable) -> GroupSummary:
@@ -72,6 +132,7 @@ def _summary(view: str, method: str, rows: EvalTable) -> GroupSummary:
     n_scored = int(scored.sum())
     values = jac[scored]
     dice = rows["dice"][scored]
+    volumes = volume_scores(rows)
     note = ""
     if len(rows) == 0:
         note = "no image evaluated"
@@ -86,6 +147,12 @@ def _summary(view: str, method: str, rows: EvalTable) -> GroupSummary:
         median_jaccard=float(np.median(values)) if n_scored else math.nan,
         mean_dice=float(np.nanmean(dice)) if np.isfinite(dice).any() else math.nan,
         note=note,
+        mean_precision=_column_mean(rows, "precision", scored),
+        mean_recall=_column_mean(rows, "recall", scored),
+        mean_hd95_mm=_column_mean(rows, "hd95_mm", scored),
+        n_volumes=len(volumes),
+        mean_volume_dice=float(np.nanmean([v.dice for v in volumes]))
+        if any(math.isfinite(v.dice) for v in volumes) else math.nan,
     )
 
 
@@ -309,3 +376,24 @@ def compare_all(table: EvalTable, pairs: Sequence[tuple[str, str]] = DEFAULT_COM
     return out
 
 
+
+
+def comparison_pairs(table: EvalTable, baseline: str | None = None) -> list[tuple[str, str]]:
+    """The (A, B) pairs a report compares: with ``baseline``, every other method against it;
+    else :data:`DEFAULT_COMPARISONS` where both methods are present, and where none is, every
+    pair of the table's methods (a later method minus an earlier one, in report order).
+
+    Raises:
+        ValueError: ``baseline`` is not a method of the table.
+    """
+    methods = ordered_methods(table)
+    if baseline is not None:
+        if baseline not in methods:
+            raise ValueError(f"--baseline {baseline!r} is not a method of the tables "
+                             f"({', '.join(methods) or 'none'})")
+        return [(m, baseline) for m in methods if m != baseline]
+    present = [(a, b) for a, b in DEFAULT_COMPARISONS if a in methods and b in methods]
+    if present:
+        return present
+    return [(methods[j], methods[i]) for i in range(len(methods))
+            for j in range(i + 1, len(methods))]
