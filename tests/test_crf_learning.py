@@ -142,3 +142,40 @@ def test_perfect_unaries_still_learn_a_valid_crf():
     assert result.converged
     np.testing.assert_array_equal(map_labelling(prob, truth.astype(float), result.weights), truth)
     assert isinstance(result.weights, CRFWeights)
+
+
+def test_recutting_only_violated_samples_reaches_the_same_optimum(monkeypatch):
+    """Passes after the first cut only the samples that gained a constraint, then one full
+    pass verifies: the same optimum as cutting every sample in every pass (tol 0: the exact
+    optimum of the whole constraint set). (It makes more cuts than it saves here: 94 against
+    88 on these blocks; see the docstring of cutting_plane.)"""
+    import pipeline.crf.learning as learning
+
+    cuts = {"n": 0}
+    real = learning.graph_cut
+
+    def counted(*args, **kwargs):
+        cuts["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(learning, "graph_cut", counted)
+    probs, images, truths = _blocks(8, seed=11)
+    results = {}
+    for recut in ("all", "violated"):
+        cuts["n"] = 0
+        results[recut] = (learn_weights(probs, images, truths, C=10.0, tol=0.0, recut=recut),
+                          cuts["n"])
+    (full, full_cuts), (lazy, lazy_cuts) = results["all"], results["violated"]
+    assert full.converged and lazy.converged
+    assert lazy.gamma == pytest.approx(full.gamma, rel=1e-5)
+    np.testing.assert_allclose(lazy.weights.as_array(), full.weights.as_array(), atol=1e-4)
+    assert lazy_cuts != full_cuts  # another path through the passes, the same end
+    # the verification pass: at the end no sample is violated under the final weights
+    crfs = [GridCRF.from_probabilities(p, i) for p, i in zip(probs, images, strict=True)]
+    for crf, truth, xi in zip(crfs, truths, lazy.slacks, strict=True):
+        y = real(crf, lazy.weights, truth)
+        violation = hamming_loss(truth, y) - lazy.weights.as_array() @ (
+            crf.features(y) - crf.features(truth))
+        assert violation <= xi + 1e-6
+    with pytest.raises(ValueError, match="recut must be"):
+        learn_weights(probs, images, truths, recut="some")

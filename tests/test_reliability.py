@@ -8,8 +8,10 @@ tabulates the kinds and what each gets.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
+import io
 import json
 import os
 import pickle
@@ -26,6 +28,7 @@ import pydicom
 import pytest
 import torch
 
+from pipeline.cli import main
 from pipeline.data import write_cta_phantom, write_nifti
 from pipeline.data.readers import read_volume
 from pipeline.data.writers import write_dicom_series
@@ -37,10 +40,28 @@ SHAPE = (40, 36, 24)
 _EXE = Path(sys.executable).parent / "mmcrf"
 
 
-def _mmcrf(*args: str, timeout: int = 300, env: dict | None = None
+def _mmcrf(*args: str, timeout: int = 300, env: dict | None = None, process: bool = False
            ) -> subprocess.CompletedProcess:
-    return subprocess.run([str(_EXE), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=None if env is None else {**os.environ, **env})
+    """Runs ``mmcrf``: in a real process with ``process`` (where a crash must show as a
+    traceback on stderr), else through :func:`pipeline.cli.main` in this one (an exception
+    escaping it fails the test just the same, and saves a process start)."""
+    if process:
+        return subprocess.run([str(_EXE), *map(str, args)], capture_output=True, text=True,
+                              timeout=timeout,
+                              env=None if env is None else {**os.environ, **env})
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def _no_traceback(proc: subprocess.CompletedProcess) -> None:
@@ -161,7 +182,7 @@ def test_a_hostile_batch_reports_each_bad_input_and_keeps_the_good_case_right(
     expect = _hostile_folder(tmp_path, good)
     out = tmp_path / "out"
     proc = _mmcrf("infer", "--input", tmp_path / "in", "--output", out, "--model", model,
-                  "--no-progress", env={"MMCRF_MAX_VOXELS": str(64 ** 3 * 8)})
+                  "--no-progress", env={"MMCRF_MAX_VOXELS": str(64 ** 3 * 8)}, process=True)
     _no_traceback(proc)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     rows = _summary(out)
@@ -292,10 +313,10 @@ def test_malformed_and_hostile_checkpoints_get_a_clear_message(model, good, tmp_
              text: "text.pt: cannot load checkpoint",
              _malicious(tmp_path / "evil.pt", 2): "evil.pt: not a trusted mmcrf checkpoint",
              _malicious(tmp_path / "evil4.pt", 4): "evil4.pt: not a trusted mmcrf checkpoint"}
-    for path, message in cases.items():
-        for args in (["infer", "--input", src, "--output", tmp_path / "o", "--model", path],
-                     ["export-model", path, tmp_path / "exported.pt"]):
-            proc = _mmcrf(*args)
+    for k, (path, message) in enumerate(cases.items()):
+        for args in (["infer", "--input", src, "--output", tmp_path / "o", "--model", path,
+                      "--no-progress"], ["export-model", path, tmp_path / "exported.pt"]):
+            proc = _mmcrf(*args, process=k == len(cases) - 1)  # the last in a real process
             _no_traceback(proc)
             assert proc.returncode == 2, proc.stderr
             assert message in proc.stderr, proc.stderr
@@ -309,7 +330,7 @@ def test_a_manifest_with_a_non_string_path_is_refused_with_its_entry(tmp_path):
     for args in (["manifest", "check", manifest, "--root", tmp_path],
                  ["train", "--data", "cta", "--manifest", manifest, "--root", tmp_path,
                   "--out", tmp_path / "run"]):
-        proc = _mmcrf(*args)
+        proc = _mmcrf(*args, process=args[0] == "train")
         _no_traceback(proc)
         assert proc.returncode == 2, proc.stderr
         assert "m.json: training[0] 'image' must be a path (a string), got 5" in proc.stderr
