@@ -99,9 +99,14 @@ def test_violation_threshold_stops_and_no_duplicate_constraints():
         keys = {y.tobytes() for y in ws}
         assert len(keys) == len(ws)
     # after convergence no labelling violates its constraint by more than the threshold
+    _assert_no_violation(probs, images, truths, result)
+
+
+def _assert_no_violation(probs, images, truths, result, cut=graph_cut) -> None:
+    """No sample's most violating labelling under the result's weights exceeds its slack."""
     crfs = [GridCRF.from_probabilities(p, i) for p, i in zip(probs, images, strict=True)]
     for crf, truth, xi in zip(crfs, truths, result.slacks, strict=True):
-        y = graph_cut(crf, result.weights, truth)
+        y = cut(crf, result.weights, truth)
         violation = hamming_loss(truth, y) - result.weights.as_array() @ (
             crf.features(y) - crf.features(truth))
         assert violation <= xi + 1e-6
@@ -171,11 +176,6 @@ def test_recutting_only_violated_samples_reaches_the_same_optimum(monkeypatch):
     np.testing.assert_allclose(lazy.weights.as_array(), full.weights.as_array(), atol=1e-4)
     assert lazy_cuts != full_cuts  # another path through the passes, the same end
     # the verification pass: at the end no sample is violated under the final weights
-    crfs = [GridCRF.from_probabilities(p, i) for p, i in zip(probs, images, strict=True)]
-    for crf, truth, xi in zip(crfs, truths, lazy.slacks, strict=True):
-        y = real(crf, lazy.weights, truth)
-        violation = hamming_loss(truth, y) - lazy.weights.as_array() @ (
-            crf.features(y) - crf.features(truth))
-        assert violation <= xi + 1e-6
+    _assert_no_violation(probs, images, truths, lazy, cut=real)
     with pytest.raises(ValueError, match="recut must be"):
         learn_weights(probs, images, truths, recut="some")
