@@ -294,10 +294,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         else:
             labels = evaluation_entries(args.data, root=root, manifest=args.manifest,
                                         split=args.split or "validation")
-        rows = evaluate_predictions(args.predictions, labels, method=args.method, views=views,
-                                    label_suffix=args.label_suffix,
-                                    label_value=args.label_value, empty=args.empty,
-                                    surface=args.surface, progress=args.progress)
+        options = {"views": views, "label_suffix": args.label_suffix,
+                   "label_value": args.label_value, "empty": args.empty,
+                   "surface": args.surface, "progress": args.progress}
+        if args.examples:
+            from pipeline.evaluation.predictions import evaluate_predictions_with_examples
+
+            evaluation = evaluate_predictions_with_examples(args.predictions, labels,
+                                                            method=args.method, **options)
+            rows = evaluation.rows
+            saved = evaluation.examples.save(args.examples)
+            print(f"wrote {saved}: {len(evaluation.examples)} example images for the "
+                  f"report's figures")
+        else:
+            rows = evaluate_predictions(args.predictions, labels, method=args.method,
+                                        **options)
         out = write_eval_table(rows, args.out)
         scored = sum(1 for r in rows if r["jaccard"] == r["jaccard"])
         print(f"wrote {out}: {len(rows)} rows of saved {args.method} predictions "

@@ -399,3 +399,43 @@ def test_saved_2d_predictions(runs, tmp_path, rng):
         evaluate_predictions(tmp_path / "colour", one, method="m")
     with pytest.raises(ValueError, match="no label files found"):
         evaluate_predictions(preds, tmp_path / "colour", method="m", label_suffix="_label")
+
+
+def test_saved_volume_predictions_get_example_figures(cohort, tmp_path):
+    """Saved predictions of volumes whose images the manifest names get the best / median /
+    worst slice per view like model runs do, and the report draws them."""
+    from pipeline.evaluation.predictions import evaluate_predictions_with_examples
+    from pipeline.reports import build_report, qualitative_figures
+
+    _, _, validation = cohort
+    entry = validation[0]
+    label = nib.load(entry["label"])
+    truth = np.asarray(label.dataobj).astype(np.uint8)
+    eroded = truth.copy()
+    eroded[::2] = 0  # every other sagittal plane lost: a prediction with errors to rank
+    name = entry["source"].removesuffix(".nii.gz")
+    write_nifti(eroded, label.affine, tmp_path / "pred" / f"{name}_mask.nii.gz")
+    evaluation = evaluate_predictions_with_examples(tmp_path / "pred", validation,
+                                                    method="saved", views=["axial", "coronal"])
+    plain = evaluate_predictions(tmp_path / "pred", validation, method="saved",
+                                 views=["axial", "coronal"])
+    assert repr(evaluation.rows) == repr(plain)  # the same rows (NaN where excluded)
+    examples = evaluation.examples
+    assert examples.views == ["axial", "coronal"]
+    by_pick = {(c.view, c.pick): c for c in examples.cases}
+    scored = {(r["view"], r["slice"]): r["jaccard"] for r in evaluation.rows
+              if r["jaccard"] == r["jaccard"]}
+    for view in ("axial", "coronal"):
+        values = [j for (v, _), j in scored.items() if v == view]
+        assert by_pick[view, "best"].jaccards["saved"] == max(values)
+        assert by_pick[view, "worst"].jaccards["saved"] == min(values)
+        case = by_pick[view, "worst"]
+        assert case.image.shape[-2:] == case.truth.shape == case.predictions["saved"].shape
+        assert 0 <= case.image.min() and case.image.max() <= 1  # HU windowed
+    figures = qualitative_figures(examples)
+    report = build_report([evaluation.rows], figures=figures, n_boot=100)
+    assert [f.stem for f in report.figures] == ["qualitative_axial", "qualitative_coronal"]
+    with pytest.raises(ValueError, match="need the images"):
+        evaluate_predictions_with_examples(tmp_path / "pred", [{k: v for k, v in entry.items()
+                                                                 if k != "image"}],
+                                           method="saved")

@@ -14,7 +14,13 @@ from monai.transforms import Orientation
 from tqdm.auto import tqdm
 
 from pipeline.data.alignment import align_label_to_image
-from pipeline.data.cta import RAS_LABELS, SliceSplit, cta_volume_transforms, run_transforms
+from pipeline.data.cta import (
+    CTA_HU_WINDOW,
+    RAS_LABELS,
+    SliceSplit,
+    cta_volume_transforms,
+    run_transforms,
+)
 from pipeline.data.datasets.horse import MASK_THRESHOLD
 from pipeline.data.pictures import read_picture
 from pipeline.data.readers import is_nifti, read_volume
@@ -24,6 +30,7 @@ from pipeline.evaluation.tables import evaluation_rows
 __all__ = [
     "IMAGE_SUFFIXES",
     "evaluate_predictions",
+    "evaluate_predictions_with_examples",
     "prediction_candidates",
 ]
 
@@ -172,7 +179,10 @@ def _score_2d(pair: _Pair, pred_path: Path, *, method: str, view: str, empty: st
 
 
 def _score_3d(pair: _Pair, pred_path: Path, *, method: str, views: Sequence[str], empty: str,
-              surface: bool, label_value: int | None) -> list[dict]:
+              surface: bool, label_value: int | None,
+              kept: tuple[list, list] | None = None) -> list[dict]:
+    """Rows of a volume's slices per view; with ``kept`` = (samples, masks), also appends
+    each scored slice's image (HU windowed to [0, 1]), label and mask for example figures."""
     # image and label exactly as for training: label on the image grid, oriented to RAS
     ref_path = pair.image if pair.image is not None else pair.label
     volume = run_transforms(cta_volume_transforms(hu_window=None, label_value=label_value),
@@ -204,6 +214,18 @@ def _score_3d(pair: _Pair, pred_path: Path, *, method: str, views: Sequence[str]
                                     method=method, slices=keep,
                                     images=[f"{pair.case}:{view}:{k}" for k in keep],
                                     spacing=spacing, empty=empty, surface=surface))
+        if kept is not None:
+            if pair.image is None:
+                raise ValueError(f"{pair.label}: example figures of saved predictions need "
+                                 f"the images (give the manifest's entries, not --labels)")
+            low, high = CTA_HU_WINDOW
+            images = slice_volume(np.clip((np.asarray(ref) - low) / (high - low), 0, 1),
+                                  view)
+            for k in keep:
+                kept[0].append({"image": images[k], "label": truth[k][None],
+                                "source": pair.case, "view": view, "slice": k,
+                                "id": f"{pair.case}:{view}:{k}"})
+                kept[1].append(masks[k].astype(np.uint8))
     return rows
 
 
@@ -212,7 +234,8 @@ def evaluate_predictions(predictions: str | os.PathLike,
                          views: Sequence[str] = VIEWS, view: str = "2d",
                          label_suffix: str = "", label_value: int | None = None,
                          empty: str = "exclude_empty_truth", surface: bool = False,
-                         progress: bool = False) -> list[dict]:
+                         progress: bool = False,
+                         _kept: tuple[list, list] | None = None) -> list[dict]:
     """Score saved predicted masks against their labels, without a model.
 
     Matching: every label needs a prediction under ``predictions`` (see
@@ -287,13 +310,39 @@ def evaluate_predictions(predictions: str | os.PathLike,
                                           if len(missing) > 5 else "")
         raise FileNotFoundError(f"no prediction in {pred_root} for {len(missing)} of "
                                 f"{len(pairs)} label(s): {shown}")
+    kept = _kept  # (samples, masks) kept for example figures, see the _with_examples variant
     rows: list[dict] = []
     for pair, pred_path in tqdm(list(zip(pairs, found, strict=True)), desc="score",
                                 disable=not progress):
         if _is_image(pair.label):
+            if kept is not None:
+                raise ValueError(f"{pair.label}: example figures of saved predictions are "
+                                 f"made for volumes; 2-D images are not kept")
             rows.extend(_score_2d(pair, pred_path, method=method, view=view, empty=empty,
                                   surface=surface, predictions=pred_root))
         else:
             rows.extend(_score_3d(pair, pred_path, method=method, views=views, empty=empty,
-                                  surface=surface, label_value=label_value))
+                                  surface=surface, label_value=label_value, kept=kept))
     return rows
+
+
+def evaluate_predictions_with_examples(predictions: str | os.PathLike,
+                                       labels: str | os.PathLike | Sequence[Mapping], *,
+                                       method: str, **kwargs):
+    """:func:`evaluate_predictions` of volumes whose images are known (manifest entries),
+    also picking the best, median and worst slice per view by this method's Jaccard for the
+    report's qualitative figures (as ``mmcrf evaluate --run ... --examples`` does).
+
+    Returns:
+        An :class:`~pipeline.evaluation.runs.Evaluation` (``rows``, ``examples``).
+
+    Raises:
+        ValueError: as :func:`evaluate_predictions`, or labels without their images.
+    """
+    from pipeline.evaluation.runs import Evaluation, collect_examples
+
+    samples: list[dict] = []
+    masks: list[np.ndarray] = []
+    rows = evaluate_predictions(predictions, labels, method=method, _kept=(samples, masks),
+                                **kwargs)
+    return Evaluation(rows, collect_examples(rows, samples, {method: masks}, method=method))
