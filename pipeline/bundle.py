@@ -60,7 +60,7 @@ def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: st
           manifest: str | None = None, view: str = "axial", size: int = 64,
           epochs: int | None = None, preset: str | None = None, init: str | None = None,
           resume: bool = False, in_channels: int | None = None, progress: bool = False,
-          weights: str | None = None) -> Path:
+          weights: str | None = None, device: str = "auto") -> Path:
     """Trains one stage into ``<output_dir>/<mode>/``.
 
     Piecewise starts from the CNN stage's best checkpoint and joint from the piecewise one,
@@ -78,7 +78,7 @@ def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: st
                                     f"(--mode {previous.parent.name}) or give --init")
         init = None if previous is None else str(previous)
     config = stage_config(preset, data=data_settings(data_kind, view=view, size=size),
-                          weights=weights, mode=mode, epochs=epochs)
+                          weights=weights, mode=mode, epochs=epochs, device=device)
     if in_channels is not None:
         config.network["in_channels"] = in_channels
     result = train_stage(config, Path(output_dir) / mode, root=dataset_dir, manifest=manifest,
@@ -90,7 +90,8 @@ def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: st
 
 def evaluate(*, dataset_dir: str, output_dir: str, data_kind: str = "demo",
              manifest: str | None = None, view: str = "axial", size: int = 64,
-             model_file: str | None = None, progress: bool = False) -> dict[str, Path]:
+             model_file: str | None = None, progress: bool = False,
+             device: str = "auto") -> dict[str, Path]:
     """Scores every trained stage in ``output_dir`` (or the bundle's model) on the validation
     split and writes ``evaluation.csv`` and the report in ``<output_dir>/report/``."""
     _prepare_process()
@@ -110,14 +111,16 @@ def evaluate(*, dataset_dir: str, output_dir: str, data_kind: str = "demo",
                                training_log=Path(output_dir) / "joint" / "log.csv",
                                provenance=collect_provenance({"view": view, "size": size},
                                                              manifest),
-                               title=f"mmcrf evaluation ({view} view)", progress=progress)
+                               title=f"mmcrf evaluation ({view} view)", progress=progress,
+                               device=device)
     return {k: v for k, v in done.items() if isinstance(v, Path)}
 
 
 def infer(*, input_dir: str, output_dir: str, model_file: str, view: str = "axial",
           workers: int = 0, overwrite: bool = False, write_cnn: bool = False,
           write_probability: bool = False, exclude: list[str] | None = None,
-          crf_3d: bool = False, write_dicom_seg: bool = False) -> list[dict]:
+          crf_3d: bool = False, write_dicom_seg: bool = False,
+          device: str = "auto") -> list[dict]:
     """Segments every NIfTI file / DICOM series under ``input_dir`` into ``output_dir``
     (masks on each input's own grid, ``summary.csv``). With ``crf_3d``, one 6-connected 3-D
     graph cut over the volume replaces the slice-by-slice CRF (``mmcrf infer --crf-3d``).
@@ -134,7 +137,7 @@ def infer(*, input_dir: str, output_dir: str, model_file: str, view: str = "axia
     views = ["axial", "coronal", "sagittal"] if view == "all" else [view]
     models = ({v: _model_for_view(model_file, v) for v in views} if "{view}" in model_file
               else model_file)
-    predictor = VolumePredictor(models, views, workers=workers, crf_3d=crf_3d)
+    predictor = VolumePredictor(models, views, workers=workers, crf_3d=crf_3d, device=device)
     try:
         rows = run_batch(find_cases(input_dir, exclude=exclude or (), output=output_dir),
                          output_dir, predictor,
@@ -147,7 +150,7 @@ def infer(*, input_dir: str, output_dir: str, model_file: str, view: str = "axia
 
 
 def infer_images(*, input_dir: str, output_dir: str, model_file: str, colour: str = "rgb",
-                 overwrite: bool = False) -> list[dict]:
+                 overwrite: bool = False, device: str = "auto") -> list[dict]:
     """Segments every JPEG/PNG image under ``input_dir`` (its ``rgb/`` sub-folder for a
     Weizmann-style folder) into 0/255 PNG masks of each image's size, plus ``summary.csv``.
 
@@ -155,12 +158,12 @@ def infer_images(*, input_dir: str, output_dir: str, model_file: str, colour: st
         RuntimeError: some images failed (the summary says which and why).
     """
     rows = segment_image_folder(model_file, input_dir, output_dir, colour=colour,
-                                overwrite=overwrite)
+                                overwrite=overwrite, device=device)
     return _raise_if_failed(rows, output_dir, "image")
 
 
 def infer_frames(*, input_dir: str, output_dir: str, model_file: str, overwrite: bool = False,
-                 exclude: list[str] | None = None) -> list[dict]:
+                 exclude: list[str] | None = None, device: str = "auto") -> list[dict]:
     """Segments every frame of every ultrasound file under ``input_dir`` (or the one file it
     names: DICOM cine or frame, NIfTI, MetaImage, PNG/JPEG) with a model trained on frames,
     one NIfTI mask per file in ``output_dir``, plus ``summary.csv``.
@@ -173,5 +176,5 @@ def infer_frames(*, input_dir: str, output_dir: str, model_file: str, overwrite:
     """
     _prepare_process()
     rows = segment_frames(input_dir, output_dir, model_file, exclude=exclude,
-                          overwrite=overwrite, progress=distributed.is_main())
+                          overwrite=overwrite, progress=distributed.is_main(), device=device)
     return _raise_if_failed(rows, output_dir, "case")

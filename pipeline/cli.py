@@ -27,7 +27,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"mmcrf demo: the main job on the embedded default (CTA phantoms in three views, "
           f"echo phantoms) -> {args.output}", flush=True)
     r = run_demo(args.output, size=args.size, cnn_epochs=args.cnn_epochs,
-                 joint_epochs=args.joint_epochs, sets=args.sets, progress=args.progress)
+                 joint_epochs=args.joint_epochs, sets=args.sets, progress=args.progress,
+                 device=args.device)
     print("\nmean validation Jaccard (%), empty ground truth excluded:")
     methods = list(next(iter(r.mean_jaccard.values())))
     print(f"  {'view':9s} {'scored':>6s} {'excl.':>5s} " + " ".join(f"{m:>9s}" for m in methods))
@@ -201,7 +202,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     distributed.init_from_env()
     overrides = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr, "C": args.C,
                  "batch_size": args.batch_size, "seed": args.seed,
-                 "graphcut_workers": args.graphcut_workers, "patience": args.patience}
+                 "graphcut_workers": args.graphcut_workers, "patience": args.patience,
+                 "device": args.device}
     data = data_settings(args.data, view=args.view, size=args.size, colour=args.colour,
                          camus=_camus_selection(args) if args.data == "camus" else None)
     config = stage_config(args.config, data=data, weights=args.weights, **overrides)
@@ -259,10 +261,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             rows = evaluate_camus_folder(runs, args.images, args.out,
                                          views=selection["views"], phases=selection["phases"],
                                          labels=selection["labels"] if given else None,
-                                         split=args.split, progress=args.progress)
+                                         split=args.split, progress=args.progress,
+                                         device=args.device, tta=args.tta)
         else:
             rows = evaluate_image_folder(runs, args.images, args.out, colour=args.colour,
-                                         split=args.split, progress=args.progress)
+                                         split=args.split, progress=args.progress,
+                                         device=args.device, tta=args.tta)
         if (Path(args.out) / "evaluation.csv").is_file():
             write_table_provenance(Path(args.out) / "evaluation.csv", runs)
         for method in runs:
@@ -324,13 +328,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                  camus=_camus_selection(args) if args.data == "camus" else None)
     if args.examples:
         evaluation = evaluate_runs_with_examples(runs, samples, method=args.examples_method,
-                                                 empty=args.empty, progress=args.progress)
+                                                 empty=args.empty, progress=args.progress,
+                                                 device=args.device, tta=args.tta)
         rows = evaluation.rows
         saved = evaluation.examples.save(args.examples)
         print(f"wrote {saved}: {len(evaluation.examples)} example images for the report's "
               f"figures (ranked by {evaluation.examples.method})")
     else:
-        rows = evaluate_runs(runs, samples, empty=args.empty, progress=args.progress)
+        rows = evaluate_runs(runs, samples, empty=args.empty, progress=args.progress,
+                             device=args.device, tta=args.tta)
     out = write_eval_table(rows, args.out)
     write_table_provenance(out, runs)
     scored = sum(1 for r in rows if r["jaccard"] == r["jaccard"])
@@ -393,6 +399,7 @@ def _infer_frames(args: argparse.Namespace) -> list[dict]:
     model, _ = inference_models(args.model[0])
     return segment_frames(args.input, args.output, model, exclude=args.exclude,
                           workers=args.workers, batch_size=args.batch_size,
+                          device=args.device, tta=args.tta,
                           overwrite=args.overwrite, write_cnn=args.cnn,
                           write_probability=args.probabilities, progress=args.progress)
 
@@ -454,7 +461,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
                        splits=args.splits, output=args.output)
     predictor = VolumePredictor(models, views, workers=args.workers,  # type: ignore[arg-type]
                                 batch_size=args.batch_size, crf_3d=args.crf_3d,
-                                any_view=args.any_view)
+                                any_view=args.any_view, device=args.device, tta=args.tta)
     try:
         rows = run_batch(cases, args.output, predictor, overwrite=args.overwrite,
                          write_cnn=args.cnn, write_probability=args.probabilities,
@@ -474,6 +481,18 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
                 isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             return text
         return super()._get_help_string(action)
+
+
+def _device_flag(parser: argparse.ArgumentParser, *, tta: bool = False) -> None:
+    parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                        help="where the CNN runs: auto = CUDA when available (under torchrun "
+                             "each rank its LOCAL_RANK GPU); graph cuts stay on the CPU "
+                             "(default: auto)")
+    if tta:
+        parser.add_argument("--tta", action="store_true",
+                            help="test-time flips: average the CNN's probabilities over the "
+                                 "image and its left-right, up-down and both flips before the "
+                                 "CRF (4 passes; off by default)")
 
 
 def _progress_flags(parser: argparse.ArgumentParser) -> None:
@@ -512,6 +531,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--sets", nargs="+", default=list(_DEMO_SETS), choices=_DEMO_SETS,
                       help="data sets to run (default: all: the three CTA views and echo)")
     _progress_flags(demo)
+    _device_flag(demo)
     demo.set_defaults(func=_cmd_demo)
 
     crf = sub.add_parser("crf-demo", help="learn a CRF on noisy blocks and report what it adds")
@@ -626,6 +646,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--patience", type=int, default=None,
                     help="early stopping after N validations without improvement")
     _progress_flags(tr)
+    _device_flag(tr)
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("evaluate", help="score trained runs or saved predictions image by "
@@ -675,6 +696,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True,
                     help="evaluation table CSV to write (a folder with --images)")
     _progress_flags(ev)
+    _device_flag(ev, tta=True)
     ev.set_defaults(func=_cmd_evaluate)
 
     inf = sub.add_parser("infer", help="segment a folder of NIfTI files / DICOM series, or of "
@@ -726,6 +748,7 @@ def _parser() -> argparse.ArgumentParser:
                           "and runs in one process")
     inf.add_argument("--batch-size", type=int, default=16, help="slices per CNN pass")
     _progress_flags(inf)
+    _device_flag(inf, tta=True)
     inf.set_defaults(func=_cmd_infer)
 
     rp = sub.add_parser("report", help="per-view report from evaluation tables")

@@ -105,7 +105,7 @@ DEMO_SETS: tuple[str, ...] = ("axial", "coronal", "sagittal", "echo")
 def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
              cnn_epochs: int | None = None, joint_epochs: int | None = None,
              config: str | os.PathLike | None = None, sets: Sequence[str] = DEMO_SETS,
-             progress: bool = False, log=print) -> DemoResult:
+             progress: bool = False, device: str = "auto", log=print) -> DemoResult:
     """The main job on the embedded default: CTA phantoms sliced into axial, coronal and
     sagittal images, and echo phantom cine loops → per data set, CNN-only, piecewise and
     joint training (one model per view, as in the paper) → per-image evaluation on the
@@ -120,6 +120,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
         config: training preset (default ``configs/cpu.json``).
         sets: which of :data:`DEMO_SETS` to run.
         progress: progress bars.
+        device: where the CNN trains (:func:`pipeline.distributed.resolve_device`).
         log: where progress lines go.
 
     Returns:
@@ -153,7 +154,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
         view_runs: dict[str, str] = {}
         for mode in MODES:
             cfg = stage_config(preset, data=data_settings(kind, view=name, size=size),
-                               mode=mode, epochs=epochs_of[mode])
+                               mode=mode, epochs=epochs_of[mode], device=device)
             init = previous_stage_checkpoint(out / "runs" / name, mode)
             result = train_stage(cfg, out / "runs" / name / mode, init=init, samples=samples,
                                  progress=progress).result

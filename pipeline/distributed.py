@@ -9,8 +9,47 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_objects", "barrier", "broadcast_object", "init_from_env", "is_main",
-           "main_rank_first", "rank", "shutdown", "world_size"]
+__all__ = ["DEVICE_CHOICES", "all_gather_objects", "barrier", "broadcast_object",
+           "init_from_env", "is_main", "main_rank_first", "rank", "resolve_device", "shutdown",
+           "world_size"]
+
+#: What ``--device`` takes (``cuda:N`` for a given GPU as well).
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """The torch device of a ``--device`` setting.
+
+    ``auto`` (or None): CUDA when available, else the CPU. ``cuda``: this process's GPU:
+    ``LOCAL_RANK`` under torchrun (each rank its own), else GPU 0. ``cuda:N``: that GPU.
+    ``cpu``: the CPU.
+
+    Raises:
+        ValueError: an unknown setting, or a GPU asked for where CUDA is not available (or
+            that GPU does not exist).
+    """
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    text = (spec or "auto").strip().lower()
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "cuda" or text.startswith("cuda:"):
+        index = local if text == "cuda" else text.split(":", 1)[1]
+        try:
+            index = int(index)
+        except ValueError:
+            raise ValueError(f"device {spec!r}: the GPU index must be a number") from None
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}); use --device cpu or auto")
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r}: this machine has "
+                             f"{torch.cuda.device_count()} GPU(s)")
+        return torch.device("cuda", index)
+    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
 
 
 def world_size() -> int:

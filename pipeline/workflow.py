@@ -132,7 +132,8 @@ def evaluate_and_report(groups: Sequence[tuple[Mapping[str, str | os.PathLike],
                                                Sequence[Mapping]]],
                         out_dir: str | os.PathLike, *, training_log=None,
                         provenance: Mapping[str, Any] | None = None, title: str,
-                        examples: bool = False, progress: bool = False) -> dict[str, Any]:
+                        examples: bool = False, progress: bool = False,
+                        device: str = "cpu") -> dict[str, Any]:
     """Scores runs image by image into one ``<out_dir>/evaluation.csv`` and writes one
     report (``<out_dir>/report/``), with qualitative figures (and ``examples.npz``) when
     ``examples``.
@@ -146,6 +147,7 @@ def evaluate_and_report(groups: Sequence[tuple[Mapping[str, str | os.PathLike],
         title: the report's title.
         examples: pick best/median/worst images by the joint (else last) method.
         progress: progress bars.
+        device: where the CNN runs (:func:`pipeline.distributed.resolve_device`).
 
     Returns:
         ``{"table": path, "report": Report, "examples": QualitativeCases | None, **paths}``.
@@ -164,11 +166,12 @@ def evaluate_and_report(groups: Sequence[tuple[Mapping[str, str | os.PathLike],
     picked: list = []
     for runs, samples in groups:
         if examples:
-            evaluation = evaluate_runs_with_examples(runs, samples, progress=progress)
+            evaluation = evaluate_runs_with_examples(runs, samples, progress=progress,
+                                                     device=device)
             rows.extend(evaluation.rows)
             picked.extend(evaluation.examples.cases)
         else:
-            rows.extend(evaluate_runs(runs, samples, progress=progress))
+            rows.extend(evaluate_runs(runs, samples, progress=progress, device=device))
     table = write_eval_table(rows, out / "evaluation.csv")
     cases = None
     if examples:

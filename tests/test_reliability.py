@@ -428,3 +428,29 @@ def test_evaluate_gives_an_image_without_mask_a_row_and_takes_gray_images(bundle
             assert rows["b2", m]["status"] == "unscored"
             assert "no mask figure_ground/b2.jpg" in rows["b2", m]["error"]
             assert (out / m / "b2.png").is_file()
+
+
+def test_an_unexpected_error_in_one_case_fails_only_that_case(model, good, tmp_path, monkeypatch):
+    """Whatever a strange input makes the code raise, the batch reports that case and goes on
+    (here a TypeError forced from the reader for one file)."""
+    import pipeline.inference.batch as batch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(good["image"], src / "good.nii.gz")
+    shutil.copy(good["image"], src / "odd.nii.gz")
+    real = batch.read_volume
+
+    def reader(path, **kwargs):
+        if Path(path).name == "odd.nii.gz":
+            raise TypeError("an input nobody foresaw")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(batch, "read_volume", reader)
+    proc = _mmcrf("infer", "--input", src, "--output", tmp_path / "out", "--model", model,
+                  "--no-progress")
+    assert proc.returncode == 1
+    rows = _summary(tmp_path / "out")
+    assert rows["good"]["status"] == "ok"
+    assert rows["odd"]["status"] == "failed"
+    assert "odd.nii.gz: unexpected TypeError (an input nobody foresaw)" in rows["odd"]["error"]

@@ -78,6 +78,9 @@ class TrainConfig:
             shift, brightness/contrast jitter).
         seed: seed of sampling, augmentation and initialisation.
         graphcut_workers: processes for graph cuts (0: in the training process).
+        device: where the CNN trains: ``auto`` (CUDA when available; under torchrun each
+            rank its ``LOCAL_RANK`` GPU), ``cpu``, ``cuda`` or ``cuda:N``
+            (:func:`pipeline.distributed.resolve_device`); the graph cuts stay on the CPU.
         network: FCN8s arguments (``preset``: ``lite`` or ``paper``, plus keyword arguments).
         data: how the training images were made (``kind``, ``view``, ``size``, ``hu_window``,
             ...), recorded in checkpoints so inference prepares images the same way.
@@ -101,6 +104,7 @@ class TrainConfig:
     augment: bool | dict[str, Any] = False
     seed: int = 0
     graphcut_workers: int = 0
+    device: str = "auto"
     network: dict[str, Any] = field(default_factory=lambda: {"preset": "lite",
                                                               "in_channels": 1})
     data: dict[str, Any] = field(default_factory=dict)
@@ -506,8 +510,7 @@ def train(config: TrainConfig, train_samples: Sequence[dict], val_samples: Seque
     if dist.is_main():
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
-                          else "cpu")
+    device = dist.resolve_device(config.device)
     state = _Run(config, train_samples, val_samples, run, device, fresh=fresh)
     engine = Engine(state.step)
     engine.add_event_handler(Events.EPOCH_STARTED, state.epoch_started)

@@ -20,6 +20,7 @@ from pipeline.data.datasets.horse import (
 )
 from pipeline.data.splits import split_members
 from pipeline.data.writers import write_csv, write_png_mask
+from pipeline.distributed import resolve_device
 from pipeline.evaluation.tables import evaluation_rows, write_eval_table
 from pipeline.inference.images import predict_image, read_image_array
 from pipeline.inference.predictor import ViewModel
@@ -37,7 +38,7 @@ IMAGE_TABLE_COLUMNS: tuple[str, ...] = ("image", "method", "jaccard", "dice", "s
 
 
 def _unscored_rows(loaded: Mapping[str, ViewModel], root: Path, name: str, colour: str,
-                   out: Path) -> list[dict]:
+                   out: Path, device: str = "cpu", tta: bool = False) -> list[dict]:
     """An image without its mask: segmented (mask written) but not scored, status
     ``unscored``; ``failed`` where the image itself cannot be read."""
     image_file = root / (RGB_DIR if colour == "rgb" else GRAY_DIR) / f"{name}{SUFFIX}"
@@ -49,7 +50,7 @@ def _unscored_rows(loaded: Mapping[str, ViewModel], root: Path, name: str, colou
                 for m in loaded]
     rows = []
     for method, vm in loaded.items():
-        prob, crf = predict_image(vm, image)
+        prob, crf = predict_image(vm, image, device=device, tta=tta)
         mask_file = out / method / f"{name}.png"
         write_png_mask(((prob > 0.5) if crf is None else crf).astype(np.uint8), mask_file)
         rows.append({"image": name, "method": method, "status": "unscored", "error": why,
@@ -59,7 +60,8 @@ def _unscored_rows(loaded: Mapping[str, ViewModel], root: Path, name: str, colou
 
 def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str | os.PathLike,
                           out_dir: str | os.PathLike, *, colour: str = "rgb",
-                          split: str | None = None, progress: bool = True) -> list[dict]:
+                          split: str | None = None, progress: bool = True,
+                          device: str = "cpu", tta: bool = False) -> list[dict]:
     """Scores models on every image of a folder laid out like the Weizmann Horse set
     (``rgb/``, ``gray/``, ``figure_ground/`` with the same names; no split file needed).
 
@@ -80,6 +82,8 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
         split: only the images of this split of the folder's ``split.json`` (default: every
             image with a mask).
         progress: a progress bar.
+        device: where the CNN runs (see :func:`pipeline.distributed.resolve_device`).
+        tta: average the CNN's probabilities over flips before the CRF.
 
     Returns:
         The table's rows.
@@ -89,6 +93,7 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
         FileNotFoundError: a split is asked and the folder has no ``split.json``.
     """
     root = Path(images)
+    device = resolve_device(device)
     scan = scan_horse_folder(root)
     names = scan.usable(colour)  # type: ignore[arg-type]
     unmasked = sorted((scan.rgb if colour == "rgb" else scan.gray) - scan.masks)
@@ -108,7 +113,7 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
     on_broken = "gray" if colour == "rgb" else "raise"
     for name in tqdm(sorted([*names, *unmasked]), desc="images", disable=not progress):
         if name in unmasked:
-            rows.extend(_unscored_rows(loaded, root, name, colour, out))
+            rows.extend(_unscored_rows(loaded, root, name, colour, out, device, tta))
             continue
         try:
             sample = load_horse(root, name, colour=colour,  # type: ignore[arg-type]
@@ -119,7 +124,7 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
             continue
         truth = sample.mask[None]
         for method, vm in loaded.items():
-            prob, crf = predict_image(vm, sample.image)
+            prob, crf = predict_image(vm, sample.image, device=device, tta=tta)
             mask = ((prob > 0.5) if crf is None else crf).astype(np.uint8)[None]
             mask_file = out / method / f"{name}.png"
             write_png_mask(mask[0], mask_file)
@@ -141,7 +146,8 @@ def evaluate_camus_folder(models: Mapping[str, str | os.PathLike], images: str |
                           out_dir: str | os.PathLike, *, views: Sequence[str] = ("2CH",),
                           phases: Sequence[str] = ("ED", "ES"),
                           labels: Sequence[int] | None = None, split: str | None = None,
-                          progress: bool = True) -> list[dict]:
+                          progress: bool = True, device: str = "cpu",
+                          tta: bool = False) -> list[dict]:
     """Scores frame models on every CAMUS image of a folder (``patientNNNN_2CH_ED.nii.gz`` or
     ``.mhd`` with ``_gt`` label maps beside them, at any depth; no manifest needed).
 
@@ -164,6 +170,8 @@ def evaluate_camus_folder(models: Mapping[str, str | os.PathLike], images: str |
             1, the LV cavity).
         split: only the patients of this split of the folder's ``split.json``.
         progress: a progress bar.
+        device: where the CNN runs (see :func:`pipeline.distributed.resolve_device`).
+        tta: average the CNN's probabilities over flips before the CRF.
 
     Returns:
         The per-image rows.
@@ -187,7 +195,7 @@ def evaluate_camus_folder(models: Mapping[str, str | os.PathLike], images: str |
         trained = ((first.get("config") or {}).get("data") or {}).get("camus") or {}
         labels = tuple(trained.get("labels", (1,)))
     out = Path(out_dir)
-    predictors = {m: FramePredictor(path) for m, path in models.items()}
+    predictors = {m: FramePredictor(path, device=device, tta=tta) for m, path in models.items()}
     rows: list[dict] = []
     table: list[dict] = []
     try:

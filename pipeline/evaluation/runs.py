@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from pipeline.crf import CRFWeights
 from pipeline.crf.graphcut import map_labelling
+from pipeline.distributed import resolve_device
 from pipeline.evaluation.examples import PICKS, QualitativeCase, QualitativeCases
 from pipeline.evaluation.tables import EvalTable, evaluation_rows, select_cases
 from pipeline.models import load_run, predict_probabilities
@@ -44,8 +45,10 @@ def _batches(samples: Sequence[Mapping], batch_size: int) -> list[tuple[int, int
 def predict_samples(model: torch.nn.Module, weights: CRFWeights | None,
                     samples: Sequence[Mapping], *, batch_size: int = 10,
                     connectivity: int = 4, beta: float | None = None,
-                    progress: bool = False) -> tuple[Masks, Masks | None]:
-    """CNN masks (probability > 0.5) and, with CRF weights, graph-cut masks of 2-D samples.
+                    progress: bool = False, device: str | torch.device = "cpu",
+                    tta: bool = False) -> tuple[Masks, Masks | None]:
+    """CNN masks (probability > 0.5) and, with CRF weights, graph-cut masks of 2-D samples;
+    the CNN runs on ``device`` (``tta``: averaged over flips), the graph cuts on the CPU.
 
     Samples may differ in size (e.g. the views of a volume): a batch holds consecutive samples
     of one size.
@@ -60,7 +63,7 @@ def predict_samples(model: torch.nn.Module, weights: CRFWeights | None,
                             disable=not progress):
         batch = samples[start:stop]
         images = torch.stack([torch.as_tensor(s["image"]) for s in batch])
-        probs = predict_probabilities(model, images).numpy()
+        probs = predict_probabilities(model.to(device), images.to(device), tta=tta).cpu().numpy()
         cnn.extend((probs > 0.5).astype(np.uint8))
         if weights is not None:
             crf.extend(map_labelling(p, x, weights, connectivity=connectivity, beta=beta)
@@ -150,6 +153,7 @@ def _examples(method: str, picks: Mapping[tuple[str, str], int], rows: Sequence[
 
 def _evaluate(runs: Mapping[str, str | os.PathLike], samples: Sequence[Mapping], *,
               empty: str, batch_size: int, progress: bool, examples: bool,
+              device: str = "cpu", tta: bool = False,
               method: str | None = None, views: Sequence[str] | None = None,
               which: Sequence[str] = PICKS) -> Evaluation:
     if not runs:
@@ -169,7 +173,8 @@ def _evaluate(runs: Mapping[str, str | os.PathLike], samples: Sequence[Mapping],
         model, weights, config = load_run(runs[name])
         cnn, crf = predict_samples(model, weights, samples, batch_size=batch_size,
                                    connectivity=config.get("connectivity", 4),
-                                   beta=config.get("beta"), progress=progress)
+                                   beta=config.get("beta"), progress=progress,
+                                   device=resolve_device(device), tta=tta)
         pred = cnn if crf is None else crf
         rows[name] = []
         for start, stop in _batches(samples, len(samples)):  # one call per image size
@@ -194,8 +199,10 @@ def _evaluate(runs: Mapping[str, str | os.PathLike], samples: Sequence[Mapping],
 
 def evaluate_runs(runs: Mapping[str, str | os.PathLike], samples: Sequence[Mapping], *,
                   empty: str = "exclude_empty_truth", batch_size: int = 10,
-                  progress: bool = False) -> list[dict]:
-    """Per-image evaluation rows of several runs on the same 2-D samples.
+                  progress: bool = False, device: str = "cpu",
+                  tta: bool = False) -> list[dict]:
+    """Per-image evaluation rows of several runs on the same 2-D samples (the CNN on
+    ``device``, averaged over flips with ``tta``).
 
     Args:
         runs: method name → checkpoint. A CNN-only checkpoint scores thresholded
@@ -217,7 +224,7 @@ def evaluate_runs(runs: Mapping[str, str | os.PathLike], samples: Sequence[Mappi
             same (case, view, slice).
     """
     return _evaluate(runs, samples, empty=empty, batch_size=batch_size, progress=progress,
-                     examples=False).rows
+                     examples=False, device=device, tta=tta).rows
 
 
 def evaluate_runs_with_examples(runs: Mapping[str, str | os.PathLike],
@@ -225,7 +232,8 @@ def evaluate_runs_with_examples(runs: Mapping[str, str | os.PathLike],
                                 views: Sequence[str] | None = None,
                                 which: Sequence[str] = PICKS,
                                 empty: str = "exclude_empty_truth", batch_size: int = 10,
-                                progress: bool = False) -> Evaluation:
+                                progress: bool = False, device: str = "cpu",
+                                tta: bool = False) -> Evaluation:
     """:func:`evaluate_runs`, also keeping the images needed for qualitative figures.
 
     The ranking method is evaluated first; its best, median and worst scored image per view
@@ -252,7 +260,8 @@ def evaluate_runs_with_examples(runs: Mapping[str, str | os.PathLike],
         ValueError: as :func:`evaluate_runs`, or a ranking method that is not in ``runs``.
     """
     return _evaluate(runs, samples, empty=empty, batch_size=batch_size, progress=progress,
-                     examples=True, method=method, views=views, which=which)
+                     examples=True, method=method, views=views, which=which, device=device,
+                     tta=tta)
 
 
 def collect_examples(rows: Sequence[Mapping] | EvalTable, samples: Sequence[Mapping],

@@ -203,6 +203,7 @@ def _fingerprint(provenance: Mapping) -> dict:
     """The part of a provenance record that says which model made a mask (not where its
     files were)."""
     return {"views": list(provenance.get("views") or []), "crf": provenance.get("crf"),
+            "tta": provenance.get("tta"),
             "sha256": {v: m.get("sha256") for v, m in (provenance.get("models") or {}).items()}}
 
 
@@ -280,9 +281,9 @@ def run_cases(cases: Sequence[Case], out_dir: str | os.PathLike,
     skipped only when its sidecar says this input and this model made it; a mask made by
     another model or from another input (or without a sidecar) is refused, status
     ``failed``, unless ``overwrite``: it is never silently kept nor silently replaced.
-    Without ``provenance`` an existing mask means done. Failing cases (ValueError,
-    FileNotFoundError, OSError, RuntimeError) get status ``failed`` and the error, a label
-    map (:class:`NotAScanError`) status ``excluded``; the others go on.
+    Without ``provenance`` an existing mask means done. A failing case gets status
+    ``failed`` and the error (an unexpected exception type is named as such, never a bare
+    traceback), a label map (:class:`NotAScanError`) status ``excluded``; the others go on.
     ``summary.csv``/``summary.json`` (``columns``) are rewritten after every case; under
     torchrun, cases are sharded across ranks and rank 0 merges one summary at the end. The
     output folder gets :data:`~pipeline.inference.discovery.OUTPUT_MARKER`, and temporary
@@ -340,6 +341,10 @@ def run_cases(cases: Sequence[Case], out_dir: str | os.PathLike,
                 row.update(status="excluded", error=str(err))
             except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
                 row.update(status="failed", error=str(err))
+            except Exception as err:  # one odd input must not stop a batch
+                row.update(status="failed", error=f"{case.path}: unexpected "
+                                                  f"{type(err).__name__} ({err}); please "
+                                                  f"report it with this input")
             if row["status"] != "ok":
                 paths["provenance"].unlink(missing_ok=True)
         row["seconds"] = round(time.perf_counter() - start, 3)

@@ -19,6 +19,7 @@ from pipeline.data.ultrasound import (
     normalise_frames,
 )
 from pipeline.data.writers import write_nifti
+from pipeline.distributed import resolve_device
 from pipeline.inference.batch import output_paths, run_cases
 from pipeline.inference.discovery import Case
 from pipeline.inference.predictor import ViewModel, VolumePrediction, _GraphCutWorkers
@@ -191,7 +192,8 @@ class FramePredictor(_GraphCutWorkers):
         model: the checkpoint.
         batch_size: frames per CNN forward pass.
         workers: graph-cut worker processes (0: in this process).
-        device: torch device for the CNN.
+        device: where the CNN runs (as for :class:`VolumePredictor`).
+        tta: average the CNN's probabilities over flips before the CRF.
 
     Raises:
         FileNotFoundError: no such checkpoint.
@@ -199,10 +201,11 @@ class FramePredictor(_GraphCutWorkers):
     """
 
     def __init__(self, model: str | os.PathLike, *, batch_size: int = 16, workers: int = 0,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", tta: bool = False) -> None:
         self.model = ViewModel.from_checkpoint(model).require_grey(model, "ultrasound frames")
-        self.model.model.to(device)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
+        self.model.model.to(self.device)
+        self.tta = bool(tta)
         self.batch_size = batch_size
         self.pool = GraphCutPool(workers) if workers > 0 else None
 
@@ -213,7 +216,7 @@ class FramePredictor(_GraphCutWorkers):
 
         return {"models": {"frame": self.model.describe()}, "views": ["frame"],
                 "crf": "none" if self.model.weights is None else "per-frame graph cut",
-                "mmcrf_version": __version__}
+                "mmcrf_version": __version__, **({"tta": "flips"} if self.tta else {})}
 
     def predict(self, frames: np.ndarray) -> VolumePrediction:
         """Segments T×H×W frames already normalised to [0, 1].
@@ -230,7 +233,8 @@ class FramePredictor(_GraphCutWorkers):
             raise ValueError(f"expected T×H×W frames, got shape {frames.shape}")
         vm = self.model
         start = time.perf_counter()
-        probability = vm.probabilities(frames, batch_size=self.batch_size, device=self.device)
+        probability = vm.probabilities(frames, batch_size=self.batch_size, device=self.device,
+                                       tta=self.tta)
         cnn_s = time.perf_counter() - start
         start = time.perf_counter()
         crf = None
@@ -372,6 +376,7 @@ def run_frames(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Fra
 def segment_frames(source: str | os.PathLike, out_dir: str | os.PathLike,
                    model: str | os.PathLike, *, exclude: Sequence[str] | None = None,
                    workers: int = 0, batch_size: int = 16, overwrite: bool = False,
+                   device: str = "cpu", tta: bool = False,
                    write_cnn: bool = False, write_probability: bool = False,
                    progress: bool = True) -> list[dict]:
     """:func:`find_frame_cases` under ``source`` (never inside ``out_dir``), then
@@ -379,7 +384,7 @@ def segment_frames(source: str | os.PathLike, out_dir: str | os.PathLike,
 
     Args:
         exclude: glob patterns of files to skip (None: :data:`DEFAULT_FRAME_EXCLUDE`).
-        workers, batch_size: as for :class:`FramePredictor`.
+        workers, batch_size, device, tta: as for :class:`FramePredictor`.
         The others: as for :func:`run_frames`.
 
     Returns:
@@ -387,6 +392,7 @@ def segment_frames(source: str | os.PathLike, out_dir: str | os.PathLike,
     """
     cases = find_frame_cases(source, exclude=DEFAULT_FRAME_EXCLUDE if exclude is None
                              else exclude, skip=[out_dir])
-    with FramePredictor(model, workers=workers, batch_size=batch_size) as predictor:
+    with FramePredictor(model, workers=workers, batch_size=batch_size, device=device,
+                        tta=tta) as predictor:
         return run_frames(cases, out_dir, predictor, overwrite=overwrite, write_cnn=write_cnn,
                           write_probability=write_probability, progress=progress)

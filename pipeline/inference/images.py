@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from pipeline.crf.graphcut import map_labelling
 from pipeline.data.pictures import read_picture
 from pipeline.data.writers import write_csv, write_png_mask
+from pipeline.distributed import resolve_device
 from pipeline.inference.predictor import ViewModel
 from pipeline.models import predict_probabilities
 
@@ -24,12 +25,14 @@ IMAGE_SUMMARY_COLUMNS: tuple[str, ...] = ("image", "output", "status", "error",
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def predict_image(vm: ViewModel, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def predict_image(vm: ViewModel, image: np.ndarray, *, device: str | torch.device = "cpu",
+                  tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Foreground probability and CRF mask (None without CRF weights) of one C×H×W image.
 
     The CNN sees the image resized to its training size; its probability is resized back to
     H×W, where the CRF runs with the image's own contrast. A grey image given to a colour
-    model is replicated to its channels (as the training's grey fallback is).
+    model is replicated to its channels (as the training's grey fallback is). ``device``:
+    where the CNN runs; ``tta``: average its probabilities over flips.
 
     Raises:
         ValueError: a colour image for a model trained on grey images.
@@ -43,7 +46,7 @@ def predict_image(vm: ViewModel, image: np.ndarray) -> tuple[np.ndarray, np.ndar
     height, width = x.shape[-2:]
     if vm.size:
         x = torch.as_tensor(np.asarray(Resize((vm.size, vm.size), mode="bilinear")(x)))
-    prob = predict_probabilities(vm.model, x[None])
+    prob = predict_probabilities(vm.model.to(device), x[None].to(device), tta=tta).cpu()
     if vm.size:
         prob = torch.as_tensor(np.asarray(Resize((height, width), mode="bilinear")(prob)))
     prob_np = prob[0].numpy().clip(0.0, 1.0)
@@ -62,12 +65,14 @@ def read_image_array(path: str | os.PathLike, colour: str) -> np.ndarray:
 
 def segment_image_folder(model: str | os.PathLike, images: str | os.PathLike,
                          out_dir: str | os.PathLike, *, colour: str = "rgb",
-                         overwrite: bool = False, progress: bool = True) -> list[dict]:
+                         overwrite: bool = False, progress: bool = True,
+                         device: str = "cpu", tta: bool = False) -> list[dict]:
     """Segments every JPEG/PNG image under ``images`` (its ``rgb/`` or ``gray/`` sub-folder
     for a Weizmann-style folder) into ``<out>/<relative name>.png`` (0/255, the image's size).
 
     Outputs are written under temporary names and renamed; existing masks are skipped unless
     ``overwrite``; an unreadable image is reported in ``summary.csv`` and the others carry on.
+    The CNN runs on ``device`` (``tta``: averaged over flips).
 
     Returns:
         One summary row per image.
@@ -82,6 +87,7 @@ def segment_image_folder(model: str | os.PathLike, images: str | os.PathLike,
     if not files:
         raise ValueError(f"{source}: no .jpg/.png images found")
     vm = ViewModel.from_checkpoint(model)
+    device = resolve_device(device)
     out = Path(out_dir)
     rows = []
     for path in tqdm(files, desc="images", disable=not progress):
@@ -93,7 +99,8 @@ def segment_image_folder(model: str | os.PathLike, images: str | os.PathLike,
             row.update(status="skipped", error="output exists (use overwrite to redo)")
         else:
             try:
-                prob, crf = predict_image(vm, read_image_array(path, colour))
+                prob, crf = predict_image(vm, read_image_array(path, colour), device=device,
+                                          tta=tta)
                 mask = (prob > 0.5) if crf is None else crf
                 write_png_mask(mask, target)
                 row.update(status="ok", foreground_fraction=round(float(mask.mean()), 4))

@@ -18,6 +18,7 @@ from pipeline.crf import CRFWeights, GraphCutPool, map_labelling, volume_map_lab
 from pipeline.data.alignment import resample_to_grid
 from pipeline.data.cta import CTA_HU_WINDOW, RAS_LABELS
 from pipeline.data.views import VIEWS, restack_slices, slice_volume
+from pipeline.distributed import resolve_device
 from pipeline.models import load_run, predict_probabilities
 from pipeline.networks.pretrained import sha256_file
 
@@ -70,11 +71,13 @@ class ViewModel:
         return self
 
     def probabilities(self, images: np.ndarray, *, batch_size: int = 16,
-                      device: str | torch.device = "cpu", bar=None) -> np.ndarray:
+                      device: str | torch.device = "cpu", bar=None,
+                      tta: bool = False) -> np.ndarray:
         """Foreground probabilities of N×H×W one-channel images: each resized to the training
         size, through the network in batches, and back to H×W.
 
-        ``bar`` (a tqdm bar, optional) advances by the images of each batch.
+        ``bar`` (a tqdm bar, optional) advances by the images of each batch; ``tta``
+        averages over flips (:func:`pipeline.models.predict_probabilities`).
 
         Returns:
             N×H×W float32 in [0, 1].
@@ -88,7 +91,7 @@ class ViewModel:
             chunk = torch.as_tensor(images[start:start + batch_size], dtype=torch.float32)
             if down is not None:
                 chunk = torch.as_tensor(np.asarray(down(chunk)))
-            p = predict_probabilities(self.model, chunk[:, None].to(device)).cpu()
+            p = predict_probabilities(self.model, chunk[:, None].to(device), tta=tta).cpu()
             if up is not None:
                 p = torch.as_tensor(np.asarray(up(p)))
             probs.append(p.numpy())
@@ -158,7 +161,11 @@ class VolumePredictor(_GraphCutWorkers):
             in axial, coronal, sagittal order.
         batch_size: slices per CNN forward pass.
         workers: graph-cut worker processes (0: in this process).
-        device: torch device for the CNN.
+        device: where the CNN runs: ``auto`` (CUDA when available), ``cpu``, ``cuda``,
+            ``cuda:N`` or a torch device (:func:`pipeline.distributed.resolve_device`); the
+            graph cuts stay on the CPU. Checkpoints load on any device (read on the CPU,
+            then moved).
+        tta: average the CNN's probabilities over flips before the CRF.
         crf_3d: where the model has CRF weights, replace the slice-by-slice CRF by one exact
             graph cut over the (fused) probability volume on the RAS working grid, 6-connected
             whatever the run's 2-D connectivity, with the first view's learned weights (see
@@ -179,8 +186,10 @@ class VolumePredictor(_GraphCutWorkers):
     def __init__(self, models: str | os.PathLike | Mapping[str, str | os.PathLike],
                  views: Sequence[str] | None = None, *, batch_size: int = 16,
                  workers: int = 0, device: str | torch.device = "cpu",
-                 crf_3d: bool = False, any_view: bool = False) -> None:
+                 crf_3d: bool = False, any_view: bool = False, tta: bool = False) -> None:
         self.crf_3d = bool(crf_3d)
+        self.tta = bool(tta)
+        device = resolve_device(device)
         loaded: dict[str, ViewModel] = {}
 
         def load(path: str | os.PathLike) -> ViewModel:
@@ -230,14 +239,14 @@ class VolumePredictor(_GraphCutWorkers):
 
         return {"models": {view: vm.describe() for view, vm in self.models.items()},
                 "views": list(self.views), "crf": self.crf_method,
-                "mmcrf_version": __version__}
+                "mmcrf_version": __version__, **({"tta": "flips"} if self.tta else {})}
 
     def _view_slices(self, windowed: np.ndarray, view: str, bar=None
                      ) -> tuple[np.ndarray, np.ndarray]:
         """The view's N×H×W slices of the windowed volume and the network's probabilities."""
         slices = slice_volume(windowed[None], view)[:, 0]
         probs = self.models[view].probabilities(slices, batch_size=self.batch_size,
-                                                device=self.device, bar=bar)
+                                                device=self.device, bar=bar, tta=self.tta)
         return slices, probs
 
     def _crf(self, probability: np.ndarray, windowed: np.ndarray, spacing: np.ndarray,

@@ -9,6 +9,7 @@ from pipeline.models.checkpoints import (
     save_checkpoint,
 )
 from pipeline.models.loading import (
+    TTA_FLIPS,
     build_model,
     inference_models,
     load_run,
@@ -18,6 +19,7 @@ from pipeline.models.loading import (
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "TTA_FLIPS",
     "build_model",
     "export_model",
     "inference_models",

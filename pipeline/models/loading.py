@@ -15,6 +15,7 @@ from pipeline.networks import FCN8s, load_vgg16_weights
 from pipeline.networks.pretrained import load_pretrained_backbone
 
 __all__ = [
+    "TTA_FLIPS",
     "build_model",
     "inference_models",
     "load_run",
@@ -56,14 +57,30 @@ def build_model(network: dict[str, Any], *, pretrained: bool = False) -> FCN8s:
     return model
 
 
+#: The flips test-time augmentation averages over: none, left-right, up-down, both.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
+
 @torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Foreground probabilities B×H×W of a batch (eval mode, no gradient)."""
+def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, *,
+                          tta: bool = False) -> torch.Tensor:
+    """Foreground probabilities B×H×W of a batch (eval mode, no gradient), on the images'
+    device.
+
+    With ``tta``, the probabilities of the images flipped left-right, up-down and both are
+    flipped back and averaged with the plain ones (:data:`TTA_FLIPS`; four passes).
+    """
     was_training = model.training
     model.eval()
-    logits = MaxMarginLoss.foreground_logits(model(images))
+    flips = TTA_FLIPS if tta else ((),)
+    total = None
+    for dims in flips:
+        x = torch.flip(images, dims) if dims else images
+        p = torch.sigmoid(MaxMarginLoss.foreground_logits(model(x)).float())
+        p = torch.flip(p, dims) if dims else p
+        total = p if total is None else total + p
     model.train(was_training)
-    return torch.sigmoid(logits)
+    return total if len(flips) == 1 else total / len(flips)
 
 
 def network_of(payload: dict[str, Any], checkpoint: str | os.PathLike) -> FCN8s:
