@@ -491,8 +491,9 @@ def _device_flag(parser: argparse.ArgumentParser, *, tta: bool = False) -> None:
     if tta:
         parser.add_argument("--tta", action="store_true",
                             help="test-time flips: average the CNN's probabilities over the "
-                                 "image and its left-right, up-down and both flips before the "
-                                 "CRF (4 passes; off by default)")
+                                 "image and its flips the model trained with (its augment "
+                                 "hflip/vflip) before the CRF; refused for a model trained "
+                                 "without flips (off by default)")
 
 
 def _progress_flags(parser: argparse.ArgumentParser) -> None:

@@ -11,8 +11,8 @@ import torch
 from pipeline.cli import main
 from pipeline.data import write_cta_phantom
 from pipeline.distributed import resolve_device
-from pipeline.models import TTA_FLIPS, build_model, predict_probabilities
-from tests._tiny_models import tiny_cta_model
+from pipeline.models import TTA_FLIPS, build_model, predict_probabilities, training_flips
+from tests._tiny_models import tiny_cta_model, with_config
 from tests.test_engines_training import TINY_NET
 
 SHAPE = (40, 36, 24)
@@ -48,7 +48,7 @@ def test_test_time_flips_average_the_flipped_predictions():
     model = build_model(TINY_NET).eval()
     images = torch.rand(3, 1, 32, 32)
     plain = predict_probabilities(model, images)
-    averaged = predict_probabilities(model, images, tta=True)
+    averaged = predict_probabilities(model, images, flips=TTA_FLIPS)
     oracle = torch.zeros_like(plain)
     for dims in TTA_FLIPS:  # by hand: flip, predict, flip back
         x = torch.flip(images, dims) if dims else images
@@ -56,6 +56,13 @@ def test_test_time_flips_average_the_flipped_predictions():
         oracle += torch.flip(p, dims) if dims else p
     torch.testing.assert_close(averaged, oracle / len(TTA_FLIPS))
     assert not torch.allclose(averaged, plain)  # the flips do change the average
+
+
+def test_test_time_flips_are_those_of_the_training_augmentation():
+    assert training_flips({"augment": {"hflip": 0.5, "vflip": 0.0}}) == ((), (-1,))
+    assert training_flips({"augment": {"hflip": 0.0, "vflip": 0.2}}) == ((), (-2,))
+    assert training_flips({"augment": {"hflip": 0.5, "vflip": 0.5}}) == TTA_FLIPS
+    assert training_flips({"augment": False}) == training_flips({}) == ((),)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +80,10 @@ def test_infer_takes_device_and_flips_and_records_them(model, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main([*args, "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+    assert main([*args, "--tta"]) == 2  # trained without flips: refused, naming the model
+    assert "trained without flips" in capsys.readouterr().err
+    flipped = with_config(model, tmp_path / "flipped.pt", augment={"hflip": 0.5})
+    args[args.index(str(model))] = str(flipped)
     assert main([*args, "--device", "cpu", "--tta"]) == 0
     sidecar = (tmp_path / "out" / "ct_mask.json").read_text()
     assert '"tta": "flips"' in sidecar

@@ -83,7 +83,7 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
             image with a mask).
         progress: a progress bar.
         device: where the CNN runs (see :func:`pipeline.distributed.resolve_device`).
-        tta: average the CNN's probabilities over flips before the CRF.
+        tta: average the CNN's probabilities over the flips each model trained with.
 
     Returns:
         The table's rows.
@@ -106,6 +106,8 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
                          + (f" in split {split!r}" if split else ""))
     out = Path(out_dir)
     loaded = {method: ViewModel.from_checkpoint(path) for method, path in models.items()}
+    for vm in loaded.values():
+        vm.flips_for(tta)  # refuses --tta for a model trained without flips
     rows: list[dict] = []
     table: list[dict] = []
     # a broken rgb image (e.g. horse318, almost all black) is scored on its gray twin, and
@@ -171,7 +173,7 @@ def evaluate_camus_folder(models: Mapping[str, str | os.PathLike], images: str |
         split: only the patients of this split of the folder's ``split.json``.
         progress: a progress bar.
         device: where the CNN runs (see :func:`pipeline.distributed.resolve_device`).
-        tta: average the CNN's probabilities over flips before the CRF.
+        tta: average the CNN's probabilities over the flips each model trained with.
 
     Returns:
         The per-image rows.

@@ -15,7 +15,7 @@ from pipeline.crf.graphcut import map_labelling
 from pipeline.distributed import resolve_device
 from pipeline.evaluation.examples import PICKS, QualitativeCase, QualitativeCases
 from pipeline.evaluation.tables import EvalTable, evaluation_rows, select_cases
-from pipeline.models import load_run, predict_probabilities
+from pipeline.models import load_run, predict_probabilities, training_flips
 
 __all__ = [
     "Evaluation",
@@ -46,9 +46,9 @@ def predict_samples(model: torch.nn.Module, weights: CRFWeights | None,
                     samples: Sequence[Mapping], *, batch_size: int = 10,
                     connectivity: int = 4, beta: float | None = None,
                     progress: bool = False, device: str | torch.device = "cpu",
-                    tta: bool = False) -> tuple[Masks, Masks | None]:
+                    flips: Sequence[tuple[int, ...]] = ((),)) -> tuple[Masks, Masks | None]:
     """CNN masks (probability > 0.5) and, with CRF weights, graph-cut masks of 2-D samples;
-    the CNN runs on ``device`` (``tta``: averaged over flips), the graph cuts on the CPU.
+    the CNN runs on ``device`` (averaged over ``flips``), the graph cuts on the CPU.
 
     Samples may differ in size (e.g. the views of a volume): a batch holds consecutive samples
     of one size.
@@ -63,7 +63,8 @@ def predict_samples(model: torch.nn.Module, weights: CRFWeights | None,
                             disable=not progress):
         batch = samples[start:stop]
         images = torch.stack([torch.as_tensor(s["image"]) for s in batch])
-        probs = predict_probabilities(model.to(device), images.to(device), tta=tta).cpu().numpy()
+        probs = predict_probabilities(model.to(device), images.to(device),
+                                      flips=flips).cpu().numpy()
         cnn.extend((probs > 0.5).astype(np.uint8))
         if weights is not None:
             crf.extend(map_labelling(p, x, weights, connectivity=connectivity, beta=beta)
@@ -171,10 +172,14 @@ def _evaluate(runs: Mapping[str, str | os.PathLike], samples: Sequence[Mapping],
     kept: dict[str, dict[int, np.ndarray]] = {}
     for name in order:
         model, weights, config = load_run(runs[name])
+        flips = training_flips(config) if tta else ((),)
+        if tta and len(flips) == 1:
+            raise ValueError(f"{runs[name]}: trained without flips, so --tta (test-time "
+                             f"flips) would show it images unlike any it trained on")
         cnn, crf = predict_samples(model, weights, samples, batch_size=batch_size,
                                    connectivity=config.get("connectivity", 4),
                                    beta=config.get("beta"), progress=progress,
-                                   device=resolve_device(device), tta=tta)
+                                   device=resolve_device(device), flips=flips)
         pred = cnn if crf is None else crf
         rows[name] = []
         for start, stop in _batches(samples, len(samples)):  # one call per image size

@@ -193,7 +193,8 @@ class FramePredictor(_GraphCutWorkers):
         batch_size: frames per CNN forward pass.
         workers: graph-cut worker processes (0: in this process).
         device: where the CNN runs (as for :class:`VolumePredictor`).
-        tta: average the CNN's probabilities over flips before the CRF.
+        tta: average the CNN's probabilities over the flips the model trained with before
+            the CRF (refused for a model trained without flips).
 
     Raises:
         FileNotFoundError: no such checkpoint.
@@ -206,6 +207,7 @@ class FramePredictor(_GraphCutWorkers):
         self.device = resolve_device(device)
         self.model.model.to(self.device)
         self.tta = bool(tta)
+        self.model.flips_for(self.tta)  # refuses --tta for a model trained without flips
         self.batch_size = batch_size
         self.pool = GraphCutPool(workers) if workers > 0 else None
 

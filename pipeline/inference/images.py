@@ -32,7 +32,8 @@ def predict_image(vm: ViewModel, image: np.ndarray, *, device: str | torch.devic
     The CNN sees the image resized to its training size; its probability is resized back to
     H×W, where the CRF runs with the image's own contrast. A grey image given to a colour
     model is replicated to its channels (as the training's grey fallback is). ``device``:
-    where the CNN runs; ``tta``: average its probabilities over flips.
+    where the CNN runs; ``tta``: average its probabilities over the flips the model trained
+    with (:meth:`ViewModel.flips_for`).
 
     Raises:
         ValueError: a colour image for a model trained on grey images.
@@ -46,7 +47,8 @@ def predict_image(vm: ViewModel, image: np.ndarray, *, device: str | torch.devic
     height, width = x.shape[-2:]
     if vm.size:
         x = torch.as_tensor(np.asarray(Resize((vm.size, vm.size), mode="bilinear")(x)))
-    prob = predict_probabilities(vm.model.to(device), x[None].to(device), tta=tta).cpu()
+    prob = predict_probabilities(vm.model.to(device), x[None].to(device),
+                                 flips=vm.flips_for(tta)).cpu()
     if vm.size:
         prob = torch.as_tensor(np.asarray(Resize((height, width), mode="bilinear")(prob)))
     prob_np = prob[0].numpy().clip(0.0, 1.0)
@@ -87,6 +89,7 @@ def segment_image_folder(model: str | os.PathLike, images: str | os.PathLike,
     if not files:
         raise ValueError(f"{source}: no .jpg/.png images found")
     vm = ViewModel.from_checkpoint(model)
+    vm.flips_for(tta)  # refuses --tta for a model trained without flips
     device = resolve_device(device)
     out = Path(out_dir)
     rows = []

@@ -19,7 +19,7 @@ from pipeline.data.alignment import resample_to_grid
 from pipeline.data.cta import CTA_HU_WINDOW, RAS_LABELS
 from pipeline.data.views import VIEWS, restack_slices, slice_volume
 from pipeline.distributed import resolve_device
-from pipeline.models import load_run, predict_probabilities
+from pipeline.models import load_run, predict_probabilities, training_flips
 from pipeline.networks.pretrained import sha256_file
 
 __all__ = ["ViewModel", "VolumePrediction", "VolumePredictor"]
@@ -40,6 +40,7 @@ class ViewModel:
     sha256: str = ""
     view: str | None = None
     foreground_ml: tuple[float, float] | None = None
+    flips: tuple[tuple[int, ...], ...] = ((),)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> ViewModel:
@@ -53,7 +54,23 @@ class ViewModel:
         return cls(model, weights, data.get("size"), window,  # type: ignore[arg-type]
                    config.get("connectivity", 4), config.get("beta"), model.in_channels,
                    os.fspath(path), sha256_file(path), data.get("view"),
-                   None if not seen else (float(seen[0]), float(seen[1])))
+                   None if not seen else (float(seen[0]), float(seen[1])),
+                   training_flips(config))
+
+    def flips_for(self, tta: bool) -> tuple[tuple[int, ...], ...]:
+        """The flips a prediction averages over: none, or with ``tta`` those the model's
+        training drew (:func:`pipeline.models.training_flips`).
+
+        Raises:
+            ValueError: ``tta`` for a model trained without flips (the message names it).
+        """
+        if not tta:
+            return ((),)
+        if len(self.flips) == 1:
+            raise ValueError(f"{self.path}: trained without flips (augment hflip = vflip = 0), "
+                             f"so test-time flips would show it images unlike any it trained "
+                             f"on; --tta needs a model trained with flips")
+        return self.flips
 
     def describe(self) -> dict:
         """What a mask made by this model records of it: the checkpoint and its sha256, the
@@ -77,7 +94,7 @@ class ViewModel:
         size, through the network in batches, and back to H×W.
 
         ``bar`` (a tqdm bar, optional) advances by the images of each batch; ``tta``
-        averages over flips (:func:`pipeline.models.predict_probabilities`).
+        averages over the flips the model trained with (:meth:`flips_for`).
 
         Returns:
             N×H×W float32 in [0, 1].
@@ -91,7 +108,8 @@ class ViewModel:
             chunk = torch.as_tensor(images[start:start + batch_size], dtype=torch.float32)
             if down is not None:
                 chunk = torch.as_tensor(np.asarray(down(chunk)))
-            p = predict_probabilities(self.model, chunk[:, None].to(device), tta=tta).cpu()
+            p = predict_probabilities(self.model, chunk[:, None].to(device),
+                                      flips=self.flips_for(tta)).cpu()
             if up is not None:
                 p = torch.as_tensor(np.asarray(up(p)))
             probs.append(p.numpy())
@@ -165,7 +183,8 @@ class VolumePredictor(_GraphCutWorkers):
             ``cuda:N`` or a torch device (:func:`pipeline.distributed.resolve_device`); the
             graph cuts stay on the CPU. Checkpoints load on any device (read on the CPU,
             then moved).
-        tta: average the CNN's probabilities over flips before the CRF.
+        tta: average the CNN's probabilities over the flips each model trained with before
+            the CRF (refused for a model trained without flips).
         crf_3d: where the model has CRF weights, replace the slice-by-slice CRF by one exact
             graph cut over the (fused) probability volume on the RAS working grid, 6-connected
             whatever the run's 2-D connectivity, with the first view's learned weights (see
@@ -216,6 +235,8 @@ class VolumePredictor(_GraphCutWorkers):
         else:
             paths = dict.fromkeys(self.views, models)
         self.models: dict[str, ViewModel] = {view: load(path) for view, path in paths.items()}
+        for vm in self.models.values():
+            vm.flips_for(self.tta)  # refuses --tta for a model trained without flips
         for view, vm in self.models.items():
             if not any_view and vm.view is not None and vm.view != view:
                 raise ValueError(f"{vm.path}: trained on {vm.view} slices, but asked to segment "

@@ -15,6 +15,7 @@ from pipeline.models.loading import (
     load_run,
     model_files,
     predict_probabilities,
+    training_flips,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "model_files",
     "predict_probabilities",
     "save_checkpoint",
+    "training_flips",
 ]
