@@ -45,6 +45,7 @@ from pipeline.crf.graphcut import _map_plan
 from pipeline.data import cta_phantom
 from pipeline.data.phantoms import write_cta_cohort
 from pipeline.data.samples import cta_samples
+from pipeline.distributed import resolve_device
 from pipeline.engines import TrainConfig, train
 from pipeline.inference import VolumePredictor
 from pipeline.models import load_checkpoint, load_run, save_checkpoint
@@ -94,7 +95,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--size", type=int, default=128, help="training/CNN input size")
     parser.add_argument("--quick", action="store_true", help="16 slices, 1 repeat")
+    parser.add_argument("--device", default="cpu",
+                        help="where the CNN runs (auto, cpu, cuda, cuda:N); with a GPU the CPU "
+                             "runs beside it for the CUDA/CPU ratio")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     keep_freed_memory()  # as mmcrf infer does for its own process
     slices, repeats = (16, 1) if args.quick else (args.slices, args.repeats)
 
@@ -106,19 +111,22 @@ def main() -> None:
                               rng=5)
         volume = MetaTensor(torch.as_tensor(phantom.image.astype(np.float32)),
                             affine=torch.as_tensor(phantom.affine))
-        serial = VolumePredictor(ckpt, ["axial"], workers=0)
-        pooled = VolumePredictor(ckpt, ["axial"], workers=args.workers)
-        native = VolumePredictor(ckpt, ["axial"], workers=0)
+        serial = VolumePredictor(ckpt, ["axial"], workers=0, device=device)
+        pooled = VolumePredictor(ckpt, ["axial"], workers=args.workers, device=device)
+        native = VolumePredictor(ckpt, ["axial"], workers=0, device=device)
+        on_cpu = VolumePredictor(ckpt, ["axial"], workers=0) if device.type != "cpu" else None
         native.models["axial"].size = None  # fully convolutional: the CNN at 512² as well
-        volume_cut = VolumePredictor(ckpt, ["axial"], workers=0, crf_3d=True)
+        volume_cut = VolumePredictor(ckpt, ["axial"], workers=0, crf_3d=True, device=device)
         pooled.predict(volume)  # start the workers before timing
         timings: dict[str, list[float]] = {k: [] for k in ("cnn", "crf", "crf_pool",
                                                             "cnn_native", "crf_native",
                                                             "crf_3d", "cuts_serial",
-                                                            "cuts_pool")}
+                                                            "cuts_pool", "cnn_cpu")}
         for _ in range(repeats):
             result = serial.predict(volume)
             timings["cnn"].append(result.seconds["cnn"])
+            if on_cpu is not None:  # the same network on the CPU, side by side
+                timings["cnn_cpu"].append(on_cpu.predict(volume).seconds["cnn"])
             timings["crf"].append(result.seconds["crf"])
             again = pooled.predict(volume)
             timings["crf_pool"].append(again.seconds["crf"])
@@ -147,7 +155,7 @@ def main() -> None:
             timings["cuts_pool"].append(time.perf_counter() - start)
             assert all(np.array_equal(a, b) for a, b in zip(one, two, strict=True))
         pooled.close()
-    med = {k: statistics.median(v) for k, v in timings.items()}
+    med = {k: statistics.median(v) for k, v in timings.items() if v}
     cnn, crf, crf_pool = med["cnn"], med["crf"], med["crf_pool"]
     out = {
         "volume": f"512x512x{slices}",
@@ -170,6 +178,9 @@ def main() -> None:
         "crf_3d_s": med["crf_3d"],
         "crf_3d_changed_fraction": float(np.mean(cut3d.mask != result.mask)),
         "foreground_fraction": float(result.mask.mean()),
+        "device": str(device),
+        **({f"cnn_at_{args.size}_cuda_vs_cpu": med["cnn_cpu"] / med["cnn"]}
+           if "cnn_cpu" in med else {}),
         "torch_threads": torch.get_num_threads(),
         "loadavg_1min": os.getloadavg()[0],
         "machine": f"{platform.machine()} python {platform.python_version()}",

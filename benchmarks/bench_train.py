@@ -52,6 +52,7 @@ from _report import print_measures
 
 from pipeline.crf import CRFWeights, GraphCutPool, MarginQP, MaxMarginLoss
 from pipeline.data import CTA_HU_WINDOW, cta_phantom
+from pipeline.distributed import resolve_device
 from pipeline.metrics import compute_jaccard
 from pipeline.networks import FCN8s, count_parameters
 
@@ -215,8 +216,10 @@ def main() -> None:
                         help="graph-cut processes (trainer default 0: in this process)")
     parser.add_argument("--quick", action="store_true",
                         help="1 timed repeat, no paper network at 256² or more (smoke run)")
+    parser.add_argument("--device", default="auto",
+                        help="where the CNN trains (auto, cpu, cuda, cuda:N)")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     cases = [(net, size) for net in args.networks for size in args.sizes
              if not (args.quick and net == "paper" and size >= 256)]
 
