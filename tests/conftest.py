@@ -77,3 +77,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def cta_model_three_views(tmp_path_factory) -> Path:
+    """One tiny CNN + piecewise CRF trained on the three views of 40×36×24 phantom volumes
+    (32×32 slices), shared by the inference test modules (trained once per session)."""
+    from tests._tiny_models import tiny_cta_model
+
+    return tiny_cta_model(tmp_path_factory.mktemp("cta_model"), (40, 36, 24),
+                          ("axial", "coronal", "sagittal"))

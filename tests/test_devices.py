@@ -12,7 +12,7 @@ from pipeline.cli import main
 from pipeline.data import write_cta_phantom
 from pipeline.distributed import resolve_device
 from pipeline.models import TTA_FLIPS, build_model, predict_probabilities, training_flips
-from tests._tiny_models import tiny_cta_model, with_config
+from tests._tiny_models import with_config
 from tests.test_engines_training import TINY_NET
 
 SHAPE = (40, 36, 24)
@@ -66,9 +66,8 @@ def test_test_time_flips_are_those_of_the_training_augmentation():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_cta_model(tmp_path_factory.mktemp("train"), SHAPE,
-                          ("axial", "coronal", "sagittal"))
+def model(cta_model_three_views):
+    return cta_model_three_views
 
 
 def test_infer_takes_device_and_flips_and_records_them(model, tmp_path, capsys):

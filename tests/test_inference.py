@@ -15,16 +15,15 @@ from pydicom.data import get_testdata_file
 
 from pipeline.data import write_cta_phantom, write_nifti
 from pipeline.inference import VolumePredictor, find_cases, run_batch
-from tests._tiny_models import colour_checkpoint, tiny_cta_model
+from tests._tiny_models import colour_checkpoint
 
 SHAPE = (40, 36, 24)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(cta_model_three_views):
     """A tiny CNN + piecewise CRF trained on all three views of phantom volumes (32×32)."""
-    return tiny_cta_model(tmp_path_factory.mktemp("train"), SHAPE,
-                          ("axial", "coronal", "sagittal"))
+    return cta_model_three_views
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,14 @@ import pytest
 from pipeline.cli import _parser, main
 from pipeline.data import write_cta_phantom
 from pipeline.inference import VolumePredictor
-from tests._tiny_models import tiny_cta_model, with_config
+from tests._tiny_models import with_config
 
 SHAPE = (40, 36, 24)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_cta_model(tmp_path_factory.mktemp("train"), SHAPE,
-                          ("axial", "coronal", "sagittal"))
+def model(cta_model_three_views):
+    return cta_model_three_views
 
 
 @pytest.fixture(scope="module")

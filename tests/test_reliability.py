@@ -33,7 +33,7 @@ from pipeline.data import write_cta_phantom, write_nifti
 from pipeline.data.readers import read_volume
 from pipeline.data.writers import write_dicom_series
 from pipeline.models import load_checkpoint, save_checkpoint
-from tests._tiny_models import tiny_cta_model, tiny_horse_bundle
+from tests._tiny_models import tiny_horse_bundle
 from tests.test_data_horse import _make_horse
 
 SHAPE = (40, 36, 24)
@@ -73,9 +73,8 @@ def _summary(out: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return tiny_cta_model(tmp_path_factory.mktemp("train"), SHAPE,
-                          ("axial", "coronal", "sagittal"))
+def model(cta_model_three_views) -> Path:
+    return cta_model_three_views
 
 
 @pytest.fixture(scope="module")
