@@ -428,9 +428,9 @@ def _infer_models(args: argparse.Namespace) -> tuple[object, list[str] | None]:
     """The checkpoint(s) and views of ``infer``: VIEW=CHECKPOINT pairs, a checkpoint, or a
     bundle folder (its per-view models or its best method); views from ``--view``, else the
     bundle's default, else the model(s)' own (None)."""
+    from pipeline.data.views import VIEWS
     from pipeline.models import inference_models
 
-    all_views = ["axial", "coronal", "sagittal"]
     if any("=" in m for m in args.model):
         models: object = _parse_runs(args.model)
         default = None
@@ -443,7 +443,7 @@ def _infer_models(args: argparse.Namespace) -> tuple[object, list[str] | None]:
     if view is None:
         return models, None
     if view == "all":
-        return models, all_views
+        return models, list(VIEWS)
     if isinstance(models, dict) and view not in models:
         raise ValueError(f"--view {view}: no model for it (given: {', '.join(models)})")
     return models, [view]

@@ -72,6 +72,15 @@ def _summary(out: Path) -> dict[str, dict]:
     return {r["case"]: r for r in json.loads((out / "summary.json").read_text())}
 
 
+def _scans(tmp_path: Path, good: dict[str, Path], *names: str) -> Path:
+    """``<tmp_path>/in`` holding a copy of the good scan under each name."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in names:
+        shutil.copy(good["image"], src / name)
+    return src
+
+
 @pytest.fixture(scope="module")
 def model(cta_model_three_views) -> Path:
     return cta_model_three_views
@@ -214,9 +223,7 @@ def test_a_header_declaring_a_huge_volume_is_refused_before_any_allocation(tmp_p
 
 
 def test_outputs_never_become_inputs(model, good, tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(good["image"], src / "x.nii.gz")
+    src = _scans(tmp_path, good, "x.nii.gz")
     proc = _mmcrf("infer", "--input", src, "--output", src, "--model", model, "--no-progress")
     _no_traceback(proc)
     assert proc.returncode == 2 and "the output folder is the input folder" in proc.stderr
@@ -233,9 +240,7 @@ def test_outputs_never_become_inputs(model, good, tmp_path):
 
 
 def test_output_names_are_unique_and_stable_whatever_is_added(model, good, tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(good["image"], src / "c.nii.gz")
+    src = _scans(tmp_path, good, "c.nii.gz")
     out = tmp_path / "out"
     assert _mmcrf("infer", "--input", src, "--output", out, "--model", model,
                   "--no-progress").returncode == 0
@@ -293,9 +298,7 @@ def _malicious(path: Path, protocol: int) -> Path:
 
 
 def test_malformed_and_hostile_checkpoints_get_a_clear_message(model, good, tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(good["image"], src / "x.nii.gz")
+    src = _scans(tmp_path, good, "x.nii.gz")
     bare = tmp_path / "bare.pt"
     torch.save({"format": "mmcrf-checkpoint-1"}, bare)
     payload = load_checkpoint(model)
@@ -339,9 +342,7 @@ def test_a_manifest_with_a_non_string_path_is_refused_with_its_entry(tmp_path):
 
 
 def test_unwritable_output_is_refused_before_any_work(model, good, tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(good["image"], src / "x.nii.gz")
+    src = _scans(tmp_path, good, "x.nii.gz")
     (tmp_path / "blocker").write_text("a file where a folder should be")
     proc = _mmcrf("infer", "--input", src, "--output", tmp_path / "blocker" / "out",
                   "--model", model, "--no-progress")
@@ -384,9 +385,7 @@ def test_a_killed_batch_resumes_to_the_same_outputs(model, good, tmp_path):
 
 
 def test_masks_of_another_model_are_never_kept_as_done(model, good, tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(good["image"], src / "x.nii.gz")
+    src = _scans(tmp_path, good, "x.nii.gz")
     out = tmp_path / "out"
     assert _mmcrf("infer", "--input", src, "--output", out, "--model", model,
                   "--no-progress").returncode == 0
@@ -434,10 +433,7 @@ def test_an_unexpected_error_in_one_case_fails_only_that_case(model, good, tmp_p
     (here a TypeError forced from the reader for one file)."""
     import pipeline.inference.batch as batch
 
-    src = tmp_path / "in"
-    src.mkdir()
-    shutil.copy(good["image"], src / "good.nii.gz")
-    shutil.copy(good["image"], src / "odd.nii.gz")
+    src = _scans(tmp_path, good, "good.nii.gz", "odd.nii.gz")
     real = batch.read_volume
 
     def reader(path, **kwargs):

@@ -201,7 +201,7 @@ _SCAN_KEYS = ("StudyInstanceUID", "FrameOfReferenceUID", "SeriesNumber", "Rows",
               "PixelSpacing", "SliceThickness")
 
 
-def _scans_mixed(series: DicomSeries, slices: Sequence[tuple[Path, pydicom.Dataset]],
+def _scans_mixed(slices: Sequence[tuple[Path, pydicom.Dataset]],
                  depth: np.ndarray) -> str | None:
     """Why the slices look like more than one scan (None when they do not): headers that
     disagree, or positions that fall on two interleaved grids."""
@@ -245,7 +245,7 @@ def _read_dicom_series(series: DicomSeries, folder: Path, max_voxels: int | None
                                               np.array(item[1].ImagePositionPatient, float))))
     positions = np.array([np.array(ds.ImagePositionPatient, float) for _, ds in slices])
     depth = positions @ normal
-    mixed = _scans_mixed(series, slices, depth)
+    mixed = _scans_mixed(slices, depth)
     if mixed is not None:
         raise ValueError(f"{folder}: holds slices of two scans or more under series "
                          f"{series.uid} ({mixed}); put each scan in a folder of its own")

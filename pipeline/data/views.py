@@ -27,6 +27,7 @@ __all__ = [
     "SliceViewsd",
     "restack_slices",
     "slice_affine",
+    "slice_axis",
     "slice_volume",
 ]
 
@@ -43,6 +44,12 @@ def _check_view(view: str) -> tuple[int, int, int]:
     if view not in _LAYOUT:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     return _LAYOUT[view]
+
+
+def slice_axis(view: str) -> int:
+    """The axis of an X×Y×Z RAS array a view's slices are stacked along (axial: 2, coronal: 1,
+    sagittal: 0)."""
+    return _check_view(view)[0]
 
 
 def check_ras(affine, source: str = "volume") -> None:

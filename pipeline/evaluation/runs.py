@@ -15,7 +15,7 @@ from pipeline.crf.graphcut import map_labelling
 from pipeline.distributed import resolve_device
 from pipeline.evaluation.examples import PICKS, QualitativeCase, QualitativeCases
 from pipeline.evaluation.tables import EvalTable, evaluation_rows, select_cases
-from pipeline.models import load_run, predict_probabilities, training_flips
+from pipeline.models import load_run, predict_probabilities, training_flips, tta_flips
 
 __all__ = [
     "Evaluation",
@@ -172,10 +172,7 @@ def _evaluate(runs: Mapping[str, str | os.PathLike], samples: Sequence[Mapping],
     kept: dict[str, dict[int, np.ndarray]] = {}
     for name in order:
         model, weights, config = load_run(runs[name])
-        flips = training_flips(config) if tta else ((),)
-        if tta and len(flips) == 1:
-            raise ValueError(f"{runs[name]}: trained without flips, so --tta (test-time "
-                             f"flips) would show it images unlike any it trained on")
+        flips = tta_flips(training_flips(config), runs[name], tta)
         cnn, crf = predict_samples(model, weights, samples, batch_size=batch_size,
                                    connectivity=config.get("connectivity", 4),
                                    beta=config.get("beta"), progress=progress,

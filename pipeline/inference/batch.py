@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from pipeline import distributed as dist
 from pipeline.data.readers import read_volume
+from pipeline.data.views import slice_axis
 from pipeline.data.writers import atomic_path, atomic_write_text, write_csv, write_nifti
 from pipeline.inference.discovery import OUTPUT_MARKER, Case
 from pipeline.inference.predictor import VolumePredictor
@@ -100,14 +101,10 @@ def _check_is_scan(volume: MetaTensor, path: Path) -> None:
                         f"segment; not segmented (--exclude it to leave it out)")
 
 
-#: The world (RAS) axis each view's slices are stacked along.
-_VIEW_WORLD_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
-
-
 def _slice_fraction(mask: np.ndarray, affine: np.ndarray, view: str) -> float:
     """Fraction of the view's slices (along the voxel axis closest to the view's world axis)
     that hold foreground."""
-    axis = int(np.argmax(np.abs(affine[_VIEW_WORLD_AXIS[view], :3])))
+    axis = int(np.argmax(np.abs(affine[slice_axis(view), :3])))
     other = tuple(a for a in range(3) if a != axis)
     return round(float(np.asarray(mask).any(axis=other).mean()), 4)
 
@@ -226,8 +223,8 @@ def _made_here(case: Case, sidecar: Path, provenance: Mapping) -> str | None:
                 f"unknown")
     if record.get("input") != str(Path(case.path).resolve()):
         return f"the mask was made from another input, {record.get('input')}"
-    if _fingerprint(record) != _fingerprint(provenance):
-        theirs = _fingerprint(record)
+    theirs = _fingerprint(record)
+    if theirs != _fingerprint(provenance):
         return (f"the mask was made by another model (sha256 "
                 f"{', '.join(str(v)[:12] for v in theirs['sha256'].values())}, views "
                 f"{','.join(theirs['views'])}, crf {theirs['crf']})")
@@ -236,13 +233,10 @@ def _made_here(case: Case, sidecar: Path, provenance: Mapping) -> str | None:
 
 def _remove_stale_temporaries(out: Path) -> None:
     """Removes the temporary files (``.<name>.<pid>.tmp``) of runs that were killed."""
-    for path in out.rglob(".*.tmp*"):
-        pid = path.name.split(".")[-2] if path.name.endswith(".tmp") else ""
-        if not pid.isdigit():  # an older naming (``.x.nii.gz.<pid>.tmp.nii.gz``)
-            parts = [p for p in path.name.split(".") if p.isdigit()]
-            pid = parts[-1] if parts else ""
-        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
-            continue
+    for path in out.rglob(".*.tmp*"):  # also the older ``.x.nii.gz.<pid>.tmp.nii.gz``
+        pids = [int(p) for p in path.name.split(".") if p.isdigit()]
+        if pids and pids[-1] != os.getpid() and _alive(pids[-1]):
+            continue  # a running process's file
         path.unlink(missing_ok=True)
 
 

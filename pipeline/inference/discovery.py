@@ -55,9 +55,15 @@ def _series_name(base: str, uid: str) -> str:
     return f"{base}/series_{safe}"
 
 
-def _dicom_cases(folder: Path, root: Path, rel: Path) -> list[Case]:
+def _folder_name(folder: Path, rel: Path) -> str:
+    """A DICOM folder's case name: its path relative to the input (its own name for the
+    input folder itself)."""
+    return rel.as_posix() if rel != Path(".") else folder.name
+
+
+def _dicom_cases(folder: Path, rel: Path) -> list[Case]:
     series = find_dicom_series(folder)
-    base = rel.as_posix() if rel != Path(".") else folder.name
+    base = _folder_name(folder, rel)
     if len(series) == 1:
         return [Case(base, folder, "dicom", next(iter(series)))]
     return [Case(_series_name(base, uid), folder, "dicom", uid) for uid in sorted(series)]
@@ -79,18 +85,18 @@ def _walk(root: Path, skip: Path | None) -> list[tuple[Path, Path, list[Path]]]:
         seen_dirs.add(real)
         if rel != Path(".") and (folder / OUTPUT_MARKER).exists():
             continue
-        try:
-            entries = sorted(folder.iterdir())
+        try:  # real files before links to them, so a link to a file seen is the one dropped
+            entries = sorted(folder.iterdir(), key=lambda e: (e.is_symlink(), e.name))
         except OSError:
             continue
         files, subdirs = [], []
-        for entry in sorted(entries, key=lambda e: e.is_symlink()):  # real files win
+        for entry in entries:
             if entry.name.startswith("."):
                 continue  # hidden: temporary files of an interrupted run, .git, ...
             if entry.is_dir():
                 subdirs.append(entry)
-            elif entry.is_file() and entry.resolve() not in seen_files:
-                seen_files.add(entry.resolve())
+            elif entry.is_file() and (target := entry.resolve()) not in seen_files:
+                seen_files.add(target)
                 files.append(entry)
         found.append((folder, rel, sorted(files)))
         stack.extend((d, rel / d.name) for d in reversed(subdirs))
@@ -177,10 +183,10 @@ def find_cases(source: str | os.PathLike, *, recursive: bool = True,
         if any(not is_nifti(f) for f in files):
             try:
                 if find_dicom_series(folder):
-                    cases.extend(_dicom_cases(folder, root, rel))
+                    cases.extend(_dicom_cases(folder, rel))
             except ValueError as err:  # a broken DICOM file: report the folder as a case
-                cases.append(Case(rel.as_posix() if rel != Path(".") else folder.name,
-                                  folder, "dicom", problem=str(err)))
+                cases.append(Case(_folder_name(folder, rel), folder, "dicom",
+                                  problem=str(err)))
     if exclude:
         cases = [c for c in cases if not any(fnmatch.fnmatch(c.name, p)
                                              or fnmatch.fnmatch(Path(c.name).name, p)

@@ -22,7 +22,12 @@ from pipeline.data.writers import write_nifti
 from pipeline.distributed import resolve_device
 from pipeline.inference.batch import output_paths, run_cases
 from pipeline.inference.discovery import Case
-from pipeline.inference.predictor import ViewModel, VolumePrediction, _GraphCutWorkers
+from pipeline.inference.predictor import (
+    ViewModel,
+    VolumePrediction,
+    _GraphCutWorkers,
+    _provenance,
+)
 from pipeline.models import load_checkpoint
 
 __all__ = [
@@ -214,11 +219,8 @@ class FramePredictor(_GraphCutWorkers):
     def provenance(self) -> dict:
         """What made this predictor's masks (as :meth:`VolumePredictor.provenance`; the one
         model's view is ``frame``)."""
-        from pipeline import __version__
-
-        return {"models": {"frame": self.model.describe()}, "views": ["frame"],
-                "crf": "none" if self.model.weights is None else "per-frame graph cut",
-                "mmcrf_version": __version__, **({"tta": "flips"} if self.tta else {})}
+        crf = "none" if self.model.weights is None else "per-frame graph cut"
+        return _provenance({"frame": self.model}, ["frame"], crf, self.tta)
 
     def predict(self, frames: np.ndarray) -> VolumePrediction:
         """Segments T×H×W frames already normalised to [0, 1].

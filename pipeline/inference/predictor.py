@@ -17,9 +17,14 @@ from tqdm.auto import tqdm
 from pipeline.crf import CRFWeights, GraphCutPool, map_labelling, volume_map_labelling
 from pipeline.data.alignment import resample_to_grid
 from pipeline.data.cta import CTA_HU_WINDOW, RAS_LABELS
-from pipeline.data.views import VIEWS, restack_slices, slice_volume
+from pipeline.data.views import VIEWS, restack_slices, slice_axis, slice_volume
 from pipeline.distributed import resolve_device
-from pipeline.models import load_run, predict_probabilities, training_flips
+from pipeline.models import (
+    load_run,
+    predict_probabilities,
+    training_flips,
+    tta_flips,
+)
 from pipeline.networks.pretrained import sha256_file
 
 __all__ = ["ViewModel", "VolumePrediction", "VolumePredictor"]
@@ -64,13 +69,7 @@ class ViewModel:
         Raises:
             ValueError: ``tta`` for a model trained without flips (the message names it).
         """
-        if not tta:
-            return ((),)
-        if len(self.flips) == 1:
-            raise ValueError(f"{self.path}: trained without flips (augment hflip = vflip = 0), "
-                             f"so test-time flips would show it images unlike any it trained "
-                             f"on; --tta needs a model trained with flips")
-        return self.flips
+        return tta_flips(self.flips, self.path, tta)
 
     def describe(self) -> dict:
         """What a mask made by this model records of it: the checkpoint and its sha256, the
@@ -116,6 +115,16 @@ class ViewModel:
             if bar is not None:
                 bar.update(len(chunk))
         return np.concatenate(probs).clip(0.0, 1.0).astype(np.float32)
+
+
+def _provenance(models: Mapping[str, ViewModel], views: Sequence[str], crf: str,
+                tta: bool) -> dict:
+    """What made a predictor's masks, as the batch records it beside each mask."""
+    from pipeline import __version__
+
+    return {"models": {view: vm.describe() for view, vm in models.items()},
+            "views": list(views), "crf": crf, "mmcrf_version": __version__,
+            **({"tta": "flips"} if tta else {})}
 
 
 class _GraphCutWorkers:
@@ -256,11 +265,7 @@ class VolumePredictor(_GraphCutWorkers):
     def provenance(self) -> dict:
         """What made this predictor's masks: each view's checkpoint (path, sha256, trained
         view, CRF weights), the views fused, the CRF step and the project version."""
-        from pipeline import __version__
-
-        return {"models": {view: vm.describe() for view, vm in self.models.items()},
-                "views": list(self.views), "crf": self.crf_method,
-                "mmcrf_version": __version__, **({"tta": "flips"} if self.tta else {})}
+        return _provenance(self.models, self.views, self.crf_method, self.tta)
 
     def _view_slices(self, windowed: np.ndarray, view: str, bar=None
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -308,9 +313,8 @@ class VolumePredictor(_GraphCutWorkers):
         start = time.perf_counter()
         stack = None  # with one view, its slices and probabilities are kept for the CRF
         volumes = []
-        axis = {"sagittal": 0, "coronal": 1, "axial": 2}
-        crf_slices = windowed.shape[axis[self.views[0]]] if not self.crf_3d else 1
-        bar = tqdm(total=sum(windowed.shape[axis[v]] for v in self.views) + crf_slices,
+        crf_slices = windowed.shape[slice_axis(self.views[0])] if not self.crf_3d else 1
+        bar = tqdm(total=sum(windowed.shape[slice_axis(v)] for v in self.views) + crf_slices,
                    desc="slices", unit="slice", disable=not progress, leave=False)
         for view in self.views:
             bar.set_postfix_str(f"CNN {view}")

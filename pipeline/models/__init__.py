@@ -16,6 +16,7 @@ from pipeline.models.loading import (
     model_files,
     predict_probabilities,
     training_flips,
+    tta_flips,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "predict_probabilities",
     "save_checkpoint",
     "training_flips",
+    "tta_flips",
 ]

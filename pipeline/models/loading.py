@@ -75,6 +75,23 @@ def training_flips(config: Mapping[str, Any] | None) -> tuple[tuple[int, ...], .
     return tuple(f for f in TTA_FLIPS if (-1 not in f or h) and (-2 not in f or v))
 
 
+def tta_flips(flips: Sequence[tuple[int, ...]], checkpoint: str | os.PathLike,
+                    tta: bool) -> tuple[tuple[int, ...], ...]:
+    """The flips a prediction averages over: none, or with ``tta`` the model's training
+    flips (:func:`training_flips`).
+
+    Raises:
+        ValueError: ``tta`` for a model trained without flips (the message names it).
+    """
+    if not tta:
+        return ((),)
+    if len(flips) == 1:
+        raise ValueError(f"{checkpoint}: trained without flips (augment hflip = vflip = 0), so "
+                         f"test-time flips would show it images unlike any it trained on; "
+                         f"--tta needs a model trained with flips")
+    return tuple(flips)
+
+
 @torch.no_grad()
 def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, *,
                           flips: Sequence[tuple[int, ...]] = ((),)) -> torch.Tensor:
