@@ -9,6 +9,7 @@ import io
 import json
 import math
 import re
+from dataclasses import replace
 from importlib import metadata
 
 import numpy as np
@@ -34,6 +35,7 @@ from pipeline.reports import (
     collect_provenance,
     plot_qualitative,
     plot_training_curves,
+    render_html,
     wilcoxon_test,
     write_report,
 )
@@ -147,6 +149,32 @@ def test_bootstrap_and_wilcoxon_edge_cases(rng):
     assert math.isnan(wilcoxon_test([])[1])
 
 
+def _bootstrap_oracle(values, n_boot, confidence, seed, max_block):
+    """The hand-written percentile bootstrap that ``scipy.stats.bootstrap`` replaced: the
+    published intervals came from it, so the library must give them to the last bit."""
+    v = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    step = max(1, max_block // v.size)
+    for start in range(0, n_boot, step):
+        stop = min(n_boot, start + step)
+        means[start:stop] = v[rng.integers(0, v.size, size=(stop - start, v.size))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    return tuple(float(q) for q in np.quantile(means, [alpha, 1.0 - alpha]))
+
+
+@pytest.mark.parametrize(("n", "n_boot", "confidence", "seed", "max_block"), [
+    (2, 2000, 0.95, 0, 4_000_000), (50, 2000, 0.95, 0, 4_000_000), (137, 500, 0.9, 3, 10_000),
+    (1000, 9999, 0.99, 7, 4_000_000), (20, 37, 0.95, 1, 1), (5, 1, 0.95, 0, 4_000_000),
+])
+def test_bootstrap_reproduces_the_hand_written_intervals_bit_for_bit(rng, n, n_boot,
+                                                                     confidence, seed, max_block):
+    values = rng.normal(0.01, 0.03, n)
+    assert bootstrap_ci(values, n_boot=n_boot, confidence=confidence, seed=seed,
+                        max_block=max_block) == _bootstrap_oracle(values, n_boot, confidence,
+                                                                  seed, max_block)
+
+
 def test_identical_methods_give_p_one(generated):
     rows, _ = generated
     copy = [dict(r, method="joint") for r in rows if r["method"] == "piecewise"]
@@ -197,6 +225,32 @@ def test_report_files(generated, tmp_path, rng):
         summary_rows = list(csv.DictReader(handle))
     assert len(summary_rows) == len(report.summaries) == 4 * 3
     assert not list((tmp_path / "out").glob(".*.tmp"))  # atomic writes left no temporaries
+
+
+def test_html_escapes_every_value_and_marks_numbers(generated):
+    _, path = generated
+    png = PNG_MAGIC + b"not really an image"
+    report = replace(build_report(path, n_boot=200), title='<script>alert("t")</script> & co',
+                     notes=["mean <b>undefined</b>", "a & 'b'"],
+                     figures=[ReportFigure('fig "<1>"', png, caption="<i>cap</i>"),
+                              ReportFigure("plain", png)],
+                     provenance={"git_commit": "<commit>", "args": {"x": "a&b"}})
+    # one spelling of the quote entities (html.escape and markupsafe differ, both are valid)
+    page = render_html(report).replace("&quot;", "&#34;").replace("&#x27;", "&#39;")
+    assert "<script>" not in page and "<b>" not in page and "<i>" not in page
+    assert page.count("&lt;script&gt;alert(&#34;t&#34;)&lt;/script&gt; &amp; co") == 2  # title, h1
+    assert '<li class="note">mean &lt;b&gt;undefined&lt;/b&gt;</li>' in page
+    assert "<li>a &amp; &#39;b&#39;</li>" in page
+    assert '<h3>fig &#34;&lt;1&gt;&#34;</h3>' in page and 'alt="fig &#34;&lt;1&gt;&#34;"' in page
+    assert "<figcaption>&lt;i&gt;cap&lt;/i&gt;</figcaption>" in page
+    assert page.count("<figcaption>") == 1  # the figure without a caption has none
+    data = base64.b64encode(png).decode("ascii")
+    assert page.count(f'<img src="data:image/png;base64,{data}"') == 2
+    assert "<td>&lt;commit&gt;</td>" in page and "<td>a&amp;b</td>" in page
+    s = report.summary("axial", "cnn")
+    assert f'<td class="num">{100 * s.mean_jaccard:.2f}</td>' in page
+    assert f'<td class="num">{s.n_scored}</td>' in page
+    assert page.startswith("<!DOCTYPE html>\n") and page.endswith("</html>\n")
 
 
 def test_missing_column_names_file_and_column(generated, tmp_path):

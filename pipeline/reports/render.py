@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import json
 import math
@@ -12,6 +11,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
+
+import jinja2
 
 from pipeline.data.writers import atomic_write_bytes, atomic_write_text
 from pipeline.reports.provenance import flatten_provenance
@@ -153,25 +154,20 @@ def render_markdown(report: Report, *, figure_dir: str | None = "figures",
     return "\n".join(out)
 
 
-_CSS = """
-body { font-family: sans-serif; margin: 2em; max-width: 1200px; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
-th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: left; }
-th { background: #eee; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img { max-width: 100%; }
-.note { color: #a00; }
-"""
+def _is_numeric(cell: str) -> bool:
+    """Whether a table cell reads as a number (right-aligned in HTML): digits with at most one
+    decimal point and an optional leading sign."""
+    return str(cell).replace(".", "", 1).lstrip("+-−").isdigit()
 
 
-def _html_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def cell(c: str) -> str:
-        text = html.escape(str(c))
-        numeric = text.replace(".", "", 1).lstrip("+-−").isdigit()
-        return f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>"
-    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
-    out += ["<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows]
-    return "\n".join([*out, "</table>"])
+#: The HTML template (package data ``pipeline/reports/templates/report.html.j2``); autoescape is
+#: on, so titles, notes, cells and provenance values are all escaped.
+_HTML = jinja2.Environment(
+    loader=jinja2.PackageLoader("pipeline.reports", "templates"),
+    autoescape=True, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    undefined=jinja2.StrictUndefined,
+)
+_HTML.tests["numeric"] = _is_numeric
 
 
 def render_html(report: Report) -> str:
@@ -184,37 +180,19 @@ def render_html(report: Report) -> str:
         HTML text.
     """
     intro, notes = _intro(report)
-    esc = html.escape
-    out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           f"<title>{esc(report.title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-           f"<h1>{esc(report.title)}</h1>", f"<p>{esc(intro)}</p>", "<ul>"]
-    out += [f'<li class="note">{esc(n)}</li>' if "undefined" in n or "nothing" in n
-            else f"<li>{esc(n)}</li>" for n in notes]
-    out += ["</ul>", "<h2>Jaccard per view and method</h2>",
-            _html_table(_SUMMARY_HEAD, [_summary_cells(s) for s in report.summaries]),
-            "<h2>Every metric per view and method</h2>", f"<p>{esc(_METRICS_INTRO)}</p>",
-            _html_table(_METRICS_HEAD, [_metric_cells(s) for s in report.summaries])]
-    if report.volumes:
-        out += ["<h2>3-D Dice per volume</h2>",
-                _html_table(_VOLUME_HEAD, [_volume_cells(v) for v in report.volumes])]
-    out += ["<h2>Paired comparisons</h2>", f"<p>{esc(_paired_intro(report))}</p>"]
-    out.append(_html_table(_PAIRED_HEAD, [_paired_cells(c) for c in report.comparisons])
-               if report.comparisons else
-               "<p>Only one method is present: nothing to compare.</p>")
-    if report.figures:
-        out.append("<h2>Figures</h2>")
-        for fig in report.figures:
-            data = base64.b64encode(fig.png).decode("ascii")
-            out += ["<figure>", f"<h3>{esc(fig.title)}</h3>",
-                    f'<img src="data:image/png;base64,{data}" alt="{esc(fig.title)}">',
-                    f"<figcaption>{esc(fig.caption)}</figcaption>" if fig.caption else "",
-                    "</figure>"]
-    out.append("<h2>Provenance</h2>")
-    rows = flatten_provenance(report.provenance)
-    out.append(_html_table(("Key", "Value"), rows) if rows else
-               "<p>No provenance was recorded.</p>")
-    out += ["</body>", "</html>", ""]
-    return "\n".join(out)
+    figures = [{"title": fig.title, "caption": fig.caption,
+                "png_base64": base64.b64encode(fig.png).decode("ascii")}
+               for fig in report.figures]
+    return _HTML.get_template("report.html.j2").render(
+        title=report.title, intro=intro, notes=notes,
+        summary_head=_SUMMARY_HEAD, summary_rows=[_summary_cells(s) for s in report.summaries],
+        metrics_intro=_METRICS_INTRO, metrics_head=_METRICS_HEAD,
+        metric_rows=[_metric_cells(s) for s in report.summaries],
+        volume_head=_VOLUME_HEAD, volume_rows=[_volume_cells(v) for v in report.volumes],
+        paired_intro=_paired_intro(report), paired_head=_PAIRED_HEAD,
+        paired_rows=[_paired_cells(c) for c in report.comparisons],
+        figures=figures, provenance_rows=flatten_provenance(report.provenance),
+    )
 
 
 def _csv_text(records: Sequence, cls) -> str:

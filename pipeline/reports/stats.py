@@ -185,7 +185,11 @@ def summarize(table: EvalTable, *, pooled: bool | None = None) -> list[GroupSumm
 def bootstrap_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = 2000,
                  confidence: float = 0.95, seed: int = 0,
                  max_block: int = 4_000_000) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (vectorised, in blocks of bounded memory).
+    """Percentile bootstrap interval of the mean (``scipy.stats.bootstrap``, in blocks).
+
+    The resamples are ``scipy.stats.bootstrap``'s, drawn from ``numpy.random.default_rng(seed)``
+    in blocks of at most ``max_block`` values; the interval is ``numpy.quantile`` (linear) of
+    their means at (1 − confidence)/2 and (1 + confidence)/2.
 
     Args:
         values: the sample (e.g. paired differences).
@@ -206,14 +210,25 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = 2000,
     n = v.size
     if n == 0:
         return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    step = max(1, max_block // n)
-    for start in range(0, n_boot, step):
-        stop = min(n_boot, start + step)
-        means[start:stop] = v[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    if n == 1:  # scipy refuses one observation; every resample of it is that value
+        return float(v[0]), float(v[0])
+    with warnings.catch_warnings():
+        # scipy's standard error and interval (both unused) warn for n_boot = 1 or NaN values
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = sps.bootstrap((v,), np.mean, n_resamples=n_boot, batch=max(1, max_block // n),
+                               vectorized=True, confidence_level=confidence,
+                               method="percentile", rng=np.random.default_rng(seed))
+    # The interval is not scipy's ``result.confidence_interval`` (measured with scipy 1.17.1,
+    # issue 19): scipy draws the same indices as the hand-written loop this replaced
+    # (``rng.integers(0, n, (batch, n))`` per block; the bootstrap distributions were bit-equal
+    # in 188/188 cases, 62 of them the paired comparisons of the real evaluation tables), but it
+    # takes the percentiles with ``scipy.stats.quantile``, whose interpolation
+    # (1 − g)·y[j] + g·y[j+1] rounds differently from ``numpy.quantile``: the intervals were
+    # equal in only 10 of the 62 real comparisons (e.g. a high end 0.010801246031645777 where
+    # numpy gives 0.010801246031645775; at most 4.2e-17 apart). ``numpy.quantile`` keeps the
+    # figures; scipy's loop is also 2× slower (0.84 vs 0.44 ms for n = 50), which is immaterial.
     alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    low, high = np.quantile(result.bootstrap_distribution, [alpha, 1.0 - alpha])
     return float(low), float(high)
 
 
