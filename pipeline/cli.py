@@ -399,7 +399,7 @@ def _infer_frames(args: argparse.Namespace) -> list[dict]:
     model, _ = inference_models(args.model[0])
     return segment_frames(args.input, args.output, model, exclude=args.exclude,
                           workers=args.workers, batch_size=args.batch_size,
-                          device=args.device, tta=args.tta,
+                          device=args.device, tta=args.tta, amp=args.amp,
                           overwrite=args.overwrite, write_cnn=args.cnn,
                           write_probability=args.probabilities, progress=args.progress)
 
@@ -461,7 +461,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
                        splits=args.splits, output=args.output)
     predictor = VolumePredictor(models, views, workers=args.workers,  # type: ignore[arg-type]
                                 batch_size=args.batch_size, crf_3d=args.crf_3d,
-                                any_view=args.any_view, device=args.device, tta=args.tta)
+                                any_view=args.any_view, device=args.device, tta=args.tta,
+                                amp=args.amp)
     try:
         rows = run_batch(cases, args.output, predictor, overwrite=args.overwrite,
                          write_cnn=args.cnn, write_probability=args.probabilities,
@@ -483,11 +484,18 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _device_flag(parser: argparse.ArgumentParser, *, tta: bool = False) -> None:
+def _device_flag(parser: argparse.ArgumentParser, *, tta: bool = False,
+                 amp: bool = False) -> None:
     parser.add_argument("--device", default="auto", metavar="{auto,cpu,cuda,cuda:N}",
                         help="where the CNN runs: auto = CUDA when available (under torchrun "
                              "each rank its LOCAL_RANK GPU); graph cuts stay on the CPU "
                              "(default: auto)")
+    if amp:  # inference only: scores (evaluate) stay in full precision, reproducible
+        parser.add_argument("--amp", action="store_true",
+                            help="mixed precision for the CNN: float16 on CUDA, bfloat16 on "
+                                 "the CPU (usually slower there); probabilities change by "
+                                 "rounding, so a few boundary voxels may differ (off by "
+                                 "default)")
     if tta:
         parser.add_argument("--tta", action="store_true",
                             help="test-time flips: average the CNN's probabilities over the "
@@ -749,7 +757,7 @@ def _parser() -> argparse.ArgumentParser:
                           "and runs in one process")
     inf.add_argument("--batch-size", type=int, default=16, help="slices per CNN pass")
     _progress_flags(inf)
-    _device_flag(inf, tta=True)
+    _device_flag(inf, tta=True, amp=True)
     inf.set_defaults(func=_cmd_infer)
 
     rp = sub.add_parser("report", help="per-view report from evaluation tables")

@@ -17,6 +17,7 @@ from pipeline.crf.features import (
 )
 from pipeline.crf.graphcut import (
     GraphCutPool,
+    PendingLabellings,
     graph_cut,
     keep_freed_memory,
     loss_augmented_labelling,
@@ -34,6 +35,7 @@ __all__ = [
     "LearningResult",
     "MarginQP",
     "MaxMarginLoss",
+    "PendingLabellings",
     "QPSolution",
     "cutting_plane",
     "data_driven_beta",

@@ -27,8 +27,8 @@ from pipeline.crf.features import (
     _require_weights,
 )
 
-__all__ = ["GraphCutPool", "graph_cut", "keep_freed_memory", "loss_augmented_labelling",
-           "map_labelling"]
+__all__ = ["GraphCutPool", "PendingLabellings", "graph_cut", "keep_freed_memory",
+           "loss_augmented_labelling", "map_labelling"]
 
 
 _GRAPHS = threading.local()
@@ -302,6 +302,28 @@ class GraphCutPool:
         return self._solve([functools.partial(_map_plan, p, x, weights, connectivity, beta)
                             for p, x in zip(probs, images, strict=True)])
 
+    def submit_map_labellings(self, probs: Sequence[np.ndarray], images: Sequence[np.ndarray],
+                              weights: CRFWeights, *, connectivity: int = 4,
+                              beta: float | None = None) -> PendingLabellings:
+        """Starts :func:`map_labelling` of every (probability, image) pair in the workers and
+        returns at once: the pairs are planned *and* cut there, so this process is free (e.g.
+        for the network's next batch) while they run. The labellings are those of
+        :func:`map_labelling`, bit for bit.
+
+        Returns:
+            The pending labellings; ``result()`` waits for them, in order (and raises the
+            ValueError of a bad pair there).
+        """
+        w = _require_weights(weights)
+        if len(probs) != len(images):
+            raise ValueError(f"got {len(probs)} probability maps but {len(images)} images")
+        n_chunks = min(len(probs), self.workers)
+        chunks = [list(range(k, len(probs), n_chunks)) for k in range(n_chunks)]
+        futures = [self._executor.submit(_map_labellings_task, [probs[i] for i in idx],
+                                         [images[i] for i in idx], w, connectivity, beta)
+                   for idx in chunks]
+        return PendingLabellings(len(probs), chunks, futures)
+
     def _solve(self, plans: list[Callable[[], _Plan]]) -> list[np.ndarray]:
         """Makes each plan here and cuts its box in the workers; labellings in order.
 
@@ -332,6 +354,35 @@ class GraphCutPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PendingLabellings:
+    """Labellings being cut in a pool (:meth:`GraphCutPool.submit_map_labellings`)."""
+
+    def __init__(self, count: int, chunks: list[list[int]], futures: list) -> None:
+        self._count, self._chunks, self._futures = count, chunks, futures
+
+    def __len__(self) -> int:
+        return self._count
+
+    def done(self) -> bool:
+        """Whether every labelling is ready (``result()`` would not wait)."""
+        return all(f.done() for f in self._futures)
+
+    def result(self) -> list[np.ndarray]:
+        """The H×W uint8 labellings, in the order the pairs were given (waits for them)."""
+        out: list[np.ndarray | None] = [None] * self._count
+        for idx, future in zip(self._chunks, self._futures, strict=True):
+            for i, labels in zip(idx, future.result(), strict=True):
+                out[i] = labels
+        return out  # type: ignore[return-value]
+
+
+def _map_labellings_task(probs: list[np.ndarray], images: list[np.ndarray], weights: CRFWeights,
+                         connectivity: int, beta: float | None) -> list[np.ndarray]:
+    """Pool-worker task: :func:`map_labelling` of several pairs."""
+    return [map_labelling(p, x, weights, connectivity=connectivity, beta=beta)
+            for p, x in zip(probs, images, strict=True)]
 
 
 def map_labelling(prob: np.ndarray, image: np.ndarray, weights: CRFWeights, *,

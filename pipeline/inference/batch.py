@@ -19,7 +19,7 @@ from pipeline.data.readers import read_volume
 from pipeline.data.views import slice_axis
 from pipeline.data.writers import atomic_path, atomic_write_text, write_csv, write_nifti
 from pipeline.inference.discovery import OUTPUT_MARKER, Case
-from pipeline.inference.predictor import VolumePredictor
+from pipeline.inference.predictor import VolumePrediction, VolumePredictor
 
 __all__ = ["STATUSES", "SUMMARY_COLUMNS", "NotAScanError", "output_paths", "run_batch", "run_cases"]
 
@@ -122,11 +122,26 @@ def _volume_warning(ml: float, predictor: VolumePredictor) -> str:
 
 def _run_case(case: Case, predictor: VolumePredictor, out_dir: Path, *, write_cnn: bool,
               write_probability: bool, write_dicom_seg: bool = False,
-              progress: bool = False) -> dict:
-    paths = output_paths(case, out_dir)
+              progress: bool = False) -> dict | Callable[[], dict]:
+    """Reads and segments one case; with a pipelined predictor it returns once the network
+    has run, as a callable that waits for the graph cuts and writes the results."""
     volume = read_volume(case.path, series_uid=case.series_uid)
     _check_is_scan(volume, case.path)
-    result = predictor.predict(volume, progress=progress)
+    pending = predictor.start(volume, progress=progress)
+
+    def finish() -> dict:
+        return _write_case(case, volume, pending.result(), predictor, out_dir,
+                           write_cnn=write_cnn, write_probability=write_probability,
+                           write_dicom_seg=write_dicom_seg)
+
+    return finish if predictor.pipelined else finish()
+
+
+def _write_case(case: Case, volume: MetaTensor, result: VolumePrediction,
+                predictor: VolumePredictor, out_dir: Path, *, write_cnn: bool,
+                write_probability: bool, write_dicom_seg: bool) -> dict:
+    """Writes a case's results (the mask last: it marks the case done); its row's values."""
+    paths = output_paths(case, out_dir)
     affine = np.asarray(volume.affine, dtype=np.float64)
     if write_probability:
         write_nifti(result.probability.astype(np.float32), affine, paths["probability"])
@@ -161,6 +176,9 @@ def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Volu
     case only when the same model made its mask from the same input; another model's mask is
     refused (status ``failed``) unless ``overwrite``. A failing case is recorded with its
     error and the others go on; a label map found among the inputs gets ``excluded``.
+    With graph-cut workers the cases run as a pipeline: a case's cuts run in the workers
+    while the next case is read and its network runs (:meth:`VolumePredictor.start`), so at
+    most two cases are held in memory at once; the masks are the serial run's.
     ``summary.csv``/``summary.json`` are rewritten after every case. Under torchrun, cases
     are sharded across ranks and rank 0 merges one summary at the end.
 
@@ -187,7 +205,7 @@ def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Volu
     """
     single = len(cases) == 1  # one volume: a bar over its slices instead of over cases
 
-    def run_case(case: Case, out: Path) -> dict:
+    def run_case(case: Case, out: Path) -> dict | Callable[[], dict]:
         return _run_case(case, predictor, out, write_cnn=write_cnn,
                          write_probability=write_probability, write_dicom_seg=write_dicom_seg,
                          progress=progress and single and dist.is_main())
@@ -262,6 +280,37 @@ def _prepare_output(out: Path) -> None:
     dist.barrier()
 
 
+def _attempt(row: dict, case: Case, paths: dict[str, Path], step: Callable[[], object]):
+    """Runs one step of a case; its dict result goes into the row (status ``ok``), any other
+    result is returned. A failure is recorded in the row (``failed``, or ``excluded`` for a
+    label map) and removes the case's sidecar; None is returned then."""
+    try:
+        outcome = step()
+        if isinstance(outcome, Mapping):
+            row.update(outcome)
+            row["status"] = "ok"
+            return None
+        return outcome
+    except NotAScanError as err:
+        row.update(status="excluded", error=str(err))
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
+        row.update(status="failed", error=str(err))
+    except Exception as err:  # one odd input must not stop a batch
+        row.update(status="failed", error=f"{case.path}: unexpected {type(err).__name__} "
+                                          f"({err}); please report it with this input")
+    paths["provenance"].unlink(missing_ok=True)
+    return None
+
+
+def _finish(row: dict, case: Case, finish: Callable[[], dict], elapsed: float, *,
+            paths_of: Callable[[Case], dict[str, Path]], done: Callable[[dict], None]) -> None:
+    """The second half of a started case: its row completed (or failed) and recorded."""
+    start = time.perf_counter()
+    _attempt(row, case, paths_of(case), finish)
+    row["seconds"] = round(elapsed + time.perf_counter() - start, 3)
+    done(row)
+
+
 def run_cases(cases: Sequence[Case], out_dir: str | os.PathLike,
               run_case: Callable[[Case, Path], dict], *,
               columns: Sequence[str] = SUMMARY_COLUMNS, overwrite: bool = False,
@@ -269,7 +318,11 @@ def run_cases(cases: Sequence[Case], out_dir: str | os.PathLike,
     """The batch loop that volumes (:func:`run_batch`) and ultrasound frames share.
 
     ``run_case(case, out_dir)`` writes the case's outputs (atomically, the mask last) and
-    returns the row's other values. With ``provenance`` (what makes the masks, e.g.
+    returns the row's other values; or it starts the case and returns a callable that
+    finishes it (writes and returns the values), which is called once the next case has
+    been started, so that the case's graph cuts run in the workers while the next case's
+    network runs (a pipeline; the rows stay in the cases' order, and each row's
+    ``seconds`` counts its own two halves). With ``provenance`` (what makes the masks, e.g.
     :meth:`VolumePredictor.provenance`), each case first gets a sidecar
     ``<name>_mask.json`` with it and the input's path, and a case whose mask exists is
     skipped only when its sidecar says this input and this model made it; a mask made by
@@ -304,6 +357,12 @@ def run_cases(cases: Sequence[Case], out_dir: str | os.PathLike,
     summary_path = out / ("summary.csv" if dist.world_size() == 1
                           else f"summary.rank{dist.rank()}.csv")
     rows: list[dict] = []
+
+    def done(row: dict) -> None:
+        rows.append(row)
+        _write_table(rows, summary_path, columns)
+
+    pending: tuple[dict, Case, Callable[[], dict], float] | None = None
     for case in tqdm(mine, desc="cases", unit="case", disable=not progress):
         row = {**dict.fromkeys(columns, ""), "case": case.name, "input": str(case.path),
                **{k: v for k, v in _provenance_columns(provenance).items() if k in columns}}
@@ -311,6 +370,7 @@ def run_cases(cases: Sequence[Case], out_dir: str | os.PathLike,
             row["series_uid"] = case.series_uid or ""
         paths = output_paths(case, out)
         start = time.perf_counter()
+        finish = None
         if case.problem is not None:
             row.update(status="failed", error=case.problem)
         elif paths["mask"].exists() and not overwrite:
@@ -324,26 +384,27 @@ def run_cases(cases: Sequence[Case], out_dir: str | os.PathLike,
                                                   f"use --overwrite to replace it, or another "
                                                   f"--output")
         else:
-            try:
+            def begin(case: Case = case, paths: dict = paths):
                 if provenance is not None:
                     atomic_write_text(paths["provenance"], json.dumps(
                         {**provenance, "input": str(Path(case.path).resolve()),
                          "case": case.name}, indent=2) + "\n")
-                row.update(run_case(case, out))
-                row["status"] = "ok"
-            except NotAScanError as err:
-                row.update(status="excluded", error=str(err))
-            except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
-                row.update(status="failed", error=str(err))
-            except Exception as err:  # one odd input must not stop a batch
-                row.update(status="failed", error=f"{case.path}: unexpected "
-                                                  f"{type(err).__name__} ({err}); please "
-                                                  f"report it with this input")
-            if row["status"] != "ok":
-                paths["provenance"].unlink(missing_ok=True)
-        row["seconds"] = round(time.perf_counter() - start, 3)
-        rows.append(row)
-        _write_table(rows, summary_path, columns)
+                return run_case(case, out)
+
+            outcome = _attempt(row, case, paths, begin)
+            if callable(outcome):  # started: its second half runs once the next case starts
+                finish = outcome
+        elapsed = time.perf_counter() - start
+        if pending is not None:  # the previous case's second half, while this one's cuts run
+            _finish(*pending, paths_of=lambda c: output_paths(c, out), done=done)
+            pending = None
+        if finish is not None:
+            pending = (row, case, finish, elapsed)
+        else:
+            row["seconds"] = round(elapsed, 3)
+            done(row)
+    if pending is not None:
+        _finish(*pending, paths_of=lambda c: output_paths(c, out), done=done)
     if dist.world_size() > 1:
         gathered = dist.all_gather_objects(rows)
         rows = sorted((r for part in gathered for r in part), key=lambda r: r["case"])

@@ -200,6 +200,8 @@ class FramePredictor(_GraphCutWorkers):
         device: where the CNN runs (as for :class:`VolumePredictor`).
         tta: average the CNN's probabilities over the flips the model trained with before
             the CRF (refused for a model trained without flips).
+        amp: mixed precision for the network (as for
+            :class:`~pipeline.inference.VolumePredictor`).
 
     Raises:
         FileNotFoundError: no such checkpoint.
@@ -207,7 +209,9 @@ class FramePredictor(_GraphCutWorkers):
     """
 
     def __init__(self, model: str | os.PathLike, *, batch_size: int = 16, workers: int = 0,
-                 device: str | torch.device = "cpu", tta: bool = False) -> None:
+                 device: str | torch.device = "cpu", tta: bool = False,
+                 amp: bool = False) -> None:
+        self.amp = bool(amp)
         self.model = ViewModel.from_checkpoint(model).require_grey(model, "ultrasound frames")
         self.device = resolve_device(device)
         self.model.model.to(self.device)
@@ -238,7 +242,7 @@ class FramePredictor(_GraphCutWorkers):
         vm = self.model
         start = time.perf_counter()
         probability = vm.probabilities(frames, batch_size=self.batch_size, device=self.device,
-                                       tta=self.tta)
+                                       tta=self.tta, amp=self.amp)
         cnn_s = time.perf_counter() - start
         start = time.perf_counter()
         crf = None
@@ -380,7 +384,7 @@ def run_frames(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Fra
 def segment_frames(source: str | os.PathLike, out_dir: str | os.PathLike,
                    model: str | os.PathLike, *, exclude: Sequence[str] | None = None,
                    workers: int = 0, batch_size: int = 16, overwrite: bool = False,
-                   device: str = "cpu", tta: bool = False,
+                   device: str = "cpu", tta: bool = False, amp: bool = False,
                    write_cnn: bool = False, write_probability: bool = False,
                    progress: bool = True) -> list[dict]:
     """:func:`find_frame_cases` under ``source`` (never inside ``out_dir``), then
@@ -388,7 +392,7 @@ def segment_frames(source: str | os.PathLike, out_dir: str | os.PathLike,
 
     Args:
         exclude: glob patterns of files to skip (None: :data:`DEFAULT_FRAME_EXCLUDE`).
-        workers, batch_size, device, tta: as for :class:`FramePredictor`.
+        workers, batch_size, device, tta, amp: as for :class:`FramePredictor`.
         The others: as for :func:`run_frames`.
 
     Returns:
@@ -397,6 +401,6 @@ def segment_frames(source: str | os.PathLike, out_dir: str | os.PathLike,
     cases = find_frame_cases(source, exclude=DEFAULT_FRAME_EXCLUDE if exclude is None
                              else exclude, skip=[out_dir])
     with FramePredictor(model, workers=workers, batch_size=batch_size, device=device,
-                        tta=tta) as predictor:
+                        tta=tta, amp=amp) as predictor:
         return run_frames(cases, out_dir, predictor, overwrite=overwrite, write_cnn=write_cnn,
                           write_probability=write_probability, progress=progress)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,12 +14,19 @@ from monai.data import MetaTensor
 from monai.transforms import Orientation, Resize, ScaleIntensityRange
 from tqdm.auto import tqdm
 
-from pipeline.crf import CRFWeights, GraphCutPool, map_labelling, volume_map_labelling
+from pipeline.crf import (
+    CRFWeights,
+    GraphCutPool,
+    PendingLabellings,
+    map_labelling,
+    volume_map_labelling,
+)
 from pipeline.data.alignment import resample_to_grid
 from pipeline.data.cta import CTA_HU_WINDOW, RAS_LABELS
 from pipeline.data.views import VIEWS, restack_slices, slice_axis, slice_volume
 from pipeline.distributed import resolve_device
 from pipeline.models import (
+    autocast,
     load_run,
     predict_probabilities,
     training_flips,
@@ -27,7 +34,7 @@ from pipeline.models import (
 )
 from pipeline.networks.pretrained import sha256_file
 
-__all__ = ["ViewModel", "VolumePrediction", "VolumePredictor"]
+__all__ = ["PendingPrediction", "ViewModel", "VolumePrediction", "VolumePredictor"]
 
 
 @dataclass
@@ -87,34 +94,52 @@ class ViewModel:
         return self
 
     def probabilities(self, images: np.ndarray, *, batch_size: int = 16,
-                      device: str | torch.device = "cpu", bar=None,
-                      tta: bool = False) -> np.ndarray:
+                      device: str | torch.device = "cpu", bar=None, tta: bool = False,
+                      amp: bool = False) -> np.ndarray:
         """Foreground probabilities of N×H×W one-channel images: each resized to the training
-        size, through the network in batches, and back to H×W.
-
-        ``bar`` (a tqdm bar, optional) advances by the images of each batch; ``tta``
-        averages over the flips the model trained with (:meth:`flips_for`).
+        size, through the network in batches, and back to H×W (:meth:`iter_probabilities`).
 
         Returns:
             N×H×W float32 in [0, 1].
+        """
+        return np.concatenate([p for _, p in self.iter_probabilities(
+            images, batch_size=batch_size, device=device, bar=bar, tta=tta, amp=amp)])
+
+    def iter_probabilities(self, images: np.ndarray, *, batch_size: int = 16,
+                           device: str | torch.device = "cpu", bar=None, tta: bool = False,
+                           amp: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """The foreground probabilities of N×H×W one-channel images, batch by batch, so that a
+        caller can start on a batch (e.g. its graph cuts) while the next one runs.
+
+        Args:
+            images: N×H×W, the model's intensity scale.
+            batch_size: images per forward pass.
+            device: where the network runs (it must already be there).
+            bar: a tqdm bar (optional), advanced by the images of each batch.
+            tta: average over the flips the model trained with (:meth:`flips_for`).
+            amp: mixed precision (:func:`pipeline.models.autocast`): float16 on CUDA,
+                bfloat16 on the CPU; the probabilities are float32 either way.
+
+        Yields:
+            (index of the batch's first image, its B×H×W float32 probabilities in [0, 1]).
         """
         height, width = images.shape[1:]
         # Resize treats the images of a batch as channels: each is resized on its own
         down = Resize((self.size, self.size), mode="bilinear") if self.size else None
         up = Resize((height, width), mode="bilinear") if self.size else None
-        probs = []
+        flips = self.flips_for(tta)
         for start in range(0, len(images), batch_size):
             chunk = torch.as_tensor(images[start:start + batch_size], dtype=torch.float32)
             if down is not None:
                 chunk = torch.as_tensor(np.asarray(down(chunk)))
-            p = predict_probabilities(self.model, chunk[:, None].to(device),
-                                      flips=self.flips_for(tta)).cpu()
+            with autocast(device, amp):
+                p = predict_probabilities(self.model, chunk[:, None].to(device), flips=flips)
+            p = p.float().cpu()
             if up is not None:
                 p = torch.as_tensor(np.asarray(up(p)))
-            probs.append(p.numpy())
             if bar is not None:
                 bar.update(len(chunk))
-        return np.concatenate(probs).clip(0.0, 1.0).astype(np.float32)
+            yield start, p.numpy().clip(0.0, 1.0).astype(np.float32)
 
 
 def _provenance(models: Mapping[str, ViewModel], views: Sequence[str], crf: str,
@@ -187,7 +212,9 @@ class VolumePredictor(_GraphCutWorkers):
             on (``axial`` where it records none); with view → checkpoint, the views given,
             in axial, coronal, sagittal order.
         batch_size: slices per CNN forward pass.
-        workers: graph-cut worker processes (0: in this process).
+        workers: graph-cut worker processes (0: in this process). With workers, the
+            per-slice graph cuts run in them while the network goes on (a pipeline, see
+            :meth:`start`); the masks are the serial run's.
         device: where the CNN runs: ``auto`` (CUDA when available), ``cpu``, ``cuda``,
             ``cuda:N`` or a torch device (:func:`pipeline.distributed.resolve_device`); the
             graph cuts stay on the CPU. Checkpoints load on any device (read on the CPU,
@@ -205,6 +232,12 @@ class VolumePredictor(_GraphCutWorkers):
             (``workers`` only serve the per-slice CRF).
         any_view: allow a checkpoint on slices of another view than the one it was trained
             on (refused by default: the result is silently worse).
+        amp: run the network in mixed precision (float16 on CUDA, bfloat16 on the CPU;
+            :func:`pipeline.models.autocast`). The probabilities differ from full precision
+            by rounding (on the order of 1e-3), so a few boundary voxels may change.
+        pipeline: with workers, cut while the network goes on (default); False: the network
+            finishes first, then the workers cut (as before the pipeline; for comparison,
+            and it holds one case in memory at a time instead of two).
 
     Raises:
         ValueError: unknown view, no model for a requested view, or a model asked to run on
@@ -214,9 +247,12 @@ class VolumePredictor(_GraphCutWorkers):
     def __init__(self, models: str | os.PathLike | Mapping[str, str | os.PathLike],
                  views: Sequence[str] | None = None, *, batch_size: int = 16,
                  workers: int = 0, device: str | torch.device = "cpu",
-                 crf_3d: bool = False, any_view: bool = False, tta: bool = False) -> None:
+                 crf_3d: bool = False, any_view: bool = False, tta: bool = False,
+                 amp: bool = False, pipeline: bool = True) -> None:
+        self.pipeline = bool(pipeline)
         self.crf_3d = bool(crf_3d)
         self.tta = bool(tta)
+        self.amp = bool(amp)
         device = resolve_device(device)
         loaded: dict[str, ViewModel] = {}
 
@@ -267,19 +303,19 @@ class VolumePredictor(_GraphCutWorkers):
         view, CRF weights), the views fused, the CRF step and the project version."""
         return _provenance(self.models, self.views, self.crf_method, self.tta)
 
-    def _view_slices(self, windowed: np.ndarray, view: str, bar=None
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """The view's N×H×W slices of the windowed volume and the network's probabilities."""
-        slices = slice_volume(windowed[None], view)[:, 0]
-        probs = self.models[view].probabilities(slices, batch_size=self.batch_size,
-                                                device=self.device, bar=bar, tta=self.tta)
-        return slices, probs
+    def _cut_async(self, probs: np.ndarray, images: np.ndarray) -> PendingLabellings:
+        """Starts the first view's per-slice CRF of (probability, image) slices in the
+        workers."""
+        vm = self.models[self.views[0]]
+        return self.pool.submit_map_labellings(list(probs), list(images), vm.weights,
+                                               connectivity=vm.connectivity, beta=vm.beta)
 
     def _crf(self, probability: np.ndarray, windowed: np.ndarray, spacing: np.ndarray,
              stack: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
-        """The CRF mask on the RAS grid; ``stack`` holds the first view's (slices,
-        probabilities) when they are exactly what slicing ``windowed`` and ``probability``
-        would give (one view), which saves slicing both volumes again."""
+        """The CRF mask on the RAS grid, in this process (or the workers, waited for);
+        ``stack`` holds the first view's (slices, probabilities) when they are exactly what
+        slicing ``windowed`` and ``probability`` would give (one view), which saves slicing
+        both volumes again."""
         view = self.views[0]
         vm = self.models[view]
         if vm.weights is None:
@@ -294,6 +330,14 @@ class VolumePredictor(_GraphCutWorkers):
             images = slice_volume(windowed[None], view)[:, 0]
         return restack_slices(self._labellings(probs, images, vm)[:, None], view)[0]
 
+    @property
+    def pipelined(self) -> bool:
+        """Whether the per-slice CRF runs in the workers while the network goes on: with
+        workers, CRF weights and the per-slice CRF (the 3-D cut runs in this process), unless
+        made with ``pipeline=False``."""
+        return (self.pipeline and self.pool is not None and not self.crf_3d
+                and self.models[self.views[0]].weights is not None)
+
     def predict(self, volume: MetaTensor, *, progress: bool = False) -> VolumePrediction:
         """Segments one X×Y×Z volume (HU for CT) carrying its affine; ``progress`` shows a
         bar over the slices (the CNN's of each view, then the CRF's).
@@ -301,46 +345,108 @@ class VolumePredictor(_GraphCutWorkers):
         Returns:
             Probability, CNN mask and CRF mask on the input's grid.
         """
+        return self.start(volume, progress=progress).result()
+
+    def start(self, volume: MetaTensor, *, progress: bool = False) -> PendingPrediction:
+        """Runs the network over one volume and starts its CRF; :meth:`PendingPrediction.result`
+        finishes it. With workers (:attr:`pipelined`), the graph cuts run in them while this
+        process goes on: with one view, each batch of slices is cut while the network runs
+        the next batch; with several, the fused volume's slices are cut while the caller
+        starts the next volume (as :func:`pipeline.inference.run_batch` does). The masks are
+        those of the serial run, bit for bit on the CPU.
+
+        Raises:
+            ValueError: not a 3-D volume.
+        """
         if volume.ndim != 3:
             raise ValueError(f"expected an X×Y×Z volume, got shape {tuple(volume.shape)}")
-        original_affine = np.asarray(volume.affine, dtype=np.float64)
-        original_shape = tuple(volume.shape)
-        ras = Orientation(axcodes="RAS", labels=RAS_LABELS)(
-            volume[None])
-        ras_affine = np.asarray(ras.affine, dtype=np.float64)
+        ras = Orientation(axcodes="RAS", labels=RAS_LABELS)(volume[None])
         low, high = self.models[self.views[0]].hu_window
         windowed = np.asarray(ScaleIntensityRange(low, high, 0.0, 1.0, clip=True)(ras))[0]
-        start = time.perf_counter()
-        stack = None  # with one view, its slices and probabilities are kept for the CRF
-        volumes = []
+        begun = time.perf_counter()
+        one_view = len(self.views) == 1
         crf_slices = windowed.shape[slice_axis(self.views[0])] if not self.crf_3d else 1
         bar = tqdm(total=sum(windowed.shape[slice_axis(v)] for v in self.views) + crf_slices,
                    desc="slices", unit="slice", disable=not progress, leave=False)
+        volumes, cuts = [], []
+        stack = None  # with one view, its slices and probabilities are kept for the CRF
         for view in self.views:
             bar.set_postfix_str(f"CNN {view}")
-            slices, probs = self._view_slices(windowed, view, bar)
+            slices = slice_volume(windowed[None], view)[:, 0]
+            chunks = []
+            for first, probs in self.models[view].iter_probabilities(
+                    slices, batch_size=self.batch_size, device=self.device, bar=bar,
+                    tta=self.tta, amp=self.amp):
+                chunks.append(probs)
+                if self.pipelined and one_view:  # cut this batch while the next one runs
+                    cuts.append(self._cut_async(probs, slices[first:first + len(probs)]))
+            probs = np.concatenate(chunks)
             volumes.append(restack_slices(probs[:, None], view)[0])
-            if len(self.views) == 1:
+            if one_view:
                 stack = (slices, probs)
         probability = np.mean(volumes, axis=0)
         del volumes
-        cnn_s = time.perf_counter() - start
+        if self.pipelined and not one_view:  # the fused slices, cut while the caller goes on
+            view = self.views[0]
+            cuts.append(self._cut_async(slice_volume(probability[None], view)[:, 0],
+                                        slice_volume(windowed[None], view)[:, 0]))
+            stack = None
+        return PendingPrediction(self, ras, np.asarray(volume.affine, dtype=np.float64),
+                                 tuple(volume.shape), windowed, probability, stack, cuts,
+                                 bar, crf_slices, time.perf_counter() - begun)
+
+
+class PendingPrediction:
+    """A volume whose network has run and whose CRF may still be cutting in the workers
+    (:meth:`VolumePredictor.start`); :meth:`result` finishes it."""
+
+    def __init__(self, predictor: VolumePredictor, ras: MetaTensor, affine: np.ndarray,
+                 shape: tuple[int, ...], windowed: np.ndarray, probability: np.ndarray,
+                 stack: tuple[np.ndarray, np.ndarray] | None,
+                 cuts: Sequence[PendingLabellings], bar, crf_slices: int,
+                 cnn_seconds: float) -> None:
+        self._predictor, self._ras, self._affine, self._shape = predictor, ras, affine, shape
+        self._windowed, self._probability, self._stack = windowed, probability, stack
+        self._cuts, self._bar, self._crf_slices = list(cuts), bar, crf_slices
+        self._cnn_seconds = cnn_seconds
+
+    @property
+    def cut_batches(self) -> int:
+        """How many batches of slices were sent to the workers (0: the CRF runs in
+        :meth:`result`, in this process)."""
+        return len(self._cuts)
+
+    def result(self) -> VolumePrediction:
+        """Waits for the graph cuts (or runs the CRF here, without workers) and puts the
+        results back on the input's grid.
+
+        Returns:
+            Probability, CNN mask and CRF mask on the input's grid; ``seconds["crf"]`` is
+            the CRF time not hidden behind the network (with workers, the wait for the
+            cuts still running).
+        """
+        predictor, bar = self._predictor, self._bar
         start = time.perf_counter()
-        spacing = np.linalg.norm(ras_affine[:3, :3], axis=0)  # mm per voxel along each axis
+        ras_affine = np.asarray(self._ras.affine, dtype=np.float64)
         bar.set_postfix_str("CRF")
-        crf = self._crf(probability, windowed, spacing, stack)
-        bar.update(crf_slices)
+        if self._cuts:
+            view = predictor.views[0]
+            masks = np.stack([m for pending in self._cuts for m in pending.result()])
+            crf = restack_slices(masks.astype(np.uint8)[:, None], view)[0]
+        else:
+            spacing = np.linalg.norm(ras_affine[:3, :3], axis=0)  # mm per voxel per axis
+            crf = predictor._crf(self._probability, self._windowed, spacing, self._stack)
+        bar.update(self._crf_slices)
         bar.close()
-        del stack
         crf_s = time.perf_counter() - start
-        seconds = {"cnn": cnn_s, "crf": crf_s}
-        if self.crf_3d and crf is not None:
+        seconds = {"cnn": self._cnn_seconds, "crf": crf_s}
+        if predictor.crf_3d and crf is not None:
             seconds["crf_3d"] = crf_s
 
         def back(array: np.ndarray, order: int) -> np.ndarray:
-            return resample_to_grid(array, ras_affine, original_affine, original_shape,
-                                    order=order)
+            return resample_to_grid(array, ras_affine, self._affine, self._shape, order=order)
 
+        probability = self._probability
         cnn = (probability > 0.5).astype(np.uint8)
         return VolumePrediction(
             probability=back(probability.astype(np.float32), 1),

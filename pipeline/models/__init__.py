@@ -10,6 +10,7 @@ from pipeline.models.checkpoints import (
 )
 from pipeline.models.loading import (
     TTA_FLIPS,
+    autocast,
     build_model,
     inference_models,
     load_run,
@@ -22,6 +23,7 @@ from pipeline.models.loading import (
 __all__ = [
     "CHECKPOINT_FORMAT",
     "TTA_FLIPS",
+    "autocast",
     "build_model",
     "export_model",
     "inference_models",

@@ -17,6 +17,7 @@ from pipeline.networks.pretrained import load_pretrained_backbone
 
 __all__ = [
     "TTA_FLIPS",
+    "autocast",
     "build_model",
     "inference_models",
     "load_run",
@@ -90,6 +91,16 @@ def tta_flips(flips: Sequence[tuple[int, ...]], checkpoint: str | os.PathLike,
                          f"test-time flips would show it images unlike any it trained on; "
                          f"--tta needs a model trained with flips")
     return tuple(flips)
+
+
+def autocast(device: str | torch.device, enabled: bool = True) -> torch.autocast:
+    """The mixed-precision context for a network's forward pass on ``device``: float16 on
+    CUDA (tensor cores; the sigmoid and everything after it run in float32), bfloat16 on the
+    CPU (float16 matrix products are not offered there). ``enabled=False``: full precision.
+    """
+    kind = torch.device(device).type
+    return torch.autocast(device_type=kind, enabled=enabled,
+                          dtype=torch.float16 if kind == "cuda" else torch.bfloat16)
 
 
 @torch.no_grad()
