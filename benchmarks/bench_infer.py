@@ -3,12 +3,12 @@
 Targets (issue 6): CRF share of inference time ≤ 25% with the CPU-sized network; graph cuts
 in 2 worker processes ≥ 1.5× faster than in one. Issue 17: the pipeline (each batch of
 slices cut in the workers while the network runs the next) takes ≤ 0.8× the whole-volume
-time of the staged run (network first, then the same workers cut), ``pipeline_vs_serial``. The CRF always runs at 512²; the CNN runs
-either at its training size (slices resized, as ``mmcrf infer`` does for a model trained
-at that size) or natively at 512² (``crf_share``). Measured side by side in one run; prints
-a table, then ONE JSON object as the last line. ``crf_3d_s`` times the optional 6-connected
-3-D graph cut over the whole volume (``mmcrf infer --crf-3d``) that replaces the per-slice
-CRF, on the same volume and probabilities.
+time of the staged run (network first, then the same workers cut), ``pipeline_vs_serial``.
+The CRF always runs at 512²; the CNN runs either at its training size (slices resized, as
+``mmcrf infer`` does for a model trained at that size) or natively at 512² (``crf_share``).
+Measured side by side in one run; prints a table, then ONE JSON object as the last line.
+``crf_3d_s`` times the optional 6-connected 3-D graph cut over the whole volume (``mmcrf
+infer --crf-3d``) that replaces the per-slice CRF, on the same volume and probabilities.
 
 Graph cuts and workers: persistency leaves only the pixels the network is unsure of to cut
 (``cut_fraction``: the share of each slice's grid still cut), so on this volume the CRF
