@@ -624,7 +624,9 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train cnn / piecewise / joint (resumable, torchrun-ready)")
     tr.add_argument("--mode", choices=["cnn", "piecewise", "joint"], default=None,
                     help="overrides the config's mode")
-    tr.add_argument("--config", default=None, help="preset JSON (default configs/cpu.json)")
+    tr.add_argument("--config", default=None,
+                    help="a preset JSON file, or the name of one shipped with mmcrf (cpu, paper, "
+                         "horse_cpu, camus_cpu, ...; default cpu)")
     tr.add_argument("--data", choices=_DATA_KINDS, default="demo",
                     help="demo / echo_demo / horse_demo: generated data written to --root; "
                     "cta: volumes of --manifest under --root; horse: a Weizmann-style folder; "

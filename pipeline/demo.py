@@ -117,7 +117,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
         size: side of the training images.
         cnn_epochs: epochs of CNN pre-training (default: the preset's).
         joint_epochs: epochs of joint training (default: the preset's).
-        config: training preset (default ``configs/cpu.json``).
+        config: training preset, a file or a packaged preset's name (default ``cpu``).
         sets: which of :data:`DEMO_SETS` to run.
         progress: progress bars.
         device: where the CNN trains (:func:`pipeline.distributed.resolve_device`).

@@ -46,8 +46,9 @@ def data_settings(kind: str, *, view: str = "axial", size: int = 64, colour: str
 
 def stage_config(preset: str | os.PathLike | None, *, data: Mapping[str, Any],
                  weights: str | os.PathLike | None = None, **overrides) -> TrainConfig:
-    """A stage's settings: a preset (default ``configs/cpu.json``) with overrides, the input
-    channels of the data kind, an optional pretrained VGG16 file and the data block.
+    """A stage's settings: a preset (a JSON file or a packaged preset's name, default ``cpu``)
+    with overrides, the input channels of the data kind, an optional pretrained VGG16 file and
+    the data block.
 
     Raises:
         ValueError: an unreadable preset or a bad setting.

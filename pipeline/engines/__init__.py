@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from pipeline.engines.presets import DEFAULT_CONFIG, find_preset, preset_names
 from pipeline.engines.trainer import (
     MODES,
     TrainConfig,
@@ -13,14 +12,13 @@ from pipeline.engines.trainer import (
     train,
 )
 
-#: The CPU-sized training preset shipped in ``configs/``.
-DEFAULT_CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "cpu.json")
-
 __all__ = [
     "DEFAULT_CONFIG",
     "MODES",
     "TrainConfig",
     "TrainResult",
+    "find_preset",
+    "preset_names",
     "previous_stage_checkpoint",
     "stage_checkpoint",
     "train",

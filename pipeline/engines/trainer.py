@@ -22,6 +22,7 @@ from pipeline import distributed as dist
 from pipeline.crf import CRFWeights, GraphCutPool, MarginQP, MaxMarginLoss, learn_weights
 from pipeline.crf.graphcut import map_labelling
 from pipeline.engines.augment import Augmentation
+from pipeline.engines.presets import find_preset
 from pipeline.engines.rng import rng_state, set_rng_state
 from pipeline.metrics import compute_jaccard
 from pipeline.models import build_model, load_checkpoint, predict_probabilities, save_checkpoint
@@ -50,7 +51,7 @@ def previous_stage_checkpoint(runs_dir: str | os.PathLike, mode: str) -> Path | 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of a run (the paper's defaults; ``configs/`` holds presets).
+    """Hyper-parameters of a run (the paper's defaults; presets: ``pipeline/configs/``).
 
     Attributes:
         mode: ``cnn`` (pixelwise cross-entropy), ``piecewise`` (CNN frozen, CRF learned by
@@ -141,14 +142,16 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, **overrides) -> TrainConfig:
-        """Reads a preset from ``configs/`` and applies overrides (None values ignored).
+        """Reads a preset and applies overrides (None values ignored).
 
-        A preset may hold a ``modes`` section with per-mode settings (e.g. a smaller learning
-        rate for joint fine-tuning); it applies to the effective mode, before the overrides.
+        ``path`` is a JSON file or a packaged preset's name (``cpu``, ``horse_cpu``, ...:
+        :func:`~pipeline.engines.presets.find_preset`). A preset may hold a ``modes`` section
+        with per-mode settings (e.g. a smaller learning rate for joint fine-tuning); it applies
+        to the effective mode, before the overrides.
         """
         p = Path(path)
         try:
-            values = json.loads(p.read_text())
+            values = json.loads(find_preset(path).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"{p}: cannot read training config ({err})") from None
         overrides = {k: v for k, v in overrides.items() if v is not None}
