@@ -5,7 +5,9 @@ machine affects both sides alike. Prints a table, then ONE JSON object as the la
 
 Targets (DESIGN.md / issue 2): graphcut_overhead_ratio ≤ 1.15 at 256²; envelope gradient
 ≥ 100× faster than the KKT system with the same values to 1e-6; a whole cutting plane on
-10 images of 256² under 3 s median.
+10 images of 256² under 3 s median (issue 17: serial and cold, ``cutting_plane_batch10_256_s``,
+with the default schedule, the QP re-solved after each sample; beside it the schedule of the
+pool, once per pass, and the ratio of the two).
 
     python benchmarks/bench_crf.py [--repeats 15] [--quick]
 """
@@ -92,22 +94,27 @@ def bench_cutting_plane(runs: int, workers: int) -> dict:
     rng = np.random.default_rng(0)
     moved = [a + 0.1 * rng.standard_normal(a.shape) for a in logits]
     crfs_moved = [GridCRF.from_logits(a, s.image) for a, s in zip(moved, samples, strict=True)]
-    times: dict[str, list[float]] = {"serial": [], "pool": [], "warm": [], "serial_violated": []}
-    gamma_gap = []
+    times: dict[str, list[float]] = {"serial": [], "pool": [], "warm": [], "serial_violated": [],
+                                     "serial_pass": []}
+    gamma_gap, gamma_gap_pass = [], []
     passes: dict[str, list[int]] = {"serial": [], "warm": []}
     with GraphCutPool(workers) as pool:
         pool.cut_all(crfs[:workers], CRFWeights())  # start the workers before timing
         for _ in range(runs):
-            t, result = _time(lambda: cutting_plane(crfs, truths, C=10.0))
+            t, result = _time(lambda: cutting_plane(crfs, truths, C=10.0))  # QP per sample
             times["serial"].append(t)
             passes["serial"].append(result.iterations)
+            # side by side: the QP re-solved once per pass (the pool's schedule)
+            t, per_pass = _time(lambda: cutting_plane(crfs, truths, C=10.0, update="pass"))
+            times["serial_pass"].append(t)
+            gamma_gap_pass.append(abs(per_pass.gamma - result.gamma) / abs(per_pass.gamma))
             # side by side: only the violated samples re-cut, then a verification pass
             t, full = _time(lambda: cutting_plane(crfs, truths, C=10.0, recut="violated"))
             times["serial_violated"].append(t)
             gamma_gap.append(abs(full.gamma - result.gamma) / max(1e-12, abs(full.gamma)))
             t, pooled = _time(lambda: cutting_plane(crfs, truths, C=10.0, pool=pool))
             times["pool"].append(t)
-            assert abs(pooled.gamma - result.gamma) <= 1e-9 * max(1.0, result.gamma)
+            assert abs(pooled.gamma - per_pass.gamma) <= 1e-9 * max(1.0, per_pass.gamma)
             # the next visit of the same batch after a CNN step: moved logits, warm start
             t, again = _time(lambda r=result: cutting_plane(
                 crfs_moved, truths, C=10.0, working_sets=r.working_sets,
@@ -116,6 +123,10 @@ def bench_cutting_plane(runs: int, workers: int) -> dict:
             passes["warm"].append(again.iterations)
     grad_t = [_time(envelope_gradient, result, truths)[0] for _ in range(5)]
     return {"cutting_plane_batch10_256_s": statistics.median(times["serial"]),
+            "cutting_plane_batch10_256_per_pass_s": statistics.median(times["serial_pass"]),
+            "cutting_plane_per_sample_speedup": statistics.median(
+                a / b for a, b in zip(times["serial_pass"], times["serial"], strict=True)),
+            "cutting_plane_per_sample_gamma_rel_gap": max(gamma_gap_pass),
             "cutting_plane_batch10_256_recut_violated_s": statistics.median(
                 times["serial_violated"]),
             "cutting_plane_recut_violated_speedup": statistics.median(

@@ -168,8 +168,8 @@ def test_recutting_only_violated_samples_reaches_the_same_optimum(monkeypatch):
     results = {}
     for recut in ("all", "violated"):
         cuts["n"] = 0
-        results[recut] = (learn_weights(probs, images, truths, C=10.0, tol=0.0, recut=recut),
-                          cuts["n"])
+        results[recut] = (learn_weights(probs, images, truths, C=10.0, tol=0.0, recut=recut,
+                                        update="pass"), cuts["n"])
     (full, full_cuts), (lazy, lazy_cuts) = results["all"], results["violated"]
     assert full.converged and lazy.converged
     assert lazy.gamma == pytest.approx(full.gamma, rel=1e-5)
@@ -179,3 +179,37 @@ def test_recutting_only_violated_samples_reaches_the_same_optimum(monkeypatch):
     _assert_no_violation(probs, images, truths, lazy, cut=real)
     with pytest.raises(ValueError, match="recut must be"):
         learn_weights(probs, images, truths, recut="some")
+
+
+def test_solving_after_each_sample_reaches_the_optimum_of_solving_after_each_pass(
+        monkeypatch):
+    """update="sample" re-solves the QP after each new constraint, "pass" once per pass: with
+    tol 0 both end at the exact optimum of the whole constraint set, so the same γ and w,
+    with no sample violated under the final w; the per-sample schedule needs fewer cuts."""
+    import pipeline.crf.learning as learning
+
+    cuts = {"n": 0}
+    real = learning.graph_cut
+
+    def counted(*args, **kwargs):
+        cuts["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(learning, "graph_cut", counted)
+    probs, images, truths = _blocks(8, seed=12)
+    results = {}
+    for update in ("pass", "sample"):
+        cuts["n"] = 0
+        results[update] = (learn_weights(probs, images, truths, C=10.0, tol=0.0,
+                                         update=update), cuts["n"])
+    (per_pass, pass_cuts), (per_sample, sample_cuts) = results["pass"], results["sample"]
+    assert per_pass.converged and per_sample.converged
+    assert per_sample.gamma == pytest.approx(per_pass.gamma, rel=1e-5)
+    np.testing.assert_allclose(per_sample.weights.as_array(), per_pass.weights.as_array(),
+                               atol=1e-4)
+    _assert_no_violation(probs, images, truths, per_sample, cut=real)
+    assert sample_cuts < pass_cuts
+    default = learn_weights(probs, images, truths, C=10.0, tol=0.0)  # auto: no workers
+    assert default.gamma == per_sample.gamma
+    with pytest.raises(ValueError, match="update must be"):
+        learn_weights(probs, images, truths, update="batch")

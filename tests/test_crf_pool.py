@@ -79,12 +79,18 @@ def test_cutting_plane_with_pool_matches_serial(pool):
     samples = [noisy_blocks((32, 32), rng=50 + i) for i in range(4)]
     crfs = [GridCRF.from_probabilities(s.prob, s.image) for s in samples]
     truths = [s.truth for s in samples]
-    serial = cutting_plane(crfs, truths, C=10.0)
+    serial = cutting_plane(crfs, truths, C=10.0, update="pass")  # the pool's schedule
     pooled = cutting_plane(crfs, truths, C=10.0, pool=pool)
     assert pooled.iterations == serial.iterations
     assert pooled.gamma == pytest.approx(serial.gamma, rel=1e-12)
     for a, b in zip(pooled.working_sets, serial.working_sets, strict=True):
         assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_a_pool_cannot_serve_the_per_sample_schedule(pool):
+    crfs = [GridCRF.from_probabilities(np.full((4, 4), 0.5), np.zeros((4, 4)))]
+    with pytest.raises(ValueError, match="a pool cannot share its cuts"):
+        cutting_plane(crfs, [np.zeros((4, 4), np.uint8)], update="sample", pool=pool)
 
 
 def test_pool_rejects_bad_input(pool):
