@@ -1,6 +1,6 @@
 """Joint-training step benchmark: CNN forward+backward vs CRF work in one max-margin step.
 
-One joint step (``pipeline.engines.trainer._Run.step``, mode ``joint``) is timed in three
+One joint step (``pipeline.engines.trainer._JointRun.step``) is timed in three
 segments, side by side in the same step: CNN forward (+ the logged cross-entropy), CRF work
 (``MaxMarginLoss`` forward: CRF set-up, cutting plane with its QPs, envelope gradient) and
 CNN backward + optimiser step (the CRF's own backward is a multiplication by the precomputed
@@ -95,7 +95,7 @@ def pretrain(model: torch.nn.Module, images, labels, steps: int, lr: float) -> f
 
 
 def joint_step(model, optimizer, loss_fn, images, labels, ids, device) -> dict:
-    """The joint step of ``_Run.step`` (ce_weight 0), timed in its CNN and CRF segments."""
+    """The step of ``_JointRun`` (ce_weight 0), timed in its CNN and CRF segments."""
     _sync(device)
     t0 = time.perf_counter()
     optimizer.zero_grad()

@@ -13,7 +13,7 @@ from monai.transforms import ScaleIntensityRange
 from pipeline.cli import main
 from pipeline.crf import volume_energy, volume_map_labelling
 from pipeline.data import read_volume, write_cta_phantom
-from pipeline.inference import ViewModel, VolumePredictor
+from pipeline.inference import TrainedModel, VolumePredictor
 from tests._tiny_models import tiny_cta_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -56,7 +56,7 @@ def test_crf_3d_mask_is_the_volume_map_on_the_input_grid(model, noisy, tmp_path)
     rows = json.loads((tmp_path / "3d" / "summary.json").read_text())
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert all(float(r["crf_seconds"]) > 0 for r in rows)
-    vm = ViewModel.from_checkpoint(model)
+    vm = TrainedModel.from_checkpoint(model)
     assert vm.weights is not None and vm.weights.w2 + vm.weights.w3 > 0
     scores = {"cnn": [], "2d": [], "3d": []}
     for case, _ in NOISY:

@@ -237,7 +237,17 @@ def _nanmean(values: Sequence[float]) -> float:
 
 
 class _Run:
-    """State of one training run (one per process)."""
+    """State of one training run (one per process): what every mode shares.
+
+    A subclass per mode (:data:`_RUNS`) says what differs: the iteration (:meth:`step`), what
+    an epoch collects (:meth:`_start_epoch`) and the CRF it solves at the epoch's end
+    (:meth:`_epoch_gamma`), whether the CNN trains, and the metric that picks ``best.pt``.
+    """
+
+    #: Whether the CNN learns in this mode (and is wrapped in DDP under torchrun).
+    trains_cnn: bool = True
+    #: The validation metric whose best value keeps ``best.pt``.
+    selection_metric: str = "val_jaccard_crf"
 
     def __init__(self, config: TrainConfig, train_samples, val_samples, run_dir: Path,
                  device: torch.device, *, fresh: bool = True) -> None:
@@ -247,7 +257,7 @@ class _Run:
         torch.manual_seed(config.seed)
         self.model = build_model(config.network, pretrained=fresh).to(device)
         self.net = self.model
-        if dist.world_size() > 1 and config.mode != "piecewise":
+        if dist.world_size() > 1 and self.trains_cnn:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -271,45 +281,27 @@ class _Run:
         self.best_metric = -math.inf
         self.best_epoch = 0
         self.stale = 0
-        self.epoch_constraints: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.epoch_stats: dict[str, list] = {}
-        self.piecewise_data: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.generator = torch.Generator()
         self.augmentation = Augmentation.from_config(config.augment)
+        self._start_epoch()
 
-    # ----- one iteration per mode -------------------------------------------------------
+    @property
+    def max_epochs(self) -> int:
+        """Epochs this run trains for: the configured ones."""
+        return self.config.epochs
+
+    # ----- the per-mode pieces --------------------------------------------------------------
     def step(self, engine: Engine, batch: dict) -> dict:
-        images = batch["image"].to(self.device)
-        labels = batch["label"].to(self.device)
-        mode = self.config.mode
-        if mode == "piecewise":
-            probs = predict_probabilities(self.model, images).cpu().numpy()
-            for p, x, y in zip(probs, images.cpu().numpy(), labels[:, 0].cpu().numpy(),
-                               strict=True):
-                self.piecewise_data.append((p, x, y.astype(np.uint8)))
-            return {}
-        if self.augmentation is not None:
-            images, labels = self.augmentation(images, labels, self.generator)
-        self.net.train()
-        self.optimizer.zero_grad()
-        logits = self.net(images)
-        ce = F.binary_cross_entropy_with_logits(MaxMarginLoss.foreground_logits(logits),
-                                                labels[:, 0])
-        out = {"jaccard": _batch_jaccard(logits, labels), "ce": ce.item()}
-        if mode == "cnn":
-            loss = ce
-        else:
-            gamma = self.loss(logits, images, labels, ids=list(batch["id"]))
-            loss = gamma + self.config.ce_weight * ce if self.config.ce_weight else gamma
-            result = self.loss.last_result
-            for sample_id, dpsi, losses in zip(batch["id"], result.dpsi, result.losses,
-                                               strict=True):
-                self.epoch_constraints[str(sample_id)] = (dpsi, losses)
-            out["gamma_batch"] = gamma.item()
-        loss.backward()
-        self.optimizer.step()
-        out["loss"] = loss.item()
-        return out
+        """One iteration over ``batch``; returns what :meth:`iteration_completed` collects."""
+        raise NotImplementedError
+
+    def _start_epoch(self) -> None:
+        """Resets what this mode collects over an epoch."""
+
+    def _epoch_gamma(self) -> float | None:
+        """The CRF solved at the epoch's end (sets :attr:`weights`) and its γ; None: no CRF."""
+        return None
 
     # ----- epoch boundaries ---------------------------------------------------------------
     def epoch_started(self, engine: Engine) -> None:
@@ -320,9 +312,8 @@ class _Run:
         self.generator.manual_seed(seed)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr_at(epoch)
-        self.epoch_constraints = {}
+        self._start_epoch()
         self.epoch_stats = {"jaccard": [], "loss": []}
-        self.piecewise_data = []
         self.epoch_time = time.perf_counter()
 
     def iteration_completed(self, engine: Engine) -> None:
@@ -330,39 +321,6 @@ class _Run:
         self.epoch_stats["jaccard"].extend(out.get("jaccard", []))
         if "loss" in out:
             self.epoch_stats["loss"].append(out["loss"])
-
-    def _global_qp(self) -> float:
-        """Algorithm 2's epoch end: the QP over every rank's working sets gives w and γ."""
-        gathered = dist.all_gather_objects(self.epoch_constraints)
-        solution = None
-        if dist.is_main():
-            merged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-            for part in gathered:
-                merged.update(part)
-            keys = sorted(merged)
-            qp = MarginQP(len(keys), self.config.C)
-            solution = qp.solve([merged[k][0] for k in keys], [merged[k][1] for k in keys])
-            solution = (solution.w.tolist(), solution.gamma)
-        w, gamma = dist.broadcast_object(solution)
-        self.weights = CRFWeights.from_array(w)
-        self.loss.weights = self.weights
-        return float(gamma)
-
-    def _piecewise(self) -> float:
-        gathered = dist.all_gather_objects(self.piecewise_data)
-        solution = None
-        if dist.is_main():
-            data = [item for part in gathered for item in part]
-            result = learn_weights([d[0] for d in data], [d[1] for d in data],
-                                   [d[2] for d in data], C=self.config.C,
-                                   connectivity=self.config.connectivity,
-                                   beta=self.config.beta, tol=self.config.tol,
-                                   max_iterations=self.config.max_cp_iterations,
-                                   workers=self.config.graphcut_workers)
-            solution = (result.weights.as_array().tolist(), result.gamma)
-        w, gamma = dist.broadcast_object(solution)
-        self.weights = CRFWeights.from_array(w)
-        return float(gamma)
 
     def validate(self) -> dict[str, float]:
         if self.val_loader is None:
@@ -389,10 +347,9 @@ class _Run:
     def epoch_completed(self, engine: Engine) -> None:
         epoch = engine.state.epoch
         row: dict[str, Any] = {"epoch": epoch, "lr": self.config.lr_at(epoch)}
-        if self.config.mode == "joint":
-            row["gamma"] = self._global_qp()
-        elif self.config.mode == "piecewise":
-            row["gamma"] = self._piecewise()
+        gamma = self._epoch_gamma()
+        if gamma is not None:
+            row["gamma"] = gamma
         jaccards = [v for part in dist.all_gather_objects(self.epoch_stats["jaccard"])
                     for v in part]
         losses = [v for part in dist.all_gather_objects(self.epoch_stats["loss"]) for v in part]
@@ -403,7 +360,7 @@ class _Run:
         improved = False
         if epoch % self.config.val_interval == 0 or epoch == engine.state.max_epochs:
             row.update(self.validate())
-            key = "val_jaccard_cnn" if self.config.mode == "cnn" else "val_jaccard_crf"
+            key = self.selection_metric
             metric = row.get(key, float("nan"))
             if not math.isnan(metric) and metric > self.best_metric:
                 self.best_metric, self.best_epoch, self.stale = metric, epoch, 0
@@ -480,6 +437,122 @@ class _Run:
                     tb.add_scalar(key, value, row["epoch"])
 
 
+class _GradientRun(_Run):
+    """The modes whose CNN learns: one optimiser step per batch on :meth:`_loss`."""
+
+    def step(self, engine: Engine, batch: dict) -> dict:
+        images = batch["image"].to(self.device)
+        labels = batch["label"].to(self.device)
+        if self.augmentation is not None:
+            images, labels = self.augmentation(images, labels, self.generator)
+        self.net.train()
+        self.optimizer.zero_grad()
+        logits = self.net(images)
+        ce = F.binary_cross_entropy_with_logits(MaxMarginLoss.foreground_logits(logits),
+                                                labels[:, 0])
+        out = {"jaccard": _batch_jaccard(logits, labels), "ce": ce.item()}
+        loss = self._loss(logits, images, labels, batch, ce, out)
+        loss.backward()
+        self.optimizer.step()
+        out["loss"] = loss.item()
+        return out
+
+    def _loss(self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+              batch: dict, ce: torch.Tensor, out: dict) -> torch.Tensor:
+        """The batch's training loss from the network's ``logits`` and its cross-entropy
+        ``ce``; may add entries to the step's ``out``."""
+        raise NotImplementedError
+
+
+class _CNNRun(_GradientRun):
+    """``cnn``: pixelwise cross-entropy alone, best.pt picked by the CNN's own Jaccard."""
+
+    selection_metric = "val_jaccard_cnn"
+
+    def _loss(self, logits, images, labels, batch, ce, out) -> torch.Tensor:
+        return ce
+
+
+class _JointRun(_GradientRun):
+    """``joint`` (Algorithm 2): γ of each batch back-propagated into the CNN, its constraints
+    kept for the global QP that gives w at the epoch's end."""
+
+    def _start_epoch(self) -> None:
+        self.epoch_constraints: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _loss(self, logits, images, labels, batch, ce, out) -> torch.Tensor:
+        gamma = self.loss(logits, images, labels, ids=list(batch["id"]))
+        loss = gamma + self.config.ce_weight * ce if self.config.ce_weight else gamma
+        result = self.loss.last_result
+        for sample_id, dpsi, losses in zip(batch["id"], result.dpsi, result.losses,
+                                           strict=True):
+            self.epoch_constraints[str(sample_id)] = (dpsi, losses)
+        out["gamma_batch"] = gamma.item()
+        return loss
+
+    def _epoch_gamma(self) -> float:
+        """Algorithm 2's epoch end: the QP over every rank's working sets gives w and γ."""
+        gathered = dist.all_gather_objects(self.epoch_constraints)
+        solution = None
+        if dist.is_main():
+            merged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            for part in gathered:
+                merged.update(part)
+            keys = sorted(merged)
+            qp = MarginQP(len(keys), self.config.C)
+            solution = qp.solve([merged[k][0] for k in keys], [merged[k][1] for k in keys])
+            solution = (solution.w.tolist(), solution.gamma)
+        w, gamma = dist.broadcast_object(solution)
+        self.weights = CRFWeights.from_array(w)
+        self.loss.weights = self.weights
+        return float(gamma)
+
+
+class _PiecewiseRun(_Run):
+    """``piecewise`` (Algorithm 1): the CNN frozen, one pass collecting its probabilities, the
+    CRF learned on all of them at the end."""
+
+    trains_cnn = False
+
+    @property
+    def max_epochs(self) -> int:
+        """One pass: the CNN does not change, so more would see the same probabilities."""
+        return 1
+
+    def _start_epoch(self) -> None:
+        self.piecewise_data: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def step(self, engine: Engine, batch: dict) -> dict:
+        images = batch["image"].to(self.device)
+        labels = batch["label"].to(self.device)
+        probs = predict_probabilities(self.model, images).cpu().numpy()
+        for p, x, y in zip(probs, images.cpu().numpy(), labels[:, 0].cpu().numpy(),
+                           strict=True):
+            self.piecewise_data.append((p, x, y.astype(np.uint8)))
+        return {}
+
+    def _epoch_gamma(self) -> float:
+        gathered = dist.all_gather_objects(self.piecewise_data)
+        solution = None
+        if dist.is_main():
+            data = [item for part in gathered for item in part]
+            result = learn_weights([d[0] for d in data], [d[1] for d in data],
+                                   [d[2] for d in data], C=self.config.C,
+                                   connectivity=self.config.connectivity,
+                                   beta=self.config.beta, tol=self.config.tol,
+                                   max_iterations=self.config.max_cp_iterations,
+                                   workers=self.config.graphcut_workers)
+            solution = (result.weights.as_array().tolist(), result.gamma)
+        w, gamma = dist.broadcast_object(solution)
+        self.weights = CRFWeights.from_array(w)
+        return float(gamma)
+
+
+#: The run of each training mode.
+_RUNS: dict[str, type[_Run]] = {"cnn": _CNNRun, "piecewise": _PiecewiseRun,
+                                "joint": _JointRun}
+
+
 def train(config: TrainConfig, train_samples: Sequence[dict], val_samples: Sequence[dict],
           run_dir: str | os.PathLike, *, init: str | os.PathLike | None = None,
           resume: bool = False, progress: bool = False) -> TrainResult:
@@ -514,12 +587,12 @@ def train(config: TrainConfig, train_samples: Sequence[dict], val_samples: Seque
         run.mkdir(parents=True, exist_ok=True)
         (run / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     device = dist.resolve_device(config.device)
-    state = _Run(config, train_samples, val_samples, run, device, fresh=fresh)
+    state = _RUNS[config.mode](config, train_samples, val_samples, run, device, fresh=fresh)
     engine = Engine(state.step)
     engine.add_event_handler(Events.EPOCH_STARTED, state.epoch_started)
     engine.add_event_handler(Events.ITERATION_COMPLETED, state.iteration_completed)
     engine.add_event_handler(Events.EPOCH_COMPLETED, state.epoch_completed)
-    max_epochs = 1 if config.mode == "piecewise" else config.epochs
+    max_epochs = state.max_epochs
     start_epoch = 0
     last = run / "last.pt"
     if dist.is_main():

@@ -23,7 +23,7 @@ from pipeline.data.writers import write_csv, write_png_mask
 from pipeline.distributed import resolve_device
 from pipeline.evaluation.tables import evaluation_rows, write_eval_table
 from pipeline.inference.images import predict_image, read_image_array
-from pipeline.inference.predictor import ViewModel
+from pipeline.inference.predictor import TrainedModel
 
 __all__ = [
     "IMAGE_TABLE_COLUMNS",
@@ -37,7 +37,7 @@ IMAGE_TABLE_COLUMNS: tuple[str, ...] = ("image", "method", "jaccard", "dice", "s
                                         "error", "mask_file")
 
 
-def _unscored_rows(loaded: Mapping[str, ViewModel], root: Path, name: str, colour: str,
+def _unscored_rows(loaded: Mapping[str, TrainedModel], root: Path, name: str, colour: str,
                    out: Path, device: str = "cpu", tta: bool = False) -> list[dict]:
     """An image without its mask: segmented (mask written) but not scored, status
     ``unscored``; ``failed`` where the image itself cannot be read."""
@@ -105,7 +105,7 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
         raise ValueError(f"{root}: no image with a mask in {colour}/ and figure_ground/"
                          + (f" in split {split!r}" if split else ""))
     out = Path(out_dir)
-    loaded = {method: ViewModel.from_checkpoint(path) for method, path in models.items()}
+    loaded = {method: TrainedModel.from_checkpoint(path) for method, path in models.items()}
     for vm in loaded.values():
         vm.flips_for(tta)  # refuses --tta for a model trained without flips
     rows: list[dict] = []

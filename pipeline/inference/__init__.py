@@ -14,7 +14,7 @@ from pipeline.inference.frames import (
     run_frames,
     segment_frames,
 )
-from pipeline.inference.predictor import ViewModel, VolumePrediction, VolumePredictor
+from pipeline.inference.predictor import TrainedModel, VolumePrediction, VolumePredictor
 
 __all__ = [
     "DEFAULT_FRAME_EXCLUDE",
@@ -23,7 +23,7 @@ __all__ = [
     "SUMMARY_COLUMNS",
     "Case",
     "FramePredictor",
-    "ViewModel",
+    "TrainedModel",
     "VolumePrediction",
     "VolumePredictor",
     "find_cases",

@@ -23,7 +23,7 @@ from pipeline.distributed import resolve_device
 from pipeline.inference.batch import output_paths, run_cases
 from pipeline.inference.discovery import Case
 from pipeline.inference.predictor import (
-    ViewModel,
+    TrainedModel,
     VolumePrediction,
     _GraphCutWorkers,
     _provenance,
@@ -212,7 +212,7 @@ class FramePredictor(_GraphCutWorkers):
                  device: str | torch.device = "cpu", tta: bool = False,
                  amp: bool = False) -> None:
         self.amp = bool(amp)
-        self.model = ViewModel.from_checkpoint(model).require_grey(model, "ultrasound frames")
+        self.model = TrainedModel.from_checkpoint(model).require_grey(model, "ultrasound frames")
         self.device = resolve_device(device)
         self.model.model.to(self.device)
         self.tta = bool(tta)

@@ -15,7 +15,7 @@ from pipeline.crf.graphcut import map_labelling
 from pipeline.data.pictures import read_picture
 from pipeline.data.writers import write_csv, write_png_mask
 from pipeline.distributed import resolve_device
-from pipeline.inference.predictor import ViewModel
+from pipeline.inference.predictor import TrainedModel
 from pipeline.models import predict_probabilities
 
 __all__ = ["IMAGE_SUMMARY_COLUMNS", "predict_image", "read_image_array", "segment_image_folder"]
@@ -25,7 +25,7 @@ IMAGE_SUMMARY_COLUMNS: tuple[str, ...] = ("image", "output", "status", "error",
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def predict_image(vm: ViewModel, image: np.ndarray, *, device: str | torch.device = "cpu",
+def predict_image(vm: TrainedModel, image: np.ndarray, *, device: str | torch.device = "cpu",
                   tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Foreground probability and CRF mask (None without CRF weights) of one C×H×W image.
 
@@ -33,7 +33,7 @@ def predict_image(vm: ViewModel, image: np.ndarray, *, device: str | torch.devic
     H×W, where the CRF runs with the image's own contrast. A grey image given to a colour
     model is replicated to its channels (as the training's grey fallback is). ``device``:
     where the CNN runs; ``tta``: average its probabilities over the flips the model trained
-    with (:meth:`ViewModel.flips_for`).
+    with (:meth:`TrainedModel.flips_for`).
 
     Raises:
         ValueError: a colour image for a model trained on grey images.
@@ -88,7 +88,7 @@ def segment_image_folder(model: str | os.PathLike, images: str | os.PathLike,
     files = sorted(p for p in source.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{source}: no .jpg/.png images found")
-    vm = ViewModel.from_checkpoint(model)
+    vm = TrainedModel.from_checkpoint(model)
     vm.flips_for(tta)  # refuses --tta for a model trained without flips
     device = resolve_device(device)
     out = Path(out_dir)

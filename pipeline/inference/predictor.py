@@ -34,12 +34,16 @@ from pipeline.models import (
 )
 from pipeline.networks.pretrained import sha256_file
 
-__all__ = ["PendingPrediction", "ViewModel", "VolumePrediction", "VolumePredictor"]
+__all__ = ["PendingPrediction", "TrainedModel", "VolumePrediction", "VolumePredictor"]
 
 
 @dataclass
-class ViewModel:
-    """A network and how its training images were prepared."""
+class TrainedModel:
+    """A trained network read from its checkpoint, and how its training images were prepared.
+
+    One class for every kind of input: a CT view's model, a photograph's, an echo frame's
+    (``view`` is what the checkpoint recorded, None where it has none).
+    """
 
     model: torch.nn.Module
     weights: CRFWeights | None
@@ -55,7 +59,7 @@ class ViewModel:
     flips: tuple[tuple[int, ...], ...] = ((),)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike) -> ViewModel:
+    def from_checkpoint(cls, path: str | os.PathLike) -> TrainedModel:
         """Loads a run's checkpoint (weights only), its recorded data settings and, for
         provenance, the file's path and sha256."""
         model, weights, config = load_run(path)
@@ -85,7 +89,7 @@ class ViewModel:
                 "crf_weights": None if self.weights is None
                 else [float(v) for v in self.weights.as_array()]}
 
-    def require_grey(self, path: str | os.PathLike, what: str) -> ViewModel:
+    def require_grey(self, path: str | os.PathLike, what: str) -> TrainedModel:
         """This model, or ValueError naming ``path`` when it does not take 1-channel images
         (``what`` says which inputs need that)."""
         if self.in_channels != 1:
@@ -142,7 +146,7 @@ class ViewModel:
             yield start, p.numpy().clip(0.0, 1.0).astype(np.float32)
 
 
-def _provenance(models: Mapping[str, ViewModel], views: Sequence[str], crf: str,
+def _provenance(models: Mapping[str, TrainedModel], views: Sequence[str], crf: str,
                 tta: bool) -> dict:
     """What made a predictor's masks, as the batch records it beside each mask."""
     from pipeline import __version__
@@ -164,7 +168,7 @@ class _GraphCutWorkers:
             self.pool = None
 
     def _labellings(self, probs: Sequence[np.ndarray], images: Sequence[np.ndarray],
-                    vm: ViewModel) -> np.ndarray:
+                    vm: TrainedModel) -> np.ndarray:
         """N×H×W uint8 CRF masks of (probability, image) pairs with the model's learned CRF
         (which it must have), in the worker processes when there are any."""
         if self.pool is not None:
@@ -254,12 +258,12 @@ class VolumePredictor(_GraphCutWorkers):
         self.tta = bool(tta)
         self.amp = bool(amp)
         device = resolve_device(device)
-        loaded: dict[str, ViewModel] = {}
+        loaded: dict[str, TrainedModel] = {}
 
-        def load(path: str | os.PathLike) -> ViewModel:
+        def load(path: str | os.PathLike) -> TrainedModel:
             key = os.fspath(path)
             if key not in loaded:
-                loaded[key] = ViewModel.from_checkpoint(path).require_grey(path, "CT volumes")
+                loaded[key] = TrainedModel.from_checkpoint(path).require_grey(path, "CT volumes")
                 loaded[key].model.to(device)
             return loaded[key]
 
@@ -279,7 +283,7 @@ class VolumePredictor(_GraphCutWorkers):
             paths = {v: models[v] for v in self.views}
         else:
             paths = dict.fromkeys(self.views, models)
-        self.models: dict[str, ViewModel] = {view: load(path) for view, path in paths.items()}
+        self.models: dict[str, TrainedModel] = {view: load(path) for view, path in paths.items()}
         for vm in self.models.values():
             vm.flips_for(self.tta)  # refuses --tta for a model trained without flips
         for view, vm in self.models.items():
