@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipeline.data.phantoms import ensure_demo_data, write_echo_cohort
-from pipeline.data.samples import echo_samples, training_sets
+from pipeline.data.phantoms import echo_samples, ensure_demo_data, write_echo_cohort
+from pipeline.data.samples import training_sets
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pipeline.data.hashing import sha256_file
 from pipeline.data.writers import atomic_write_text
-from pipeline.networks.pretrained import sha256_file
 
 LIMIT = 25 * 2**20
 

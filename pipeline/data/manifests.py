@@ -9,7 +9,6 @@ and keeps the rest in ``training`` (see :class:`pipeline.data.cta.SliceSplit`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ import numpy as np
 
 from pipeline.data.alignment import AlignLabel
 from pipeline.data.cta import SliceSplit
+from pipeline.data.hashing import sha256_file
 from pipeline.data.pictures import read_picture
 from pipeline.data.readers import find_dicom_series, is_nifti, read_volume
 
@@ -352,4 +352,4 @@ def check_manifest(manifest: Mapping, root: str | os.PathLike) -> list[ManifestP
 
 def manifest_hash(path: str | os.PathLike) -> str:
     """SHA-256 of a manifest file (for provenance in reports)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return sha256_file(path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,9 +12,8 @@ from monai.transforms import Resized
 from pipeline.data.cta import slice_datalist
 from pipeline.data.datasets.horse import horse_datalist, load_horse
 
-__all__ = ["DATA_KINDS", "ECHO_VIEW", "TWO_D_KINDS", "cta_samples", "echo_samples",
-           "generated_base_kind", "horse_samples", "split_samples", "to_samples",
-           "training_sets"]
+__all__ = ["DATA_KINDS", "ECHO_VIEW", "TWO_D_KINDS", "cta_samples", "generated_base_kind",
+           "horse_samples", "split_samples", "to_samples", "training_sets"]
 
 #: The data kinds :func:`training_sets` knows.
 DATA_KINDS: tuple[str, ...] = ("demo", "cta", "horse", "horse_demo", "echo", "echo_demo",
@@ -82,47 +80,6 @@ def horse_samples(root: str | os.PathLike, split: str | None, *, size: int | Non
     return to_samples(items, size)
 
 
-def echo_samples(root: str | os.PathLike, split: str, *, size: int | None = None) -> list[dict]:
-    """2-D samples of every frame of an echo cohort's split (see
-    :func:`pipeline.data.phantoms.write_echo_cohort` for the layout: ``split.json`` and
-    ``<case>/cine.<ext>`` with ``<case>/cine_mask.<ext>``), normalised as at inference.
-
-    Raises:
-        FileNotFoundError: no ``split.json``.
-        ValueError: a malformed ``split.json`` (see :func:`pipeline.data.splits.read_split`:
-            a case in two splits is one), an unknown split, or a case without its files (the
-            message names the file).
-    """
-    from pipeline.data.splits import split_members
-    from pipeline.data.ultrasound import load_ultrasound, normalise_frames
-
-    base = Path(root)
-    items = []
-    for case in split_members(base, split):
-        image, mask = _cine_files(base / case)
-        frames = load_ultrasound(image, mask)
-        stack = normalise_frames(image, np.stack([f.image for f in frames]))
-        for frame, norm in zip(frames, stack, strict=True):
-            items.append({"image": norm[None], "label": frame.mask[None], "source": case,
-                          "view": ECHO_VIEW, "slice": frame.frame})
-    return to_samples(items, size)
-
-
-def _cine_files(case: Path):
-    """The (image, mask) files of an echo case folder: ``cine.*`` and ``cine_mask.*``."""
-    from pipeline.data.ultrasound import SUPPORTED_SUFFIXES
-
-    def one(stem: str):
-        found = [p for p in sorted(case.glob(f"{stem}.*"))
-                 if any(p.name.lower().endswith(s) for s in SUPPORTED_SUFFIXES)]
-        if len(found) != 1:
-            raise ValueError(f"{case}: expected one {stem}.<ext> file "
-                             f"({', '.join(SUPPORTED_SUFFIXES)}), found {len(found)}")
-        return found[0]
-
-    return one("cine"), one("cine_mask")
-
-
 def generated_base_kind(kind: str, root: str | os.PathLike | None) -> str:
     """For the generated 2-D kinds (``horse_demo``, ``echo_demo``): writes the data to
     ``root`` where missing and returns the kind that reads it (``horse``, ``echo``); any other
@@ -152,9 +109,9 @@ def split_samples(kind: str, split: str, *, root: str | os.PathLike | None = Non
             manifest of volumes, sliced along ``view``), ``horse`` (the Weizmann Horse
             folder ``root`` with its ``split.json``), ``horse_demo`` (a generated
             horse-like set in the same layout, written to ``root`` if absent), ``echo`` (an
-            ultrasound cohort folder, see :func:`echo_samples`), ``echo_demo`` (the
-            generated echo phantom cohort, written to ``root`` if absent) or ``camus`` (a
-            CAMUS folder with a ``split.json`` of patients, see
+            ultrasound cohort folder, see :func:`pipeline.data.phantoms.echo.echo_samples`),
+            ``echo_demo`` (the generated echo phantom cohort, written to ``root`` if absent)
+            or ``camus`` (a CAMUS folder with a ``split.json`` of patients, see
             :func:`pipeline.data.datasets.camus.camus_samples`).
         split: ``training``, ``validation``, ...
         root: data root.
@@ -178,6 +135,8 @@ def split_samples(kind: str, split: str, *, root: str | os.PathLike | None = Non
     if kind in ("echo", "horse", "camus") and root is None:
         raise ValueError(f"{kind} data needs --root (the folder with split.json)")
     if kind == "echo":
+        from pipeline.data.phantoms.echo import echo_samples
+
         return echo_samples(root, split, size=size)
     if kind == "horse":
         return horse_samples(root, split, size=size, colour=colour)

@@ -11,6 +11,8 @@ from typing import Any, Literal
 import numpy as np
 from monai.transforms import MapTransform, Transform
 
+from pipeline.data.pictures import read_picture_frames
+
 __all__ = [
     "SUPPORTED_SUFFIXES",
     "LoadUltrasoundFrames",
@@ -338,28 +340,25 @@ def _open_metaimage(path: Path, third_axis: ThirdAxis) -> _Source:
 # PNG / JPEG ------------------------------------------------------------------------------------
 
 def _open_pillow(path: Path, kind: str) -> _Source:
-    from PIL import Image
-
     raws: list[np.ndarray] = []
     greys: list[np.ndarray] = []
     try:
-        with Image.open(path) as img:
-            for i in range(getattr(img, "n_frames", 1)):
-                img.seek(i)
-                mode = img.mode
-                if mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F"):
-                    raw = np.asarray(img)
-                    grey = raw.astype(np.float64)
-                elif mode in ("LA", "La"):
-                    raw = np.asarray(img)[..., 0]
-                    grey = raw.astype(np.float64)
-                else:  # RGB(A), palette (indices are the labels of a mask), CMYK, YCbCr, ...
-                    rgb = np.asarray(img.convert("RGB"))
-                    grey = _luma(rgb)
-                    raw = np.asarray(img) if mode in ("P", "PA") else np.round(grey)
-                    raw = raw[..., 0] if raw.ndim == 3 else raw
-                raws.append(raw)
-                greys.append(grey)
+        # decoded by pictures.py like every picture; an animated PNG's frames are a cine loop
+        for img in read_picture_frames(path):
+            mode = img.mode
+            if mode in ("1", "L", "I", "I;16", "I;16B", "I;16L", "F"):
+                raw = np.asarray(img)
+                grey = raw.astype(np.float64)
+            elif mode in ("LA", "La"):
+                raw = np.asarray(img)[..., 0]
+                grey = raw.astype(np.float64)
+            else:  # RGB(A), palette (indices are the labels of a mask), CMYK, YCbCr, ...
+                rgb = np.asarray(img.convert("RGB"))
+                grey = _luma(rgb)
+                raw = np.asarray(img) if mode in ("P", "PA") else np.round(grey)
+                raw = raw[..., 0] if raw.ndim == 3 else raw
+            raws.append(raw)
+            greys.append(grey)
     except Exception as exc:
         raise ValueError(f"{path}: not a readable {kind.upper()} image: {exc}") from exc
     return _Source(path, kind, len(raws), greys[0].shape, None, greys.__getitem__,

@@ -21,18 +21,22 @@ from torch.utils.data import DataLoader, DistributedSampler
 from pipeline import distributed as dist
 from pipeline.crf import CRFWeights, GraphCutPool, MarginQP, MaxMarginLoss, learn_weights
 from pipeline.crf.graphcut import map_labelling
+from pipeline.data.hashing import sha256_file
 from pipeline.engines.augment import Augmentation
 from pipeline.engines.presets import find_preset
 from pipeline.engines.rng import rng_state, set_rng_state
 from pipeline.metrics import compute_jaccard
-from pipeline.models import build_model, load_checkpoint, predict_probabilities, save_checkpoint
-from pipeline.networks.pretrained import sha256_file
+from pipeline.models import (
+    MODES,
+    build_model,
+    load_checkpoint,
+    predict_probabilities,
+    save_checkpoint,
+)
 
 __all__ = ["MODES", "TrainConfig", "TrainResult", "previous_stage_checkpoint",
            "stage_checkpoint", "train"]
 
-#: The training modes, in the order they are run: each later one starts from the one before.
-MODES: tuple[str, ...] = ("cnn", "piecewise", "joint")
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 

@@ -426,7 +426,7 @@ def write_table_provenance(table: str | os.PathLike,
     checkpoint path and sha256, so a report made from the table names them."""
     import json
 
-    from pipeline.networks.pretrained import sha256_file
+    from pipeline.data.hashing import sha256_file
 
     record = {"checkpoints": {m: {"path": str(p), "sha256": sha256_file(p)}
                               for m, p in runs.items()}}

@@ -23,6 +23,7 @@ from pipeline.crf import (
 )
 from pipeline.data.alignment import resample_to_grid
 from pipeline.data.cta import CTA_HU_WINDOW, RAS_LABELS
+from pipeline.data.hashing import sha256_file
 from pipeline.data.views import VIEWS, restack_slices, slice_axis, slice_volume
 from pipeline.distributed import resolve_device
 from pipeline.models import (
@@ -32,7 +33,6 @@ from pipeline.models import (
     training_flips,
     tta_flips,
 )
-from pipeline.networks.pretrained import sha256_file
 
 __all__ = ["PendingPrediction", "TrainedModel", "VolumePrediction", "VolumePredictor"]
 

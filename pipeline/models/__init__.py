@@ -19,9 +19,11 @@ from pipeline.models.loading import (
     training_flips,
     tta_flips,
 )
+from pipeline.models.modes import MODES
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "MODES",
     "TTA_FLIPS",
     "autocast",
     "build_model",

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
+from pipeline.data.hashing import sha256_file
 from pipeline.data.writers import atomic_write
-from pipeline.networks.pretrained import load_weights_only, sha256_file
+from pipeline.networks.pretrained import load_weights_only
 
 __all__ = ["CHECKPOINT_FORMAT", "export_model", "load_checkpoint", "save_checkpoint"]
 

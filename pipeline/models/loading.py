@@ -12,6 +12,7 @@ import torch
 
 from pipeline.crf import CRFWeights, MaxMarginLoss
 from pipeline.models.checkpoints import load_checkpoint
+from pipeline.models.modes import MODES
 from pipeline.networks import FCN8s, load_vgg16_weights
 from pipeline.networks.pretrained import load_pretrained_backbone
 
@@ -150,22 +151,18 @@ def load_run(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, CRFWeights
     return model, crf, payload.get("config", {})
 
 
-#: The method names a bundle's ``models/`` may hold, in report order.
-_METHOD_ORDER = ("cnn", "piecewise", "joint")
-
-
 def model_files(model: str | os.PathLike) -> dict[str, Path]:
     """Method → checkpoint: a checkpoint file itself (method from its training mode's file
     name, e.g. ``joint.pt``; otherwise ``model``), or a bundle folder whose ``models/`` holds
     ``cnn.pt``, ``piecewise.pt``, ``joint.pt`` and/or ``model.pt``."""
     path = Path(model)
     if path.is_file():
-        return {path.stem if path.stem in _METHOD_ORDER else "model": path}
+        return {path.stem if path.stem in MODES else "model": path}
     folder = path / "models" if (path / "models").is_dir() else path
     if not folder.is_dir():
         raise FileNotFoundError(f"{path}: no such model file or bundle folder")
     found = {p.stem: p for p in sorted(folder.glob("*.pt"))}
-    runs = {m: found[m] for m in _METHOD_ORDER if m in found}
+    runs = {m: found[m] for m in MODES if m in found}
     if not runs and "model" in found:
         runs = {"model": found["model"]}
     if not runs:
@@ -201,5 +198,5 @@ def inference_models(model: str | os.PathLike) -> tuple[Path | dict[str, Path], 
     if per_view:
         return per_view, view if isinstance(view, str) else None
     runs = model_files(path)
-    best = next(m for m in (*reversed(_METHOD_ORDER), "model") if m in runs)
+    best = next(m for m in (*reversed(MODES), "model") if m in runs)
     return runs[best], None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import shutil
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.data.hashing import sha256_file
 from pipeline.data.writers import atomic_write
 from pipeline.networks.fcn8s import BGR_MEAN
 
@@ -35,7 +35,6 @@ __all__ = [
     "load_weights_only",
     "read_hed_h5",
     "read_vgg16_file",
-    "sha256_file",
     "write_vgg16_weights",
 ]
 
@@ -60,15 +59,6 @@ _HED_CONVS: tuple[tuple[str, int], ...] = (
 _HED_SIDES: tuple[str, ...] = ("dsn1", "dsn2", "dsn3", "dsn4", "dsn5", "fuse")
 #: Index (0-based) of the convolution that feeds each side output.
 _SIDE_TAPS = (1, 3, 6, 9, 12)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def default_cache_dir() -> Path:

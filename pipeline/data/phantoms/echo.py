@@ -1,4 +1,4 @@
-"""Apical-view echocardiography phantom: a speckled sector with a beating left ventricle."""
+"""Apical-view echocardiography phantom (a beating left ventricle), its cohort, read back."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ __all__ = [
     "EchoFiles",
     "EchoPhantom",
     "echo_phantom",
+    "echo_samples",
     "write_echo_cine",
     "write_echo_cohort",
     "write_echo_phantom",
@@ -431,3 +432,45 @@ def write_echo_cohort(folder: str | os.PathLike[str], *,
     tmp.write_text(json.dumps(split, indent=2) + "\n")
     tmp.replace(base / "split.json")
     return split
+
+
+def echo_samples(root: str | os.PathLike, split: str, *, size: int | None = None) -> list[dict]:
+    """2-D samples of every frame of an echo cohort's split, normalised as at inference: the
+    layout :func:`write_echo_cohort` writes (``split.json`` and ``<case>/cine.<ext>`` with
+    ``<case>/cine_mask.<ext>``), of phantoms or of real cine loops (``--data echo``).
+
+    Raises:
+        FileNotFoundError: no ``split.json``.
+        ValueError: a malformed ``split.json`` (see :func:`pipeline.data.splits.read_split`:
+            a case in two splits is one), an unknown split, or a case without its files (the
+            message names the file).
+    """
+    from pipeline.data.samples import ECHO_VIEW, to_samples
+    from pipeline.data.splits import split_members
+    from pipeline.data.ultrasound import load_ultrasound, normalise_frames
+
+    base = Path(root)
+    items = []
+    for case in split_members(base, split):
+        image, mask = _cine_files(base / case)
+        frames = load_ultrasound(image, mask)
+        stack = normalise_frames(image, np.stack([f.image for f in frames]))
+        for frame, norm in zip(frames, stack, strict=True):
+            items.append({"image": norm[None], "label": frame.mask[None], "source": case,
+                          "view": ECHO_VIEW, "slice": frame.frame})
+    return to_samples(items, size)
+
+
+def _cine_files(case: Path):
+    """The (image, mask) files of an echo case folder: ``cine.*`` and ``cine_mask.*``."""
+    from pipeline.data.ultrasound import SUPPORTED_SUFFIXES
+
+    def one(stem: str):
+        found = [p for p in sorted(case.glob(f"{stem}.*"))
+                 if any(p.name.lower().endswith(s) for s in SUPPORTED_SUFFIXES)]
+        if len(found) != 1:
+            raise ValueError(f"{case}: expected one {stem}.<ext> file "
+                             f"({', '.join(SUPPORTED_SUFFIXES)}), found {len(found)}")
+        return found[0]
+
+    return one("cine"), one("cine_mask")
