@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import Resize
 from tqdm.auto import tqdm
 
 from pipeline.crf.graphcut import map_labelling
@@ -16,7 +15,7 @@ from pipeline.data.pictures import read_picture
 from pipeline.data.writers import write_csv, write_png_mask
 from pipeline.distributed import resolve_device
 from pipeline.inference.predictor import TrainedModel
-from pipeline.models import predict_probabilities
+from pipeline.models.prediction import resized_probabilities
 
 __all__ = ["IMAGE_SUMMARY_COLUMNS", "predict_image", "read_image_array", "segment_image_folder"]
 
@@ -44,14 +43,9 @@ def predict_image(vm: TrainedModel, image: np.ndarray, *, device: str | torch.de
     elif x.shape[0] != vm.in_channels:
         raise ValueError(f"a {x.shape[0]}-channel image for a model trained on "
                          f"{vm.in_channels}-channel images (use --colour gray?)")
-    height, width = x.shape[-2:]
-    if vm.size:
-        x = torch.as_tensor(np.asarray(Resize((vm.size, vm.size), mode="bilinear")(x)))
-    prob = predict_probabilities(vm.model.to(device), x[None].to(device),
-                                 flips=vm.flips_for(tta)).cpu()
-    if vm.size:
-        prob = torch.as_tensor(np.asarray(Resize((height, width), mode="bilinear")(prob)))
-    prob_np = prob[0].numpy().clip(0.0, 1.0)
+    vm.model.to(device)
+    prob_np = next(resized_probabilities(vm.model, x[None], vm.size, device=device,
+                                         flips=vm.flips_for(tta)))[1][0]
     if vm.weights is None:
         return prob_np, None
     return prob_np, map_labelling(prob_np, np.asarray(image), vm.weights,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Orientation, Resize, ScaleIntensityRange
+from monai.transforms import Orientation, ScaleIntensityRange
 from tqdm.auto import tqdm
 
 from pipeline.crf import (
@@ -27,12 +27,11 @@ from pipeline.data.hashing import sha256_file
 from pipeline.data.views import VIEWS, restack_slices, slice_axis, slice_volume
 from pipeline.distributed import resolve_device
 from pipeline.models import (
-    autocast,
     load_run,
-    predict_probabilities,
     training_flips,
     tta_flips,
 )
+from pipeline.models.prediction import resized_probabilities
 
 __all__ = ["PendingPrediction", "TrainedModel", "VolumePrediction", "VolumePredictor"]
 
@@ -127,23 +126,9 @@ class TrainedModel:
         Yields:
             (index of the batch's first image, its B×H×W float32 probabilities in [0, 1]).
         """
-        height, width = images.shape[1:]
-        # Resize treats the images of a batch as channels: each is resized on its own
-        down = Resize((self.size, self.size), mode="bilinear") if self.size else None
-        up = Resize((height, width), mode="bilinear") if self.size else None
-        flips = self.flips_for(tta)
-        for start in range(0, len(images), batch_size):
-            chunk = torch.as_tensor(images[start:start + batch_size], dtype=torch.float32)
-            if down is not None:
-                chunk = torch.as_tensor(np.asarray(down(chunk)))
-            with autocast(device, amp):
-                p = predict_probabilities(self.model, chunk[:, None].to(device), flips=flips)
-            p = p.float().cpu()
-            if up is not None:
-                p = torch.as_tensor(np.asarray(up(p)))
-            if bar is not None:
-                bar.update(len(chunk))
-            yield start, p.numpy().clip(0.0, 1.0).astype(np.float32)
+        yield from resized_probabilities(
+            self.model, np.asarray(images, dtype=np.float32)[:, None], self.size,
+            batch_size=batch_size, device=device, flips=self.flips_for(tta), amp=amp, bar=bar)
 
 
 def _provenance(models: Mapping[str, TrainedModel], views: Sequence[str], crf: str,

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pipeline.models.checkpoints import (
     CHECKPOINT_FORMAT,
     export_model,
+    export_state_dict,
     load_checkpoint,
+    load_network_weights,
     save_checkpoint,
 )
 from pipeline.models.loading import (
@@ -28,8 +30,10 @@ __all__ = [
     "autocast",
     "build_model",
     "export_model",
+    "export_state_dict",
     "inference_models",
     "load_checkpoint",
+    "load_network_weights",
     "load_run",
     "model_files",
     "predict_probabilities",

@@ -12,7 +12,8 @@ from pipeline.data.hashing import sha256_file
 from pipeline.data.writers import atomic_write
 from pipeline.networks.pretrained import load_weights_only
 
-__all__ = ["CHECKPOINT_FORMAT", "export_model", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "export_model", "export_state_dict", "load_checkpoint",
+           "load_network_weights", "save_checkpoint"]
 
 #: What a shipped model keeps of a training checkpoint (no optimiser, working sets or RNG).
 _MODEL_KEYS = ("mode", "config", "network", "model", "crf", "epoch", "history", "best")
@@ -69,10 +70,63 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if digest != payload.get("model_sha256"):
         raise ValueError(f"{p}: {sibling.name} has sha256 {digest}, not the "
                          f"{payload.get('model_sha256')} it was exported against")
-    shared = _read(sibling)
-    if "model" not in shared:
-        raise ValueError(f"{p}: {sibling.name} holds no network weights of its own")
-    return _complete({**payload, "model": shared["model"]}, p)
+    return _complete({**payload, "model": _shared_weights(sibling, p)}, p)
+
+
+def _is_state_dict(payload: Any) -> bool:
+    return isinstance(payload, dict) and bool(payload) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items())
+
+
+def _shared_weights(sibling: Path, owner: Path) -> dict[str, torch.Tensor]:
+    """The network weights a ``model_from`` file holds: a plain state dict (a bundle's
+    ``models/model.pt``) or an mmcrf checkpoint's own ``model``."""
+    payload = load_weights_only(sibling, "checkpoint")
+    if _is_state_dict(payload):
+        return payload
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{owner}: {sibling.name} is neither a state dict nor an mmcrf "
+                         f"checkpoint")
+    if "model" not in payload:
+        raise ValueError(f"{owner}: {sibling.name} holds no network weights of its own")
+    return payload["model"]
+
+
+def load_network_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The network state dict of a model file: a plain state dict (``models/model.pt``, as
+    MONAI's model zoo expects it) or an mmcrf checkpoint's network weights (following
+    ``model_from``). Loaded weights-only.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: neither a state dict nor an mmcrf checkpoint (naming the file).
+    """
+    p = Path(path)
+    payload = load_weights_only(p, "checkpoint")
+    if _is_state_dict(payload):
+        return payload
+    return load_checkpoint(p)["model"]
+
+
+def export_state_dict(checkpoint: str | os.PathLike, path: str | os.PathLike, *,
+                      half: bool = False) -> Path:
+    """Writes a checkpoint's network weights as a plain state dict (a bundle's
+    ``models/model.pt``, which MONAI's ``ckpt_export`` and model-zoo checks load into
+    ``network_def``); the CRF weights and settings stay in the mmcrf checkpoint, which can
+    then share these weights (:func:`export_model` with ``share_network_with``).
+
+    Args:
+        checkpoint: an mmcrf checkpoint or exported model.
+        path: the state-dict file to write.
+        half: store floating-point weights in half precision.
+
+    Returns:
+        The written path.
+    """
+    weights = load_checkpoint(checkpoint)["model"]
+    if half:
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    return atomic_write(path, lambda tmp: torch.save(dict(weights), tmp))
 
 
 def _complete(payload: dict[str, Any], p: Path) -> dict[str, Any]:
@@ -128,7 +182,7 @@ def export_model(checkpoint: str | os.PathLike, path: str | os.PathLike, *,
         shared = Path(share_network_with)
         if shared.resolve().parent != Path(path).resolve().parent:
             raise ValueError(f"{shared}: a shared network file must be beside {path}")
-        theirs = _read(shared).get("model") or {}
+        theirs = _shared_weights(shared, Path(path))
         ours = out["model"]
         same = set(theirs) == set(ours) and all(
             torch.equal(theirs[k].to(ours[k].dtype), ours[k]) for k in ours)
