@@ -12,7 +12,7 @@ LAYERS: dict[str, int] = {
     "data": 0, "metrics": 0,
     "networks": 1, "crf": 1,
     "models": 2, "distributed": 2,
-    "engines": 3, "inference": 3,
+    "engines": 3, "inference": 3, "transforms": 3,
     "evaluation": 4,
     "reports": 5,
     "workflow": 6,

@@ -1,0 +1,142 @@
+"""The grid CRF as a MONAI transform pair: a foreground probability map (and its image) in,
+the exact MAP labelling out, per 2-D image, per slice of a volume, or by one 3-D cut."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+
+from pipeline.crf import CRFWeights, map_labelling, volume_map_labelling
+from pipeline.data.views import restack_slices, slice_volume
+from pipeline.models import load_checkpoint
+
+__all__ = ["GraphCutCRF", "GraphCutCRFd", "crf_settings"]
+
+
+def crf_settings(checkpoint: str | os.PathLike) -> tuple[CRFWeights, int, float | None]:
+    """The learned CRF of a checkpoint: its weights, connectivity and fixed β (None: chosen
+    per image from the data).
+
+    Raises:
+        ValueError: the checkpoint holds no CRF weights (a CNN-only model), naming it.
+    """
+    payload = load_checkpoint(checkpoint)
+    if payload.get("crf") is None:
+        raise ValueError(f"{checkpoint}: a CNN-only model, without CRF weights")
+    config = payload.get("config") or {}
+    return (CRFWeights.from_array(payload["crf"]), int(config.get("connectivity", 4)),
+            config.get("beta"))
+
+
+class GraphCutCRF(Transform):
+    """MAP labelling argmin_y E(y) of the binary grid CRF by exact graph cut
+    (:func:`pipeline.crf.map_labelling`, or :func:`pipeline.crf.volume_map_labelling`).
+
+    Called with a 1×H×W (or H×W) foreground probability map and its C×H×W image, it cuts the
+    image's grid; with 1×X×Y×Z probabilities of a RAS volume and its 1×X×Y×Z image, it cuts
+    each 2-D slice of ``view`` (as the model was trained) or, with ``crf_3d``, the whole
+    volume at once (6-connected, pairwise weights scaled by the voxel spacing of the
+    probabilities' affine). The image must be on the scale the model was trained on (e.g.
+    CT windowed to [0, 1]). The result is a 1×spatial uint8 mask carrying the
+    probabilities' metadata (so ``Invertd`` puts it back on the input's grid).
+
+    Args:
+        weights: the CRF weights (or w1, w2, w3); None with ``checkpoint``.
+        checkpoint: an mmcrf checkpoint to take the weights, connectivity and β from
+            (:func:`crf_settings`), instead of ``weights``.
+        view: for volumes, the view whose slices are cut (``axial``, ``coronal``,
+            ``sagittal``).
+        connectivity: 4 or 8 (2-D cuts); with ``checkpoint``, the checkpoint's.
+        beta: contrast β, None for the data-driven choice per image; with ``checkpoint``,
+            the checkpoint's.
+        crf_3d: cut a volume as one 3-D grid instead of slice by slice.
+
+    Raises:
+        ValueError: neither or both of ``weights`` and ``checkpoint``; at call time, shapes
+            that do not fit (a volume without a view, image and probabilities of different
+            grids).
+    """
+
+    def __init__(self, weights: CRFWeights | Sequence[float] | None = None, *,
+                 checkpoint: str | os.PathLike | None = None, view: str | None = None,
+                 connectivity: int = 4, beta: float | None = None,
+                 crf_3d: bool = False) -> None:
+        if (weights is None) == (checkpoint is None):
+            raise ValueError("give the CRF weights or a checkpoint to take them from")
+        if checkpoint is not None:
+            weights, connectivity, beta = crf_settings(checkpoint)
+        self.weights = (weights if isinstance(weights, CRFWeights)
+                        else CRFWeights.from_array(weights))
+        self.view, self.connectivity, self.beta = view, int(connectivity), beta
+        self.crf_3d = bool(crf_3d)
+
+    def __call__(self, probability, image):
+        prob = np.asarray(_numpy(probability), dtype=np.float32)
+        img = np.asarray(_numpy(image), dtype=np.float32)
+        prob = prob[0] if prob.ndim in (3, 4) and prob.shape[0] == 1 else prob
+        if prob.ndim == 2:
+            mask = map_labelling(prob, img, self.weights, connectivity=self.connectivity,
+                                 beta=self.beta)
+        elif prob.ndim == 3:
+            mask = self._volume(prob, img[0] if img.ndim == 4 else img, probability)
+        else:
+            raise ValueError(f"expected 1×H×W or 1×X×Y×Z probabilities, got shape "
+                             f"{tuple(np.shape(probability))}")
+        out = torch.as_tensor(mask[None].astype(np.uint8))
+        if isinstance(probability, MetaTensor):
+            return MetaTensor(out, meta=probability.meta,
+                              applied_operations=probability.applied_operations)
+        return out
+
+    def _volume(self, prob: np.ndarray, img: np.ndarray, source) -> np.ndarray:
+        if img.shape != prob.shape:
+            raise ValueError(f"the image's grid {img.shape} is not the probabilities' "
+                             f"{prob.shape}")
+        if self.crf_3d:
+            spacing = None
+            if isinstance(source, MetaTensor):
+                spacing = np.linalg.norm(np.asarray(source.affine, np.float64)[:3, :3], axis=0)
+            return volume_map_labelling(prob, img, self.weights, spacing=spacing,
+                                        beta=self.beta)
+        if self.view is None:
+            raise ValueError("a volume's CRF needs the view whose slices it cuts (or crf_3d)")
+        probs = slice_volume(prob[None], self.view)[:, 0]
+        images = slice_volume(img[None], self.view)[:, 0]
+        masks = [map_labelling(p, x, self.weights, connectivity=self.connectivity,
+                               beta=self.beta) for p, x in zip(probs, images, strict=True)]
+        return restack_slices(np.stack(masks)[:, None], self.view)[0]
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+class GraphCutCRFd(MapTransform):
+    """Dictionary form of :class:`GraphCutCRF`: each key's probabilities (e.g. ``pred``) are
+    replaced by their CRF mask, with the image under ``image_key``.
+
+    Args:
+        keys: the probability keys.
+        image_key: the key of the image the contrast term reads.
+        allow_missing_keys: skip keys that are absent.
+        **kwargs: :class:`GraphCutCRF`'s arguments (``weights`` or ``checkpoint``, ``view``,
+            ``connectivity``, ``beta``, ``crf_3d``).
+    """
+
+    def __init__(self, keys: KeysCollection, image_key: str = "image", *,
+                 allow_missing_keys: bool = False, **kwargs) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.crf = GraphCutCRF(**kwargs)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.crf(d[key], d[self.image_key])
+        return d
