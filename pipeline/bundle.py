@@ -7,18 +7,24 @@ GHSA-873f-pvrv-4x83); checkpoints are loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
+
+import torch
 
 from pipeline import distributed
 from pipeline.crf import keep_freed_memory
 from pipeline.data.phantoms import ensure_demo_data
+from pipeline.distributed import resolve_device
 from pipeline.engines import (
     MODES,
     previous_stage_checkpoint,
     stage_checkpoint,
 )
 from pipeline.inference import VolumePredictor, find_cases, run_batch, segment_frames
+from pipeline.inference.discovery import OUTPUT_MARKER
 from pipeline.inference.images import segment_image_folder
+from pipeline.models import load_network_weights
 from pipeline.reports import collect_provenance
 from pipeline.workflow import (
     data_settings,
@@ -28,7 +34,8 @@ from pipeline.workflow import (
     train_stage,
 )
 
-__all__ = ["ensure_demo_data", "evaluate", "infer", "infer_frames", "infer_images", "train"]
+__all__ = ["ensure_demo_data", "evaluate", "infer", "infer_frames", "infer_images", "input_list",
+           "load_network", "train"]
 
 
 def _prepare_process(*, slice_after_slice: bool = True) -> None:
@@ -178,3 +185,52 @@ def infer_frames(*, input_dir: str, output_dir: str, model_file: str, overwrite:
     rows = segment_frames(input_dir, output_dir, model_file, exclude=exclude,
                           overwrite=overwrite, progress=distributed.is_main(), device=device)
     return _raise_if_failed(rows, output_dir, "case")
+
+
+def load_network(network: torch.nn.Module, checkpoint: str, device: str | torch.device = "cpu"
+                 ) -> torch.nn.Module:
+    """The bundle's ``network_def`` with a checkpoint's network weights (an mmcrf checkpoint,
+    read weights-only, or a plain state dict such as ``models/model.pt``), in eval mode on
+    ``device``: the ``network`` of the standard inference workflow.
+
+    Raises:
+        ValueError: the weights do not fit the network (naming the checkpoint).
+    """
+    state = load_network_weights(checkpoint)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint}: its weights do not fit the bundle's network_def "
+                         f"({str(err).splitlines()[0]})") from None
+    return network.to(resolve_device(device)).eval()
+
+
+def input_list(input_dir: str, exclude: list[str] | None = None,
+               suffixes: tuple[str, ...] | None = None,
+               subfolder: str | None = None) -> list[dict[str, str]]:
+    """``[{"image": path}, ...]``: the ``dataset`` of the standard inference workflow.
+
+    Without ``suffixes``, the NIfTI cases ``mmcrf infer`` finds under ``input_dir``
+    (:func:`pipeline.inference.find_cases`, ``exclude`` patterns left out; its ``LoadImaged``
+    reads NIfTI, while DICOM series go through ``run`` or a MONAI Deploy application's own
+    DICOM loader). With ``suffixes`` (e.g. ``(".png", ".jpg")``), every file under
+    ``input_dir`` ending so, sorted, hidden ones, earlier output folders and names matching
+    ``exclude`` patterns left out; with ``subfolder`` (e.g. ``rgb`` of a Weizmann-style
+    folder), only that sub-folder where it exists.
+    """
+    if suffixes is None:
+        return [{"image": str(c.path)} for c in find_cases(input_dir, exclude=exclude or ())
+                if c.kind == "nifti" and c.problem is None]
+    root = Path(input_dir)
+    if subfolder and (root / subfolder).is_dir():
+        root = root / subfolder
+    found = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if (not path.is_file() or not path.name.lower().endswith(tuple(suffixes))
+                or any(part.startswith(".") for part in rel.parts)
+                or any((parent / OUTPUT_MARKER).exists() for parent in path.parents)
+                or any(fnmatch.fnmatch(path.name, p) for p in exclude or ())):
+            continue
+        found.append({"image": str(path)})
+    return found

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.models import load_checkpoint
+from pipeline.models import load_checkpoint, load_network_weights
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = sorted(p.parent.parent for p in (REPO / "bundles").glob("*/configs/metadata.json"))
@@ -61,6 +61,9 @@ def test_metadata_has_the_specs_mandatory_keys_and_types(bundle):
         if model.stat().st_size > 25 * 2**20:  # only listed, hashed, half-precision files
             assert model.stat().st_size <= 40 * 2**20, rel
             assert large.get(rel) == hashlib.sha256(model.read_bytes()).hexdigest(), rel
+        if model.name == "model.pt":  # the zoo's file: network_def's state dict alone
+            assert load_network_weights(model), rel
+            continue
         payload = load_checkpoint(model)  # weights only; a shared network is resolved
         assert "model" in payload, rel
     for rel in large:
@@ -189,19 +192,24 @@ def test_the_cta_models_are_trained_on_real_ct_and_say_so(cta_bundle):
     assert "one patient" in meta["data_source"] and "TotalSegmentator" in meta["data_source"]
 
 
-@pytest.mark.parametrize(("name", "model", "shape"), [
-    ("cta_pericardium_crf", "model_axial", "[1, 1, 96, 96]"),
-    ("echo_lv_crf", "joint", "[1, 1, 160, 160]"),
-    ("weizmann_horse_crf", "joint", "[1, 3, 192, 192]")])
-def test_checkpoint_exports_to_torchscript(name, model, shape, tmp_path_factory):
+@pytest.mark.parametrize(("name", "variant", "shape"), [
+    ("cta_pericardium_crf", "model_coronal", "[1, 1, 96, 96]"),
+    ("echo_lv_crf", "cnn", "[1, 1, 160, 160]"),
+    ("weizmann_horse_crf", "piecewise", "[1, 3, 192, 192]")])
+def test_checkpoint_exports_to_torchscript(name, variant, shape, tmp_path_factory):
+    """The two documented exports: the default model (models/model.pt, scripted) and another
+    variant, an mmcrf checkpoint whose weights sit under its ``model`` key (traced)."""
     bundle = _copy(name, tmp_path_factory)
-    _monai_bundle(bundle, "ckpt_export", "network_def", "--filepath", f"models/{model}.ts",
-                  "--ckpt_file", f"models/{model}.pt", "--meta_file", "configs/metadata.json",
-                  "--config_file", "configs/inference.json", "--key_in_ckpt", "model",
+    common = ("--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json")
+    _monai_bundle(bundle, "ckpt_export", "network_def", "--filepath", "models/model.ts",
+                  "--ckpt_file", "models/model.pt", *common)
+    _monai_bundle(bundle, "ckpt_export", "network_def", "--filepath", f"models/{variant}.ts",
+                  "--ckpt_file", f"models/{variant}.pt", *common, "--key_in_ckpt", "model",
                   "--use_trace", "True", "--input_shape", shape)
-    scripted = torch.jit.load(bundle / "models" / f"{model}.ts")
     x = torch.rand(*json.loads(shape))
-    assert scripted(x).shape == (1, 1, *x.shape[2:])
+    for model in ("model", variant):
+        scripted = torch.jit.load(bundle / "models" / f"{model}.ts")
+        assert scripted(x).shape == (1, 1, *x.shape[2:])
     assert (name in ("cta_pericardium_crf", "echo_lv_crf")) == (x.shape[1] == 1)
 
 
