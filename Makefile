@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mmcrf-installed
 PIP_FLAGS ?= --only-binary :all:
 
-.PHONY: install demo test test-browser lint bench clean
+.PHONY: install demo test test-browser test-dicom lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,18 @@ lint: install
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -m "not browser"
+	$(BIN)/python -m pytest -m "not browser and not dciodvfy"
 
 # The HTML report in a real browser: installs Debian's chromium when missing (needs root).
 test-browser: install
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	$(BIN)/python -m pytest -m browser
+
+# The DICOM the project writes, checked by dciodvfy: installs Debian's dicom3tools when missing
+# (needs root).
+test-dicom: install
+	command -v dciodvfy >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools)
+	$(BIN)/python -m pytest -m dciodvfy
 
 bench: install
 	$(BIN)/python benchmarks/bench_crf.py

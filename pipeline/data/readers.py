@@ -98,8 +98,11 @@ def find_dicom_series(folder: str | os.PathLike, *, recursive: bool = False
         if header is None:
             continue  # not DICOM (notes, thumbnails, ...)
         if "ImagePositionPatient" not in header:
-            sop = header.get("SOPClassUID")
-            if sop is not None and "Image Storage" in getattr(sop, "name", ""):
+            # the file meta's class too: a dataset cut short may have lost (part of) its own
+            classes = (header.get("SOPClassUID"),
+                       getattr(header.get("file_meta"), "MediaStorageSOPClassUID", None))
+            if any(c is not None and "Image Storage" in getattr(c, "name", "")
+                   for c in classes):
                 raise ValueError(f"{path}: DICOM image without ImagePositionPatient "
                                  f"(truncated or corrupt file?)")
             continue  # DICOM without image geometry (DICOMDIR, reports, ...)

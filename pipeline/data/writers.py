@@ -127,6 +127,18 @@ def write_dicom_series(volume_hu: np.ndarray, affine: np.ndarray, folder: str | 
         ds.Modality = "CT"
         ds.PatientID = patient_id
         ds.PatientName = patient_id
+        # Type 2 attributes (present, empty where unknown) and the CT Image module's Type 1
+        # ones, so the series is a valid CT Image IOD (dciodvfy, make test-dicom)
+        ds.PatientBirthDate = ds.PatientSex = ""
+        ds.ReferringPhysicianName = ds.StudyID = ds.AccessionNumber = ""
+        ds.StudyTime = now.strftime("%H%M%S")
+        ds.PatientPosition = "HFS"
+        ds.BodyPartExamined = "CHEST"  # not a paired part: Laterality (Type 2C) not needed
+        ds.PositionReferenceIndicator = ""
+        ds.Manufacturer = "mmcrf"
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.KVP = ""
+        ds.AcquisitionNumber = 1
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.FrameOfReferenceUID = frame_uid

@@ -223,6 +223,15 @@ def _write_dicom(frames: np.ndarray, path: Path, spacing: tuple[float, float] | 
     ds.Modality = "US"
     ds.PatientName = "Phantom^Echo"
     ds.PatientID = "ECHO-PHANTOM"
+    # Type 2 attributes (present, empty where unknown) and the US Image module's ImageType,
+    # so the file is a valid US (Multi-frame) Image IOD (dciodvfy, make test-dicom)
+    ds.PatientBirthDate = ds.PatientSex = ""
+    ds.StudyDate, ds.StudyTime = "20260101", "120000"
+    ds.ReferringPhysicianName = ds.StudyID = ds.AccessionNumber = ""
+    ds.BodyPartExamined = "HEART"  # not a paired part: Laterality (Type 2C) not needed
+    ds.Manufacturer = "mmcrf"
+    ds.PatientOrientation = ""
+    ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     ds.Rows, ds.Columns = int(height), int(width)
@@ -294,7 +303,8 @@ def write_echo_cine(frames: np.ndarray, path: str | os.PathLike[str], *,
     ``.jpeg`` a single greyscale frame via Pillow (JPEG at quality 95, lossy).
 
     Args:
-        frames: H×W or T×H×W array of dtype uint8 or uint16 (uint8 only for PNG/JPEG).
+        frames: H×W or T×H×W array of dtype uint8 or uint16 (uint8 only for DICOM, PNG and
+            JPEG: the ultrasound IODs hold 8-bit samples).
         path: destination; parent folders are created.
         spacing: (row, col) pixel spacing in mm, written where the format carries it.
         frame_time_ms: time between frames (DICOM Frame Time, NIfTI pixdim[4]).
@@ -314,6 +324,9 @@ def write_echo_cine(frames: np.ndarray, path: str | os.PathLike[str], *,
     suffix = _suffix(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix in (".dcm", ".dicom"):
+        if arr.dtype != np.uint8:  # the US (Multi-frame) Image IOD: Bits Allocated is 8
+            raise ValueError(f"{path}: ultrasound DICOM holds 8-bit samples; got {arr.dtype} "
+                             f"(write 16-bit frames as NIfTI or MetaImage)")
         _write_dicom(arr, path, spacing, frame_time_ms)
     elif suffix in (".nii", ".nii.gz"):
         _write_nifti(arr, path, spacing, frame_time_ms)
