@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mmcrf-installed
 PIP_FLAGS ?= --only-binary :all:
 
-.PHONY: install demo test test-browser test-dicom lint bench clean
+.PHONY: install demo test test-browser test-dicom test-deploy lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ lint: install
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -m "not browser and not dciodvfy"
+	$(BIN)/python -m pytest -m "not browser and not dciodvfy and not deploy"
 
 # The HTML report in a real browser: installs Debian's chromium when missing (needs root).
 test-browser: install
@@ -37,6 +37,11 @@ test-browser: install
 test-dicom: install
 	command -v dciodvfy >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools)
 	$(BIN)/python -m pytest -m dciodvfy
+
+# The MONAI Deploy application, run by Holoscan on this machine: installs the deploy extra.
+test-deploy: install
+	$(BIN)/python -m pip install $(PIP_FLAGS) -e ".[dev,deploy]"
+	$(BIN)/python -m pytest -m deploy
 
 bench: install
 	$(BIN)/python benchmarks/bench_crf.py

@@ -16,7 +16,7 @@ LAYERS: dict[str, int] = {
     "evaluation": 4,
     "reports": 5,
     "workflow": 6,
-    "bundle": 7, "demo": 7,
+    "bundle": 7, "demo": 7, "deploy": 7,
     "cli": 8,
 }
 #: House rules beyond the layers: the CRF is the method on its own.

@@ -113,15 +113,18 @@ def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, *,
     ``flips`` (test-time augmentation): the probabilities of the images flipped along each
     entry's dims (``()``: as they are) are flipped back and averaged.
     """
-    was_training = model.training
-    model.eval()
+    # a model an application wraps (e.g. MONAI Deploy's TorchScriptModel) is only callable
+    was_training = getattr(model, "training", None)
+    if was_training is not None:
+        model.eval()
     total = None
     for dims in flips:
         x = torch.flip(images, dims) if dims else images
         p = torch.sigmoid(MaxMarginLoss.foreground_logits(model(x)).float())
         p = torch.flip(p, dims) if dims else p
         total = p if total is None else total + p
-    model.train(was_training)
+    if was_training is not None:
+        model.train(was_training)
     return total if len(flips) == 1 else total / len(flips)
 
 
