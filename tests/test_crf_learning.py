@@ -149,11 +149,9 @@ def test_perfect_unaries_still_learn_a_valid_crf():
     assert isinstance(result.weights, CRFWeights)
 
 
-def test_recutting_only_violated_samples_reaches_the_same_optimum(monkeypatch):
-    """Passes after the first cut only the samples that gained a constraint, then one full
-    pass verifies: the same optimum as cutting every sample in every pass (tol 0: the exact
-    optimum of the whole constraint set). (It makes more cuts than it saves here: 94 against
-    88 on these blocks; see the docstring of cutting_plane.)"""
+def _count_cuts(monkeypatch) -> tuple[dict[str, int], object]:
+    """Counts the learner's graph cuts (the real ones, each still run); returns the counter
+    and the uncounted graph_cut."""
     import pipeline.crf.learning as learning
 
     cuts = {"n": 0}
@@ -164,6 +162,15 @@ def test_recutting_only_violated_samples_reaches_the_same_optimum(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(learning, "graph_cut", counted)
+    return cuts, real
+
+
+def test_recutting_only_violated_samples_reaches_the_same_optimum(monkeypatch):
+    """Passes after the first cut only the samples that gained a constraint, then one full
+    pass verifies: the same optimum as cutting every sample in every pass (tol 0: the exact
+    optimum of the whole constraint set). (It makes more cuts than it saves here: 94 against
+    88 on these blocks; see the docstring of cutting_plane.)"""
+    cuts, real = _count_cuts(monkeypatch)
     probs, images, truths = _blocks(8, seed=11)
     results = {}
     for recut in ("all", "violated"):
@@ -186,16 +193,7 @@ def test_solving_after_each_sample_reaches_the_optimum_of_solving_after_each_pas
     """update="sample" re-solves the QP after each new constraint, "pass" once per pass: with
     tol 0 both end at the exact optimum of the whole constraint set, so the same γ and w,
     with no sample violated under the final w; the per-sample schedule needs fewer cuts."""
-    import pipeline.crf.learning as learning
-
-    cuts = {"n": 0}
-    real = learning.graph_cut
-
-    def counted(*args, **kwargs):
-        cuts["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(learning, "graph_cut", counted)
+    cuts, real = _count_cuts(monkeypatch)
     probs, images, truths = _blocks(8, seed=12)
     results = {}
     for update in ("pass", "sample"):
