@@ -126,13 +126,14 @@ def evaluate(*, dataset_dir: str, output_dir: str, data_kind: str = "demo",
 def infer(*, input_dir: str, output_dir: str, model_file: str, view: str = "axial",
           workers: int = 0, overwrite: bool = False, write_cnn: bool = False,
           write_probability: bool = False, exclude: list[str] | None = None,
-          crf_3d: bool = False, write_dicom_seg: bool = False,
+          crf_3d: bool = False, write_dicom_seg: bool = False, write_rtstruct: bool = False,
           device: str = "auto") -> list[dict]:
     """Segments every NIfTI file / DICOM series under ``input_dir`` into ``output_dir``
     (masks on each input's own grid, ``summary.csv``). With ``crf_3d``, one 6-connected 3-D
     graph cut over the volume replaces the slice-by-slice CRF (``mmcrf infer --crf-3d``).
     With ``write_dicom_seg``, each DICOM series also gets ``<name>_seg.dcm``, a DICOM SEG
-    referencing its instances (NIfTI inputs get none; ``mmcrf infer --dicom-seg``).
+    referencing its instances (NIfTI inputs get none; ``mmcrf infer --dicom-seg``); with
+    ``write_rtstruct``, ``<name>_rtstruct.dcm``, an RT Structure Set (``--rtstruct``).
 
     ``model_file`` may hold ``{view}``: one model per view (``models/model_{view}.pt``), so
     ``view="all"`` fuses the three views' own models.
@@ -150,6 +151,7 @@ def infer(*, input_dir: str, output_dir: str, model_file: str, view: str = "axia
                          output_dir, predictor,
                          overwrite=overwrite, write_cnn=write_cnn,
                          write_probability=write_probability, write_dicom_seg=write_dicom_seg,
+                         write_rtstruct=write_rtstruct,
                          progress=distributed.is_main())
     finally:
         predictor.close()

@@ -391,9 +391,9 @@ def _infer_frames(args: argparse.Namespace) -> list[dict]:
         raise ValueError("ultrasound frames take one --model CHECKPOINT, not one per view")
     if args.crf_3d:
         raise ValueError("--crf-3d is for volumes; ultrasound frames get a 2-D CRF each")
-    if args.dicom_seg:
-        raise ValueError("--dicom-seg is for CT volumes read from DICOM series, not for "
-                         "ultrasound frames")
+    if args.dicom_seg or args.rtstruct:
+        raise ValueError("--dicom-seg and --rtstruct are for CT volumes read from DICOM "
+                         "series, not for ultrasound frames")
     from pipeline.models import inference_models
 
     model, _ = inference_models(args.model[0])
@@ -466,7 +466,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     try:
         rows = run_batch(cases, args.output, predictor, overwrite=args.overwrite,
                          write_cnn=args.cnn, write_probability=args.probabilities,
-                         write_dicom_seg=args.dicom_seg, progress=args.progress)
+                         write_dicom_seg=args.dicom_seg, write_rtstruct=args.rtstruct,
+                         progress=args.progress)
     finally:
         predictor.close()
     return _report_cases(rows, args.output)
@@ -748,6 +749,11 @@ def _parser() -> argparse.ArgumentParser:
                           "DICOM SEG whose frames reference the series' instances (highdicom); "
                           "NIfTI inputs get no SEG and are not failed for it; a SEG that "
                           "cannot be written (e.g. empty UIDs) leaves the NIfTI mask and a warning")
+    inf.add_argument("--rtstruct", action="store_true",
+                     help="for DICOM series inputs only, also write <name>_rtstruct.dcm: a "
+                          "DICOM RT Structure Set with the mask's contours on the series' "
+                          "slices (rt-utils); one that cannot be written (e.g. an empty mask) "
+                          "leaves the NIfTI mask and a warning")
     inf.add_argument("--overwrite", action="store_true", help="redo finished cases")
     inf.add_argument("--workers", type=int, default=0, help="graph-cut processes")
     inf.add_argument("--crf-3d", action="store_true",

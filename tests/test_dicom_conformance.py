@@ -47,3 +47,12 @@ def test_the_echo_phantoms_ultrasound_files_are_valid(tmp_path):
         assert _errors(path) == [], name
     with pytest.raises(ValueError, match="ultrasound DICOM holds 8-bit samples"):
         write_echo_cine(cine.astype(np.uint16), tmp_path / "cine16.dcm")
+
+
+def test_the_rt_structure_set_is_valid(tmp_path):
+    case = write_cta_phantom(tmp_path / "in", "patient", rng=5, shape=(40, 36, 16))
+    model = "bundles/cta_pericardium_crf/models/phantom_model_axial.pt"
+    assert main(["infer", "--model", model, "--input", str(case["image"].parent / "dicom"),
+                 "--output", str(tmp_path / "out"), "--rtstruct", "--no-progress"]) == 0
+    (rtstruct,) = (tmp_path / "out").glob("*_rtstruct.dcm")
+    assert _errors(rtstruct) == []

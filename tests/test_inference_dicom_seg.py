@@ -298,3 +298,54 @@ def test_writer_pairs_instances_by_position_not_by_file_order(inputs, tmp_path):
                         tmp_path / "c_seg.dcm")
     assert not (tmp_path / "c_seg.dcm").exists()
     assert not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("name", ["series", "mirrored"])
+def test_rtstruct_contours_give_back_the_nifti_mask(model, inputs, tmp_path, name):
+    """``mmcrf infer --rtstruct``: the RT Structure Set's contours, filled again by rt-utils on
+    the series' own slices, are the NIfTI mask, instance by instance (paired by position)."""
+    from rt_utils import RTStructBuilder
+
+    out = tmp_path / "out"
+    assert main(["infer", "--input", str(inputs["root"] / name), "--output", str(out),
+                 "--model", str(model), "--rtstruct", "--no-progress"]) == 0
+    (rtstruct_path,) = out.glob("*_rtstruct.dcm")
+    (mask_path,) = out.glob("*_mask.nii.gz")
+    headers = _source_headers(inputs["root"] / name)
+    rtstruct = RTStructBuilder.create_from(dicom_series_path=str(inputs["root"] / name),
+                                           rt_struct_path=str(rtstruct_path))
+    assert rtstruct.get_roi_names() == ["heart"]  # rt-utils reads it back
+    expected = _expected_planes(mask_path, headers)
+    # the geometry, from DICOM's definitions alone: every contour point, put on its slice
+    # through the referenced instance's own position and pixel steps, is a foreground pixel
+    # of that slice, and the points span each slice's foreground exactly (its bounding box)
+    ds = pydicom.dcmread(rtstruct_path)
+    spans: dict[str, list[np.ndarray]] = {}
+    for contour in ds.ROIContourSequence[0].ContourSequence:
+        source = headers[str(contour.ContourImageSequence[0].ReferencedSOPInstanceUID)]
+        iop = np.asarray(source.ImageOrientationPatient, float)
+        row_spacing, col_spacing = (float(v) for v in source.PixelSpacing)
+        steps = np.stack([iop[:3] * col_spacing, iop[3:] * row_spacing], axis=1)
+        xyz = np.asarray(contour.ContourData, float).reshape(-1, 3)
+        offsets = xyz - np.asarray(source.ImagePositionPatient, float)
+        cols, rows = np.round(np.linalg.lstsq(steps, offsets.T, rcond=None)[0]).astype(int)
+        assert np.all(expected[str(source.SOPInstanceUID)][rows, cols] == 1)
+        spans.setdefault(str(source.SOPInstanceUID), []).append(np.stack([rows, cols]))
+    assert set(spans) == {uid for uid, plane in expected.items() if plane.any()}
+    for uid, pieces in spans.items():
+        points = np.concatenate(pieces, axis=1)
+        rows, cols = np.nonzero(expected[uid])
+        assert (points[0].min(), points[0].max()) == (rows.min(), rows.max())
+        assert (points[1].min(), points[1].max()) == (cols.min(), cols.max())
+    assert ds.Modality == "RTSTRUCT"
+    assert ds.StudyInstanceUID == next(iter(headers.values())).StudyInstanceUID
+
+
+def test_an_empty_mask_gets_no_rtstruct_but_a_warning(inputs, tmp_path):
+    from pipeline.data.rtstruct import write_rtstruct
+
+    files = sorted((inputs["root"] / "series").iterdir())
+    volume = read_volume(inputs["root"] / "series")
+    with pytest.raises(ValueError, match="the mask is empty"):
+        write_rtstruct(np.zeros(volume.shape, np.uint8), files, tmp_path / "x.dcm")
+    assert not (tmp_path / "x.dcm").exists()

@@ -46,14 +46,15 @@ class NotAScanError(ValueError):
 
 def output_paths(case: Case, out_dir: Path) -> dict[str, Path]:
     """Where a case's results go: ``<out>/<relative name>_mask.nii.gz`` and friends
-    (``_mask.json``: what made the mask; ``_seg.dcm``: the DICOM SEG of a DICOM series
-    case)."""
+    (``_mask.json``: what made the mask; ``_seg.dcm``, ``_rtstruct.dcm``: the DICOM SEG and
+    RT Structure Set of a DICOM series case)."""
     base = out_dir / case.name
     return {"mask": base.with_name(base.name + "_mask.nii.gz"),
             "provenance": base.with_name(base.name + "_mask.json"),
             "cnn": base.with_name(base.name + "_cnn_mask.nii.gz"),
             "probability": base.with_name(base.name + "_prob.nii.gz"),
-            "dicom_seg": base.with_name(base.name + "_seg.dcm")}
+            "dicom_seg": base.with_name(base.name + "_seg.dcm"),
+            "rtstruct": base.with_name(base.name + "_rtstruct.dcm")}
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -86,6 +87,18 @@ def _write_case_seg(volume: MetaTensor, mask: np.ndarray, predictor: VolumePredi
                                               "crf": predictor.crf_method})
     except (ValueError, OSError, KeyError) as err:
         raise ValueError(f"DICOM SEG {path.name} not written: {err}") from None
+
+
+def _write_case_rtstruct(volume: MetaTensor, mask: np.ndarray, path: Path) -> None:
+    """The RT Structure Set of a DICOM series case; any failure becomes a ValueError naming
+    the file (the case keeps its NIfTI mask and gets a warning)."""
+    from pipeline.data.rtstruct import write_rtstruct
+
+    try:
+        write_rtstruct(mask, volume.meta["files"], path,
+                       affine=np.asarray(volume.affine, dtype=np.float64))
+    except (ValueError, OSError, KeyError) as err:
+        raise ValueError(f"RT Structure Set {path.name} not written: {err}") from None
 
 
 def _check_is_scan(volume: MetaTensor, path: Path) -> None:
@@ -122,6 +135,7 @@ def _volume_warning(ml: float, predictor: VolumePredictor) -> str:
 
 def _run_case(case: Case, predictor: VolumePredictor, out_dir: Path, *, write_cnn: bool,
               write_probability: bool, write_dicom_seg: bool = False,
+              write_rtstruct: bool = False,
               progress: bool = False) -> dict | Callable[[], dict]:
     """Reads and segments one case; with a pipelined predictor it returns once the network
     has run, as a callable that waits for the graph cuts and writes the results."""
@@ -132,14 +146,15 @@ def _run_case(case: Case, predictor: VolumePredictor, out_dir: Path, *, write_cn
     def finish() -> dict:
         return _write_case(case, volume, pending.result(), predictor, out_dir,
                            write_cnn=write_cnn, write_probability=write_probability,
-                           write_dicom_seg=write_dicom_seg)
+                           write_dicom_seg=write_dicom_seg, write_rtstruct=write_rtstruct)
 
     return finish if predictor.pipelined else finish()
 
 
 def _write_case(case: Case, volume: MetaTensor, result: VolumePrediction,
                 predictor: VolumePredictor, out_dir: Path, *, write_cnn: bool,
-                write_probability: bool, write_dicom_seg: bool) -> dict:
+                write_probability: bool, write_dicom_seg: bool,
+                write_rtstruct: bool = False) -> dict:
     """Writes a case's results (the mask last: it marks the case done); its row's values."""
     paths = output_paths(case, out_dir)
     affine = np.asarray(volume.affine, dtype=np.float64)
@@ -152,6 +167,11 @@ def _write_case(case: Case, volume: MetaTensor, result: VolumePrediction,
         try:
             _write_case_seg(volume, result.mask, predictor, paths["dicom_seg"])
         except ValueError as err:  # e.g. empty UIDs: the NIfTI mask is still worth having
+            warnings.append(f"{err}; the NIfTI mask is written")
+    if write_rtstruct and case.kind == "dicom":
+        try:
+            _write_case_rtstruct(volume, result.mask, paths["rtstruct"])
+        except ValueError as err:  # e.g. an empty mask: nothing to outline
             warnings.append(f"{err}; the NIfTI mask is written")
     write_nifti(result.mask, affine, paths["mask"], dtype=np.uint8)  # last: marks the case done
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
@@ -167,7 +187,7 @@ def _write_case(case: Case, volume: MetaTensor, result: VolumePrediction,
 def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: VolumePredictor,
               *, overwrite: bool = False, write_cnn: bool = False,
               write_probability: bool = False, write_dicom_seg: bool = False,
-              progress: bool = True) -> list[dict]:
+              write_rtstruct: bool = False, progress: bool = True) -> list[dict]:
     """Segments every case, writing masks on each input's own grid and a summary.
 
     Each case is written to temporary names and renamed, the mask last, so an interrupted
@@ -195,6 +215,10 @@ def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Volu
             to reference and get none (their case is still ``ok``). A SEG that cannot be
             written (e.g. a series whose UIDs are empty) leaves the NIfTI mask and a
             ``warning`` saying why.
+        write_rtstruct: for DICOM series inputs, also write ``<name>_rtstruct.dcm``, a DICOM
+            RT Structure Set with the mask's contours on the series' slices (rt-utils, see
+            :func:`pipeline.data.rtstruct.write_rtstruct`); NIfTI inputs get none, and a
+            structure set that cannot be written (e.g. an empty mask) leaves a ``warning``.
         progress: progress bar over cases (over the slices for a single case).
 
     Returns:
@@ -208,6 +232,7 @@ def run_batch(cases: Sequence[Case], out_dir: str | os.PathLike, predictor: Volu
     def run_case(case: Case, out: Path) -> dict | Callable[[], dict]:
         return _run_case(case, predictor, out, write_cnn=write_cnn,
                          write_probability=write_probability, write_dicom_seg=write_dicom_seg,
+                         write_rtstruct=write_rtstruct,
                          progress=progress and single and dist.is_main())
 
     return run_cases(cases, out_dir, run_case, overwrite=overwrite,
