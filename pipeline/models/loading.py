@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pipeline.crf import CRFWeights, MaxMarginLoss
+from pipeline.data.views import VIEWS
 from pipeline.models.checkpoints import load_checkpoint
 from pipeline.models.modes import MODES
 from pipeline.networks import FCN8s, load_vgg16_weights
@@ -173,8 +174,6 @@ def model_files(model: str | os.PathLike) -> dict[str, Path]:
     return runs
 
 
-_VIEW_NAMES = ("axial", "coronal", "sagittal")
-
 
 def inference_models(model: str | os.PathLike) -> tuple[Path | dict[str, Path], str | None]:
     """What ``mmcrf infer --model`` runs: a checkpoint file itself, or from a bundle folder
@@ -189,7 +188,7 @@ def inference_models(model: str | os.PathLike) -> tuple[Path | dict[str, Path], 
     if path.is_file():
         return path, None
     folder = path / "models" if (path / "models").is_dir() else path
-    per_view = {v: folder / f"model_{v}.pt" for v in _VIEW_NAMES
+    per_view = {v: folder / f"model_{v}.pt" for v in VIEWS
                 if (folder / f"model_{v}.pt").is_file()}
     config = path / "configs" / "inference.json"
     view = None
