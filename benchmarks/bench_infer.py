@@ -4,6 +4,9 @@ Targets (issue 6): CRF share of inference time ≤ 25% with the CPU-sized networ
 in 2 worker processes ≥ 1.5× faster than in one. Issue 17: the pipeline (each batch of
 slices cut in the workers while the network runs the next) takes ≤ 0.8× the whole-volume
 time of the staged run (network first, then the same workers cut), ``pipeline_vs_serial``.
+With ``--device cuda`` the CPU runs the same network beside it (``cnn_at_<size>_cuda_vs_cpu``)
+and ``--amp`` is timed against full precision (``cnn_at_<size>_amp_speedup``, with the share
+of voxels whose mask agrees).
 The CRF always runs at 512²; the CNN runs either at its training size (slices resized, as
 ``mmcrf infer`` does for a model trained at that size) or natively at 512² (``crf_share``).
 Measured side by side in one run; prints a table, then ONE JSON object as the last line.
@@ -119,6 +122,9 @@ def main() -> None:
                                  pipeline=False)  # the network first, then the cuts
         native = VolumePredictor(ckpt, ["axial"], workers=0, device=device)
         on_cpu = VolumePredictor(ckpt, ["axial"], workers=0) if device.type != "cpu" else None
+        # mixed precision where it pays (float16 on CUDA), side by side with full precision
+        amp = (VolumePredictor(ckpt, ["axial"], workers=0, device=device, amp=True)
+               if device.type == "cuda" else None)
         native.models["axial"].size = None  # fully convolutional: the CNN at 512² as well
         volume_cut = VolumePredictor(ckpt, ["axial"], workers=0, crf_3d=True, device=device)
         pooled.predict(volume)  # start the workers before timing
@@ -127,12 +133,16 @@ def main() -> None:
                                                             "cnn_native", "crf_native",
                                                             "crf_3d", "cuts_serial",
                                                             "cuts_pool", "cnn_cpu",
-                                                            "staged", "pipelined")}
+                                                            "staged", "pipelined", "cnn_amp")}
         for _ in range(repeats):
             result = serial.predict(volume)
             timings["cnn"].append(result.seconds["cnn"])
             if on_cpu is not None:  # the same network on the CPU, side by side
                 timings["cnn_cpu"].append(on_cpu.predict(volume).seconds["cnn"])
+            if amp is not None:
+                half = amp.predict(volume)
+                timings["cnn_amp"].append(half.seconds["cnn"])
+                amp_agreement = float(np.mean(half.mask == result.mask))
             timings["crf"].append(result.seconds["crf"])
             start = time.perf_counter()
             again = staged.predict(volume)
@@ -197,6 +207,8 @@ def main() -> None:
         "device": str(device),
         **({f"cnn_at_{args.size}_cuda_vs_cpu": med["cnn_cpu"] / med["cnn"]}
            if "cnn_cpu" in med else {}),
+        **({f"cnn_at_{args.size}_amp_speedup": med["cnn"] / med["cnn_amp"],
+            "amp_mask_agreement": amp_agreement} if "cnn_amp" in med else {}),
         "torch_threads": torch.get_num_threads(),
         "loadavg_1min": os.getloadavg()[0],
         "machine": f"{platform.machine()} python {platform.python_version()}",
