@@ -197,19 +197,17 @@ def test_the_cta_models_are_trained_on_real_ct_and_say_so(cta_bundle):
     ("echo_lv_crf", "cnn", "[1, 1, 160, 160]"),
     ("weizmann_horse_crf", "piecewise", "[1, 3, 192, 192]")])
 def test_checkpoint_exports_to_torchscript(name, variant, shape, tmp_path_factory):
-    """The two documented exports: the default model (models/model.pt, scripted) and another
-    variant, an mmcrf checkpoint whose weights sit under its ``model`` key (traced)."""
+    """The documented export of another variant than the default: an mmcrf checkpoint whose
+    weights sit under its ``model`` key (traced). The default model's export (models/model.pt,
+    scripted) runs in tests/test_bundle_conformity.py with the same arguments."""
     bundle = _copy(name, tmp_path_factory)
-    common = ("--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json")
-    _monai_bundle(bundle, "ckpt_export", "network_def", "--filepath", "models/model.ts",
-                  "--ckpt_file", "models/model.pt", *common)
     _monai_bundle(bundle, "ckpt_export", "network_def", "--filepath", f"models/{variant}.ts",
-                  "--ckpt_file", f"models/{variant}.pt", *common, "--key_in_ckpt", "model",
+                  "--ckpt_file", f"models/{variant}.pt", "--meta_file", "configs/metadata.json",
+                  "--config_file", "configs/inference.json", "--key_in_ckpt", "model",
                   "--use_trace", "True", "--input_shape", shape)
     x = torch.rand(*json.loads(shape))
-    for model in ("model", variant):
-        scripted = torch.jit.load(bundle / "models" / f"{model}.ts")
-        assert scripted(x).shape == (1, 1, *x.shape[2:])
+    scripted = torch.jit.load(bundle / "models" / f"{variant}.ts")
+    assert scripted(x).shape == (1, 1, *x.shape[2:])
     assert (name in ("cta_pericardium_crf", "echo_lv_crf")) == (x.shape[1] == 1)
 
 
@@ -219,6 +217,8 @@ def test_verify_metadata_with_the_schema_on_disk(name, tmp_path_factory):
     proc = _monai_bundle(bundle, "verify_metadata", "--meta_file", "configs/metadata.json",
                          "--filepath", str(SCHEMA))
     assert "metadata is verified with no error" in proc.stdout + proc.stderr
+    if name != "cta_pericardium_crf":
+        return  # the refusal below is the schema's, the same for every bundle: checked once
     bad = json.loads((bundle / "configs" / "metadata.json").read_text())
     del bad["network_data_format"]["inputs"]["image"]["num_channels"]
     (bundle / "configs" / "bad.json").write_text(json.dumps(bad))
