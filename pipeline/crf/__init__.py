@@ -23,7 +23,13 @@ from pipeline.crf.graphcut import (
     loss_augmented_labelling,
     map_labelling,
 )
-from pipeline.crf.learning import LearningResult, cutting_plane, envelope_gradient, learn_weights
+from pipeline.crf.learning import (
+    LearningResult,
+    cutting_plane,
+    edge_feature_gradient,
+    envelope_gradient,
+    learn_weights,
+)
 from pipeline.crf.qp import MarginQP, QPSolution
 from pipeline.crf.volume import volume_energy, volume_map_labelling
 
@@ -39,6 +45,7 @@ __all__ = [
     "QPSolution",
     "cutting_plane",
     "data_driven_beta",
+    "edge_feature_gradient",
     "energy",
     "envelope_gradient",
     "graph_cut",

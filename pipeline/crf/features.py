@@ -5,6 +5,9 @@ Conventions (see ``DESIGN.md``):
 * ``y`` is an H×W labelling in {0, 1}; 1 is foreground.
 * ψ1(y) = Σ_i −log z_i(y_i), ψ2(y) = Σ_(i,j)∈E [y_i≠y_j],
   ψ3(y) = Σ_(i,j)∈E [y_i≠y_j]·exp(−β‖x_i−x_j‖²).
+* Optionally (a CRF built with a ``boundary`` map b ∈ [0, 1]^(H×W), e.g. from the network),
+  ψ4(y) = Σ_(i,j)∈E [y_i≠y_j]·c_ij with the learned edge feature c_ij = 1 − max(b_i, b_j):
+  cutting across a strong boundary is cheap. Its weight w4 ≥ 0 keeps E submodular.
 * Every feature and the Hamming loss are divided by the pixel count P, so that the slack
   penalty C does not depend on image size. ``energy`` therefore returns E(y)/P.
 """
@@ -36,12 +39,13 @@ EPS = 1e-7
 
 @dataclass(frozen=True)
 class CRFWeights:
-    """Weights of the CRF energy E(y) = w1·ψ1 + w2·ψ2 + w3·ψ3, all non-negative.
+    """Weights of the CRF energy E(y) = w1·ψ1 + w2·ψ2 + w3·ψ3 (+ w4·ψ4), all non-negative.
 
     Attributes:
         w1: unary weight (negative log-probabilities of the CNN).
         w2: constant (Potts) pairwise weight.
         w3: contrast-sensitive pairwise weight.
+        w4: weight of the learned edge feature (0, and unused, for CRFs without one).
 
     Raises:
         ValueError: a weight is negative or not finite (a negative pairwise weight would make
@@ -51,24 +55,28 @@ class CRFWeights:
     w1: float = 1.0
     w2: float = 0.0
     w3: float = 0.0
+    w4: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("w1", "w2", "w3"):
+        for name in ("w1", "w2", "w3", "w4"):
             value = getattr(self, name)
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"CRF weight {name} must be finite and >= 0, got {value!r}")
             object.__setattr__(self, name, float(value))
 
-    def as_array(self) -> np.ndarray:
-        """The weights as a float64 vector (w1, w2, w3)."""
-        return np.array([self.w1, self.w2, self.w3], dtype=np.float64)
+    def as_array(self, learned: bool = False) -> np.ndarray:
+        """The weights as a float64 vector (w1, w2, w3), or with ``learned`` (w1, …, w4)."""
+        values = [self.w1, self.w2, self.w3] + ([self.w4] if learned else [])
+        return np.array(values, dtype=np.float64)
 
     @classmethod
     def from_array(cls, values: Sequence[float] | np.ndarray, *, clip: float = 0.0) -> CRFWeights:
-        """Builds weights from a vector; entries in [−clip, 0) are set to 0 (solver round-off)."""
+        """Builds weights from a vector of 3 (w1, w2, w3) or 4 (…, w4) values; entries in
+        [−clip, 0) are set to 0 (solver round-off)."""
         arr = np.asarray(values, dtype=np.float64).reshape(-1)
-        if arr.shape != (3,):
-            raise ValueError(f"CRF weights need 3 values (w1, w2, w3), got shape {arr.shape}")
+        if arr.shape not in ((3,), (4,)):
+            raise ValueError(f"CRF weights need 3 values (w1, w2, w3) or 4 (w1, ..., w4), "
+                             f"got shape {arr.shape}")
         arr = np.where((arr < 0) & (arr >= -clip), 0.0, arr)
         return cls(*arr.tolist())
 
@@ -84,6 +92,7 @@ class _Edges:
     src: tuple[slice, ...]
     dst: tuple[slice, ...]
     contrast: np.ndarray  # H×W, exp(−β‖x_i−x_j‖²) at the source node, 0 where no edge starts
+    learned: np.ndarray | None = None  # H×W, c_ij = 1 − max(b_i, b_j) at the source node
 
     @property
     def structure(self) -> np.ndarray:
@@ -256,10 +265,12 @@ class GridCRF:
     """
 
     def __init__(self, cost0: np.ndarray, cost1: np.ndarray, image: np.ndarray, *,
-                 connectivity: int = 4, beta: float | None = None) -> None:
+                 connectivity: int = 4, beta: float | None = None,
+                 boundary: np.ndarray | None = None) -> None:
         offsets = _check_connectivity(connectivity)
         self.shape: tuple[int, int] = tuple(cost0.shape)  # type: ignore[assignment]
         img = _as_channels(image, self.shape)
+        bound = None if boundary is None else _check_boundary(boundary, self.shape)
         beta_value = _check_beta(beta)
         if beta_value is None:
             beta_value = data_driven_beta(img, connectivity=connectivity)
@@ -272,16 +283,26 @@ class GridCRF:
         for sq, src, dst in _squared_differences(img, offsets):
             contrast = np.zeros(self.shape, dtype=np.float64)
             contrast[src] = np.exp(-beta_value * sq)
-            edges.append(_Edges(offsets[len(edges)], src, dst, contrast))
+            learned = None
+            if bound is not None:
+                learned = np.zeros(self.shape, dtype=np.float64)
+                learned[src] = 1.0 - np.maximum(bound[src], bound[dst])
+            edges.append(_Edges(offsets[len(edges)], src, dst, contrast, learned))
         self.edges: tuple[_Edges, ...] = tuple(edges)
 
     @property
     def n_pixels(self) -> int:
         return self.shape[0] * self.shape[1]
 
+    @property
+    def n_features(self) -> int:
+        """3, or 4 with the learned edge feature (a CRF built with a boundary map)."""
+        return 4 if self.edges and self.edges[0].learned is not None else 3
+
     @classmethod
     def from_probabilities(cls, prob: np.ndarray, image: np.ndarray, *, connectivity: int = 4,
-                           beta: float | None = None) -> GridCRF:
+                           beta: float | None = None,
+                           boundary: np.ndarray | None = None) -> GridCRF:
         """Builds the CRF from foreground probabilities z in [0, 1] (clamped to [EPS, 1−EPS]).
 
         Args:
@@ -289,16 +310,21 @@ class GridCRF:
             image: H×W or C×H×W image for the contrast term.
             connectivity: 4 or 8.
             beta: contrast β; None for the data-driven GrabCut choice per image.
+            boundary: H×W boundary strengths b in [0, 1] for the learned edge feature ψ4
+                (None: the paper's three features).
 
         Raises:
-            ValueError: prob is not a finite H×W array in [0, 1], or the image does not match.
+            ValueError: prob is not a finite H×W array in [0, 1], or the image (or the
+                boundary map) does not match.
         """
         cost0, cost1 = _unary_costs(prob, 2)
-        return cls(cost0, cost1, image, connectivity=connectivity, beta=beta)
+        return cls(cost0, cost1, image, connectivity=connectivity, beta=beta,
+                   boundary=boundary)
 
     @classmethod
     def from_logits(cls, logit: np.ndarray, image: np.ndarray, *, connectivity: int = 4,
-                    beta: float | None = None) -> GridCRF:
+                    beta: float | None = None,
+                    boundary: np.ndarray | None = None) -> GridCRF:
         """Builds the CRF from foreground logits a (z = sigmoid(a)), without clamping.
 
         −log z = softplus(−a) and −log(1 − z) = softplus(a), computed stably.
@@ -312,30 +338,60 @@ class GridCRF:
         if not np.all(np.isfinite(a)):
             raise ValueError("logits contain NaN or infinite values")
         return cls(np.logaddexp(0.0, a), np.logaddexp(0.0, -a), image,
-                   connectivity=connectivity, beta=beta)
+                   connectivity=connectivity, beta=beta, boundary=boundary)
 
     def check_labelling(self, y: np.ndarray, name: str = "labelling") -> np.ndarray:
         """Returns y as uint8 after checking it is a binary H×W array of this CRF's shape."""
         return _check_labelling(y, self.shape, name)
 
     def features(self, y: np.ndarray) -> np.ndarray:
-        """ψ(y)/P = (ψ1, ψ2, ψ3)/P as a float64 vector."""
+        """ψ(y)/P = (ψ1, ψ2, ψ3)/P (and ψ4/P with a learned edge feature) as a float64
+        vector of :attr:`n_features` values."""
         y = self.check_labelling(y)
-        psi = np.empty(3, dtype=np.float64)
+        psi = np.empty(self.n_features, dtype=np.float64)
         psi[0] = np.where(y == 1, self.cost1, self.cost0).sum()
         cut = 0.0
         contrast = 0.0
+        learned = 0.0
         for edge in self.edges:
             differ = y[edge.src] != y[edge.dst]
             cut += np.count_nonzero(differ)
             contrast += edge.contrast[edge.src][differ].sum()
+            if edge.learned is not None:
+                learned += edge.learned[edge.src][differ].sum()
         psi[1] = cut
         psi[2] = contrast
+        if self.n_features == 4:
+            psi[3] = learned
         return psi / self.n_pixels
+
+    def cut_edges(self, y: np.ndarray) -> list[np.ndarray]:
+        """Per edge direction, the H×W indicator [y_i ≠ y_j] at each edge's source node (0
+        where no edge starts): ∂ψ4/∂c_ij, before the division by P."""
+        y = self.check_labelling(y)
+        out = []
+        for edge in self.edges:
+            differ = np.zeros(self.shape, dtype=np.float64)
+            differ[edge.src] = y[edge.src] != y[edge.dst]
+            out.append(differ)
+        return out
 
     def energy(self, y: np.ndarray, weights: CRFWeights) -> float:
         """E(y)/P = w·ψ(y)/P."""
-        return float(weights.as_array() @ self.features(y))
+        return float(weights.as_array(self.n_features == 4) @ self.features(y))
+
+
+def _check_boundary(boundary: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The boundary map as float64 of ``shape`` in [0, 1]; ValueError otherwise."""
+    b = np.asarray(boundary)
+    if b.shape != tuple(shape):
+        raise ValueError(f"boundary must have shape {tuple(shape)}, got {b.shape}")
+    if not np.issubdtype(b.dtype, np.number) or np.issubdtype(b.dtype, np.complexfloating):
+        raise ValueError(f"boundary must be real-valued, got dtype {b.dtype}")
+    b = b.astype(np.float64)
+    if not np.all(np.isfinite(b)) or b.min() < 0 or b.max() > 1:
+        raise ValueError("boundary strengths must be finite and lie in [0, 1]")
+    return b
 
 
 def hamming_loss(truth: np.ndarray, y: np.ndarray) -> float:

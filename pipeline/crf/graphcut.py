@@ -99,10 +99,11 @@ def _undecided_box(undecided: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
-def _grid_cut(diff: np.ndarray, edges: Sequence[tuple[np.ndarray, np.ndarray]], w2: float,
-              w3: float) -> np.ndarray:
+def _grid_cut(diff: np.ndarray, edges: Sequence[tuple], w2: float, w3: float,
+              w4: float = 0.0) -> np.ndarray:
     """The cut of one grid: ``diff`` = w1·(cost1 − cost0) per node (overwritten), ``edges``
-    (PyMaxflow structure, contrast) per edge direction."""
+    (PyMaxflow structure, contrast[, learned edge feature or None]) per edge direction; edge
+    capacity w2 + w3·contrast (+ w4·learned)."""
     # Only the difference of the two unaries matters: it goes to the source edge where
     # positive and to the sink edge where negative; label 1 is the sink side.
     source = np.maximum(diff, 0.0)
@@ -111,13 +112,16 @@ def _grid_cut(diff: np.ndarray, edges: Sequence[tuple[np.ndarray, np.ndarray]], 
     graph = _empty_graph(diff.size, diff.size * len(edges))
     ids = graph.add_grid_nodes(diff.shape)
     graph.add_grid_tedges(ids, source, diff)
-    if w2 > 0 or w3 > 0:
-        for structure, contrast in edges:
+    if w2 > 0 or w3 > 0 or w4 > 0:
+        for structure, contrast, *more in edges:
+            learned = more[0] if more else None
             if w3 > 0:
                 capacity = contrast * w3
                 capacity += w2
             else:
                 capacity = w2
+            if w4 > 0 and learned is not None:
+                capacity = capacity + w4 * learned
             graph.add_grid_edges(ids, weights=capacity, structure=structure, symmetric=True)
     graph.maxflow()
     return graph.get_grid_segments(ids).astype(np.uint8)
@@ -152,17 +156,24 @@ def _cut_plan(unary_difference: np.ndarray, edges: Sequence[_Edges], weights: np
     only the bounding box of the other nodes, grown by one (decided) node, is left to cut;
     the decided ring carries the box's border. On a CT slice whose network is confident away
     from the organ that is about a tenth of the grid."""
-    w1, w2, w3 = weights
+    w1, w2, w3 = weights[:3]
+    w4 = float(weights[3]) if len(weights) > 3 else 0.0
+    learned = w4 > 0 and bool(edges) and edges[0].learned is not None
     diff = unary_difference * w1
     if truth is not None:
         diff += 2.0 * truth - 1.0  # −1 on the unary of the label that differs from the truth
     labels = (diff < 0).astype(np.uint8)
-    maxima = [w2 + (w3 * float(e.contrast.max()) if w3 > 0 else 0.0) for e in edges]
+    maxima = [w2 + (w3 * float(e.contrast.max()) if w3 > 0 else 0.0)
+              + (w4 * float(e.learned.max()) if learned else 0.0) for e in edges]
     box = _undecided_box(np.abs(diff) <= _pairwise_bound(maxima))
     if box is None:
         return _Plan(labels)
+    if not learned:  # the paper's three features
+        return _Plan(labels, box, _grid_cut,
+                     (diff[box], [(e.structure, e.contrast[box]) for e in edges], w2, w3))
     return _Plan(labels, box, _grid_cut,
-                 (diff[box], [(e.structure, e.contrast[box]) for e in edges], w2, w3))
+                 (diff[box], [(e.structure, e.contrast[box], e.learned[box]) for e in edges],
+                  w2, w3, w4))
 
 
 def _cut(unary_difference: np.ndarray, edges: Sequence[_Edges], weights: np.ndarray,
@@ -254,7 +265,7 @@ def graph_cut(crf: GridCRF, weights: CRFWeights, truth: np.ndarray | None = None
     Returns:
         H×W uint8 labelling.
     """
-    w = _require_weights(weights).as_array()
+    w = _require_weights(weights).as_array(learned=True)  # w4 only cuts learned edges
     t = None if truth is None else crf.check_labelling(truth, "truth")
     return _cut(crf.unary_difference, crf.edges, w, t)
 
@@ -281,7 +292,7 @@ class GraphCutPool:
     def cut_all(self, crfs: Sequence[GridCRF], weights: CRFWeights,
                 truths: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
         """Graph cut of every CRF (loss-augmented where a truth is given), in order."""
-        w = _require_weights(weights).as_array()
+        w = _require_weights(weights).as_array(learned=True)
         truths = [None] * len(crfs) if truths is None else truths
         if len(truths) != len(crfs):
             raise ValueError(f"got {len(crfs)} CRFs but {len(truths)} truths")

@@ -13,7 +13,8 @@ from pipeline.crf.features import CRFWeights, GridCRF, hamming_loss
 from pipeline.crf.graphcut import GraphCutPool, graph_cut
 from pipeline.crf.qp import MarginQP
 
-__all__ = ["LearningResult", "cutting_plane", "envelope_gradient", "learn_weights"]
+__all__ = ["LearningResult", "cutting_plane", "edge_feature_gradient", "envelope_gradient",
+           "learn_weights"]
 
 #: Default violation threshold ε on the normalised loss scale (a fraction of the pixels).
 DEFAULT_TOL = 1e-4
@@ -123,10 +124,16 @@ def cutting_plane(crfs: Sequence[GridCRF], truths: Sequence[np.ndarray], *, C: f
                          "share its cuts: use update='pass' (or 'auto') with a pool")
     if working_sets is not None and len(working_sets) != n_samples:
         raise ValueError(f"got {n_samples} samples but {len(working_sets)} working sets")
+    n_features = crfs[0].n_features
+    if any(crf.n_features != n_features for crf in crfs):
+        raise ValueError("every CRF of a batch needs the same features (all with the learned "
+                         "edge feature, or none)")
     if qp is None:
-        qp = MarginQP(n_samples, C)
-    elif qp.n_samples != n_samples or qp.C != float(C):
-        raise ValueError("the given MarginQP was compiled for another batch size or C")
+        qp = MarginQP(n_samples, C, n_features=n_features)
+    elif (qp.n_samples != n_samples or qp.C != float(C)
+          or getattr(qp, "n_features", 3) != n_features):
+        raise ValueError("the given MarginQP was compiled for another batch size, C or "
+                         "number of features")
 
     ys = [crf.check_labelling(t, f"truth {n}") for n, (crf, t) in enumerate(zip(crfs, truths,
                                                                                  strict=True))]
@@ -143,7 +150,7 @@ def cutting_plane(crfs: Sequence[GridCRF], truths: Sequence[np.ndarray], *, C: f
         losses[n].append(hamming_loss(ys[n], y))
 
     def solve():
-        return qp.solve([np.array(b).reshape(-1, 3) for b in dpsi],
+        return qp.solve([np.array(b).reshape(-1, n_features) for b in dpsi],
                         [np.array(b) for b in losses])
 
     if working_sets is not None:
@@ -156,7 +163,7 @@ def cutting_plane(crfs: Sequence[GridCRF], truths: Sequence[np.ndarray], *, C: f
         solution = solve()
         w, xi = solution.w, solution.xi
     else:
-        w = (initial_weights or CRFWeights()).as_array()
+        w = (initial_weights or CRFWeights()).as_array(learned=n_features == 4)
         xi = np.zeros(n_samples)
         solution = None
 
@@ -215,7 +222,7 @@ def cutting_plane(crfs: Sequence[GridCRF], truths: Sequence[np.ndarray], *, C: f
         slacks=solution.xi,
         iterations=iterations,
         converged=converged,
-        dpsi=[np.array(b).reshape(-1, 3) for b in dpsi],
+        dpsi=[np.array(b).reshape(-1, n_features) for b in dpsi],
         losses=[np.array(b) for b in losses],
     )
 
@@ -246,6 +253,47 @@ def envelope_gradient(result: LearningResult, truths: Sequence[np.ndarray]) -> l
             weighted = np.tensordot(lam, mismatch, axes=1)
             grad = -w1 * (2.0 * t - 1.0) * weighted / t.size
         grads.append(grad)
+    return grads
+
+
+def edge_feature_gradient(result: LearningResult, crfs: Sequence[GridCRF],
+                          truths: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+    """∂γ/∂c for each sample's learned edge feature c_ij (one H×W array per edge direction,
+    at each edge's source node), by the envelope theorem.
+
+    With the working sets, w* and λ fixed at the optimum (DESIGN.md, general form),
+    ∂γ/∂c_ij = −w4*·Σ_{k∈S_n} λ_k·([y_k,i ≠ y_k,j] − [yₙ_i ≠ yₙ_j]) / P: raising the feature
+    of an edge that the violators cut (and the truth does not) raises their energy, which
+    relaxes their margin constraints and lowers γ. Edges no labelling treats differently from
+    the truth get exactly 0. Through c_ij = 1 − max(b_i, b_j) the boundary map gets −∂γ/∂c_ij
+    at the node holding the maximum.
+
+    Args:
+        result: the learner's result on CRFs built with a boundary map (4 weights).
+        crfs: those CRFs, in the same order.
+        truths: the ground-truth labellings.
+
+    Returns:
+        Per sample, per edge direction, an H×W float64 gradient.
+
+    Raises:
+        ValueError: mismatched lengths, or CRFs without the learned edge feature.
+    """
+    if not len(truths) == len(crfs) == len(result.working_sets):
+        raise ValueError(f"got {len(crfs)} CRFs and {len(truths)} truths for "
+                         f"{len(result.working_sets)} working sets")
+    if any(crf.n_features != 4 for crf in crfs):
+        raise ValueError("edge_feature_gradient needs CRFs with the learned edge feature")
+    w4 = result.weights.w4
+    grads = []
+    for crf, truth, ws, lam in zip(crfs, truths, result.working_sets, result.duals,
+                                   strict=True):
+        base = crf.cut_edges(truth)
+        per_edge = [np.zeros(crf.shape, dtype=np.float64) for _ in crf.edges]
+        for y, weight in zip(ws, lam, strict=True):
+            for e, cut in enumerate(crf.cut_edges(y)):
+                per_edge[e] += weight * (cut - base[e])
+        grads.append([-w4 * g / crf.n_pixels for g in per_edge])
     return grads
 
 

@@ -26,6 +26,7 @@ DEFAULT_SOLVER_OPTIONS: dict[str, float | int] = {
     "max_iter": 500,
 }
 
+#: The paper's features (ψ1, ψ2, ψ3); a CRF with the learned edge feature has a fourth.
 _N_FEATURES = 3
 
 
@@ -34,7 +35,7 @@ class QPSolution:
     """Optimum of the margin QP.
 
     Attributes:
-        w: optimal weights (3,), clipped at 0 against solver round-off.
+        w: optimal weights (3 or 4 of them), clipped at 0 against solver round-off.
         xi: optimal slacks (N,).
         gamma: objective value ½‖w‖² + (C/N)Σξ.
         duals: per sample, the multipliers λ_k ≥ 0 of its margin constraints.
@@ -60,13 +61,17 @@ class MarginQP:
         C: slack penalty (> 0); the objective uses C/N.
         capacity: initial number of constraint rows reserved per sample.
         solver_options: Clarabel settings overriding :data:`DEFAULT_SOLVER_OPTIONS`.
+        n_features: 3 (ψ1–ψ3), or 4 with the learned edge feature ψ4.
 
     Raises:
-        ValueError: N < 1 or C not a positive finite number.
+        ValueError: N < 1, C not a positive finite number, or n_features not 3 or 4.
     """
 
     def __init__(self, n_samples: int, C: float, *, capacity: int = 8,
-                 solver_options: dict | None = None) -> None:
+                 solver_options: dict | None = None, n_features: int = _N_FEATURES) -> None:
+        if n_features not in (3, 4):
+            raise ValueError(f"the margin QP has 3 or 4 features, got {n_features!r}")
+        self.n_features = int(n_features)
         if n_samples < 1:
             raise ValueError(f"the margin QP needs at least one sample, got {n_samples}")
         if not np.isfinite(C) or C <= 0:
@@ -80,9 +85,9 @@ class MarginQP:
     def _build(self, capacity: int) -> None:
         n, m = self.n_samples, capacity
         self.capacity = m
-        self._w = cp.Variable(_N_FEATURES, nonneg=True)
+        self._w = cp.Variable(self.n_features, nonneg=True)
         self._xi = cp.Variable(n, nonneg=True)
-        self._G = cp.Parameter((n * m, _N_FEATURES))
+        self._G = cp.Parameter((n * m, self.n_features))
         self._d = cp.Parameter(n * m)
         owner = sp.kron(sp.eye(n, format="csr"), np.ones((m, 1)), format="csr")
         self._margin = self._G @ self._w + owner @ self._xi >= self._d
@@ -93,7 +98,7 @@ class MarginQP:
         """Solves the QP for the given constraints.
 
         Args:
-            dpsi: per sample, a K_n×3 array of Δψ_k.
+            dpsi: per sample, a K_n×n_features array of Δψ_k.
             losses: per sample, the K_n losses Δ_k.
 
         Returns:
@@ -109,7 +114,7 @@ class MarginQP:
         counts = [len(block) for block in losses]
         if sum(counts) == 0:
             zeros = np.zeros(self.n_samples)
-            return QPSolution(np.zeros(_N_FEATURES), zeros, 0.0,
+            return QPSolution(np.zeros(self.n_features), zeros, 0.0,
                               [np.zeros(0) for _ in range(self.n_samples)])
         capacity = self.initial_capacity
         while capacity < max(counts):
@@ -117,10 +122,10 @@ class MarginQP:
         if capacity != self.capacity:
             self._build(capacity)
         m = self.capacity
-        G = np.zeros((self.n_samples * m, _N_FEATURES))
+        G = np.zeros((self.n_samples * m, self.n_features))
         d = np.full(self.n_samples * m, -1.0)
         for n, (block, loss) in enumerate(zip(dpsi, losses, strict=True)):
-            block = np.asarray(block, dtype=np.float64).reshape(-1, _N_FEATURES)
+            block = np.asarray(block, dtype=np.float64).reshape(-1, self.n_features)
             loss = np.asarray(loss, dtype=np.float64).reshape(-1)
             if len(block) != len(loss):
                 raise ValueError(f"sample {n}: {len(block)} feature rows but {len(loss)} losses")
