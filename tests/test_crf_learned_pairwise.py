@@ -152,3 +152,49 @@ def test_the_papers_three_features_are_untouched_and_old_weights_load():
                                              boundary=np.zeros((16, 16)))]
     with pytest.raises(ValueError, match="the same features"):
         cutting_plane(mixed, [sample.truth, sample.truth])
+
+
+def test_the_loss_sends_the_gradient_through_the_boundary_map():
+    """MaxMarginLoss with a boundary map: its backward gives ∂γ/∂b, which matches central
+    finite differences of γ (working sets fixed) through c_ij = 1 − max(b_i, b_j)."""
+    import torch
+
+    from pipeline.crf import MaxMarginLoss
+
+    shape = (10, 10)
+    samples = [noisy_blocks(shape, rng=60 + k, noise=2.0) for k in range(2)]
+    rng = np.random.default_rng(5)
+    boundary = torch.tensor(np.stack([
+        np.clip(0.6 * (np.abs(np.gradient(s.truth.astype(float))).sum(0) > 0)
+                + 0.35 * rng.random(shape), 0, 1) for s in samples]), requires_grad=True)
+    logits = torch.tensor(np.stack([np.log(s.prob) - np.log1p(-s.prob) for s in samples])[:, None],
+                          requires_grad=True)
+    images = torch.tensor(np.stack([s.image for s in samples])[:, None])
+    truths = torch.tensor(np.stack([s.truth for s in samples]).astype(np.float64))
+    loss = MaxMarginLoss(C=10.0, tol=0.0)
+    gamma = loss(logits, images, truths, boundary=boundary)
+    gamma.backward()
+    result = loss.last_result
+    assert result.weights.w4 > 0 and logits.grad is not None
+    grad = boundary.grad.numpy()
+
+    def gamma_at(b):
+        crfs = [GridCRF.from_logits(logits[n, 0].detach().numpy(), images[n].numpy(),
+                                    boundary=b[n]) for n in range(len(samples))]
+        return cutting_plane(crfs, [s.truth for s in samples], C=10.0,
+                             working_sets=result.working_sets, max_iterations=0,
+                             qp=MarginQP(len(samples), 10.0, n_features=4)).gamma
+
+    b0 = boundary.detach().numpy()
+    checked = 0
+    for n, r, c in np.argwhere(np.abs(grad) > 1e-6)[:6]:
+        h = 1e-7
+        up, down = b0.copy(), b0.copy()
+        up[n, r, c] += h
+        down[n, r, c] -= h
+        fd = (gamma_at(up) - gamma_at(down)) / (2 * h)
+        assert fd == pytest.approx(grad[n, r, c], rel=1e-4, abs=1e-10)
+        checked += 1
+    assert checked >= 3
+    with pytest.raises(ValueError, match="boundary must be B×H×W"):
+        loss(logits, images, truths, boundary=boundary[:, :5])

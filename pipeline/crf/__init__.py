@@ -25,6 +25,7 @@ from pipeline.crf.graphcut import (
 )
 from pipeline.crf.learning import (
     LearningResult,
+    boundary_gradient,
     cutting_plane,
     edge_feature_gradient,
     envelope_gradient,
@@ -43,6 +44,7 @@ __all__ = [
     "MaxMarginLoss",
     "PendingLabellings",
     "QPSolution",
+    "boundary_gradient",
     "cutting_plane",
     "data_driven_beta",
     "edge_feature_gradient",

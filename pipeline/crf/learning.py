@@ -13,8 +13,8 @@ from pipeline.crf.features import CRFWeights, GridCRF, hamming_loss
 from pipeline.crf.graphcut import GraphCutPool, graph_cut
 from pipeline.crf.qp import MarginQP
 
-__all__ = ["LearningResult", "cutting_plane", "edge_feature_gradient", "envelope_gradient",
-           "learn_weights"]
+__all__ = ["LearningResult", "boundary_gradient", "cutting_plane", "edge_feature_gradient",
+           "envelope_gradient", "learn_weights"]
 
 #: Default violation threshold ε on the normalised loss scale (a fraction of the pixels).
 DEFAULT_TOL = 1e-4
@@ -294,6 +294,30 @@ def edge_feature_gradient(result: LearningResult, crfs: Sequence[GridCRF],
             for e, cut in enumerate(crf.cut_edges(y)):
                 per_edge[e] += weight * (cut - base[e])
         grads.append([-w4 * g / crf.n_pixels for g in per_edge])
+    return grads
+
+
+def boundary_gradient(result: LearningResult, crfs: Sequence[GridCRF],
+                      truths: Sequence[np.ndarray],
+                      boundaries: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """∂γ/∂b for each sample's boundary map b, through c_ij = 1 − max(b_i, b_j): each edge's
+    −∂γ/∂c_ij goes to the end holding the larger b (the source node on a tie, a
+    subgradient), from :func:`edge_feature_gradient`.
+
+    Returns:
+        One H×W float64 gradient per sample.
+    """
+    grads = []
+    for crf, b, per_edge in zip(crfs, boundaries,
+                                edge_feature_gradient(result, crfs, truths), strict=True):
+        b = np.asarray(b, dtype=np.float64)
+        grad = np.zeros(crf.shape, dtype=np.float64)
+        for edge, g in zip(crf.edges, per_edge, strict=True):
+            g_src = g[edge.src]
+            src_wins = b[edge.src] >= b[edge.dst]
+            grad[edge.src] -= np.where(src_wins, g_src, 0.0)
+            grad[edge.dst] -= np.where(src_wins, 0.0, g_src)
+        grads.append(grad)
     return grads
 
 

@@ -9,24 +9,32 @@ import torch
 
 from pipeline.crf.features import CRFWeights, GridCRF
 from pipeline.crf.graphcut import GraphCutPool
-from pipeline.crf.learning import DEFAULT_TOL, LearningResult, cutting_plane, envelope_gradient
+from pipeline.crf.learning import (
+    DEFAULT_TOL,
+    LearningResult,
+    boundary_gradient,
+    cutting_plane,
+    envelope_gradient,
+)
 from pipeline.crf.qp import MarginQP
 
 __all__ = ["MaxMarginLoss"]
 
 
 class _MarginObjective(torch.autograd.Function):
-    """γ(a) with the precomputed envelope gradient as its backward."""
+    """γ(a, b) with the precomputed envelope gradients as its backward (b: the boundary maps,
+    or an empty tensor without the learned edge feature)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, gamma: torch.Tensor, grad: torch.Tensor):
-        ctx.save_for_backward(grad)
+    def forward(ctx, logits: torch.Tensor, boundary: torch.Tensor, gamma: torch.Tensor,
+                grad: torch.Tensor, grad_boundary: torch.Tensor):
+        ctx.save_for_backward(grad, grad_boundary)
         return gamma.clone()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad_output * grad, None, None
+        grad, grad_boundary = ctx.saved_tensors
+        return grad_output * grad, grad_output * grad_boundary, None, None, None
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -78,7 +86,7 @@ class MaxMarginLoss(torch.nn.Module):
         self.weights = initial_weights or CRFWeights()
         self.working_sets: dict[Hashable, list[np.ndarray]] = {}
         self.last_result: LearningResult | None = None
-        self._qps: dict[int, MarginQP] = {}
+        self._qps: dict[tuple[int, int], MarginQP] = {}
         self.workers = int(workers)
         self._pool: GraphCutPool | None = pool
         self._owns_pool = pool is None
@@ -92,10 +100,12 @@ class MaxMarginLoss(torch.nn.Module):
             return logits[:, 1] - logits[:, 0]
         return logits[:, 0]
 
-    def _qp_for(self, n_samples: int) -> MarginQP:
-        if n_samples not in self._qps:  # one compiled QP per batch size (last batches differ)
-            self._qps[n_samples] = MarginQP(n_samples, self.C, solver_options=self.solver_options)
-        return self._qps[n_samples]
+    def _qp_for(self, n_samples: int, n_features: int = 3) -> MarginQP:
+        key = (n_samples, n_features)
+        if key not in self._qps:  # one compiled QP per batch size (last batches differ)
+            self._qps[key] = MarginQP(n_samples, self.C, solver_options=self.solver_options,
+                                      n_features=n_features)
+        return self._qps[key]
 
     def _get_pool(self) -> GraphCutPool | None:
         if self._pool is None and self.workers > 0:
@@ -109,7 +119,8 @@ class MaxMarginLoss(torch.nn.Module):
             self._pool = None
 
     def forward(self, logits: torch.Tensor, images: torch.Tensor, truths: torch.Tensor,
-                ids: Sequence[Hashable] | None = None) -> torch.Tensor:
+                ids: Sequence[Hashable] | None = None,
+                boundary: torch.Tensor | None = None) -> torch.Tensor:
         """Runs the cutting plane on the batch and returns γ.
 
         Args:
@@ -118,6 +129,11 @@ class MaxMarginLoss(torch.nn.Module):
             truths: B×1×H×W (or B×H×W) ground truth in {0, 1}.
             ids: optional hashable sample ids; working sets of known ids warm-start the
                 cutting plane and are updated afterwards.
+            boundary: optional B×H×W (or B×1×H×W) boundary strengths in [0, 1] (e.g. a
+                network's boundary head): the CRF then has the learned edge feature ψ4 and
+                γ is differentiable with respect to them too
+                (:func:`pipeline.crf.learning.boundary_gradient`). Every batch of one loss
+                must have it, or none.
 
         Returns:
             γ as a 0-d tensor of the logits' dtype and device.
@@ -142,18 +158,27 @@ class MaxMarginLoss(torch.nn.Module):
         a_np, img_np, t_np = _to_numpy(a), _to_numpy(images), _to_numpy(t)
         if not np.all((t_np == 0) | (t_np == 1)):
             raise ValueError("truths must be binary (values 0 and 1 only)")
+        b_np = None
+        if boundary is not None:
+            b = boundary[:, 0] if boundary.ndim == 4 and boundary.shape[1] == 1 else boundary
+            if tuple(b.shape) != (batch, height, width):
+                raise ValueError(f"boundary must be B×H×W = {batch}×{height}×{width}, got "
+                                 f"shape {tuple(boundary.shape)}")
+            b_np = _to_numpy(b)
         crfs = []
         for n in range(batch):
             try:
-                crfs.append(GridCRF.from_logits(a_np[n], img_np[n],
-                                                connectivity=self.connectivity, beta=self.beta))
+                crfs.append(GridCRF.from_logits(
+                    a_np[n], img_np[n], connectivity=self.connectivity, beta=self.beta,
+                    boundary=None if b_np is None else b_np[n]))
             except ValueError as err:
                 raise ValueError(f"batch sample {n}: {err}") from None
         truth_list = [t_np[n].astype(np.uint8) for n in range(batch)]
         warm = None if ids is None else [self.working_sets.get(i, []) for i in ids]
         result = cutting_plane(crfs, truth_list, C=self.C, tol=self.tol,
                                max_iterations=self.max_iterations, initial_weights=self.weights,
-                               working_sets=warm, qp=self._qp_for(batch), pool=self._get_pool())
+                               working_sets=warm, qp=self._qp_for(batch, crfs[0].n_features),
+                               pool=self._get_pool())
         self.weights = result.weights
         self.last_result = result
         if ids is not None:
@@ -162,4 +187,9 @@ class MaxMarginLoss(torch.nn.Module):
         grad = np.stack(envelope_gradient(result, truth_list))
         grad_t = torch.as_tensor(grad, dtype=a.dtype, device=a.device)
         gamma = torch.tensor(result.gamma, dtype=a.dtype, device=a.device)
-        return _MarginObjective.apply(a, gamma, grad_t)
+        if b_np is None:
+            empty = a.new_zeros(0)
+            return _MarginObjective.apply(a, empty, gamma, grad_t, empty)
+        grad_b = np.stack(boundary_gradient(result, crfs, truth_list, list(b_np)))
+        return _MarginObjective.apply(a, b, gamma, grad_t,
+                                      torch.as_tensor(grad_b, dtype=b.dtype, device=b.device))
