@@ -37,7 +37,10 @@ def cases(tmp_path_factory):
 def test_one_view_is_cut_batch_by_batch_while_the_network_runs(cta_model_three_views, cases):
     volume = read_volume(cases / "a.nii.gz")
     serial = VolumePredictor(cta_model_three_views, ["axial"], batch_size=5).predict(volume)
-    with VolumePredictor(cta_model_three_views, ["axial"], batch_size=5, workers=2) as pooled:
+    with VolumePredictor(cta_model_three_views, ["axial"], batch_size=5, workers=2) as cpu:
+        assert not cpu.pipelined  # on the CPU the cuts follow the network by default
+    with VolumePredictor(cta_model_three_views, ["axial"], batch_size=5, workers=2,
+                         pipeline=True) as pooled:
         assert pooled.pipelined
         pending = pooled.start(volume)
         assert pending.cut_batches == 5  # 24 slices in batches of 5: each sent on its own
@@ -52,12 +55,13 @@ def test_fused_views_are_cut_in_the_workers_with_the_serial_masks(cta_model_thre
     volume = read_volume(cases / "b.nii.gz")
     views = ["coronal", "axial", "sagittal"]
     serial = VolumePredictor(cta_model_three_views, views).predict(volume)
-    with VolumePredictor(cta_model_three_views, views, workers=2) as pooled:
+    with VolumePredictor(cta_model_three_views, views, workers=2, pipeline=True) as pooled:
         pending = pooled.start(volume)
         assert pending.cut_batches == 1  # the fused volume's slices, all at once
         again = pending.result()
     np.testing.assert_array_equal(again.crf, serial.crf)
-    with VolumePredictor(cta_model_three_views, ["axial"], workers=2, crf_3d=True) as cut3d:
+    with VolumePredictor(cta_model_three_views, ["axial"], workers=2, crf_3d=True,
+                         pipeline=True) as cut3d:
         assert not cut3d.pipelined  # the 3-D cut runs in this process
 
 
@@ -69,7 +73,7 @@ def test_batch_pipeline_writes_the_serial_masks_and_keeps_bad_cases_apart(
     found = find_cases(src)
     serial = run_batch(found, tmp_path / "serial", VolumePredictor(cta_model_three_views),
                        progress=False)
-    with VolumePredictor(cta_model_three_views, workers=2) as pooled:
+    with VolumePredictor(cta_model_three_views, workers=2, pipeline=True) as pooled:
         piped = run_batch(found, tmp_path / "piped", pooled, progress=False)
     assert [r["case"] for r in piped] == [r["case"] for r in serial]
     assert [r["status"] for r in piped] == [r["status"] for r in serial]

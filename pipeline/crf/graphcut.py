@@ -316,24 +316,27 @@ class GraphCutPool:
     def submit_map_labellings(self, probs: Sequence[np.ndarray], images: Sequence[np.ndarray],
                               weights: CRFWeights, *, connectivity: int = 4,
                               beta: float | None = None) -> PendingLabellings:
-        """Starts :func:`map_labelling` of every (probability, image) pair in the workers and
-        returns at once: the pairs are planned *and* cut there, so this process is free (e.g.
-        for the network's next batch) while they run. The labellings are those of
+        """Starts :func:`map_labelling` of every (probability, image) pair and returns at once,
+        so this process is free (e.g. for the network's next batch) while the cuts run. As in
+        :meth:`map_labellings`, this process checks each pair, takes β and decides the
+        confident pixels; only the boxes left to cut travel to a worker (a few percent of a
+        confident network's slice, instead of whole slices). The labellings are those of
         :func:`map_labelling`, bit for bit.
 
         Returns:
-            The pending labellings; ``result()`` waits for them, in order (and raises the
-            ValueError of a bad pair there).
+            The pending labellings; ``result()`` waits for them, in order.
+
+        Raises:
+            ValueError: a bad pair (the message names what is wrong), or lengths that differ.
         """
-        w = _require_weights(weights)
+        _require_weights(weights)
         if len(probs) != len(images):
             raise ValueError(f"got {len(probs)} probability maps but {len(images)} images")
-        n_chunks = min(len(probs), self.workers)
-        chunks = [list(range(k, len(probs), n_chunks)) for k in range(n_chunks)]
-        futures = [self._executor.submit(_map_labellings_task, [probs[i] for i in idx],
-                                         [images[i] for i in idx], w, connectivity, beta)
-                   for idx in chunks]
-        return PendingLabellings(len(probs), chunks, futures)
+        plans = [_map_plan(p, x, weights, connectivity, beta)
+                 for p, x in zip(probs, images, strict=True)]
+        jobs = [(plan.run, plan.args) for plan in plans if plan.box is not None]
+        return PendingLabellings(plans, self._executor.submit(_run_boxes, jobs) if jobs
+                                 else None)
 
     def _solve(self, plans: list[Callable[[], _Plan]]) -> list[np.ndarray]:
         """Makes each plan here and cuts its box in the workers; labellings in order.
@@ -370,30 +373,21 @@ class GraphCutPool:
 class PendingLabellings:
     """Labellings being cut in a pool (:meth:`GraphCutPool.submit_map_labellings`)."""
 
-    def __init__(self, count: int, chunks: list[list[int]], futures: list) -> None:
-        self._count, self._chunks, self._futures = count, chunks, futures
+    def __init__(self, plans: list[_Plan], future) -> None:
+        self._plans, self._future = plans, future
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._plans)
 
     def done(self) -> bool:
         """Whether every labelling is ready (``result()`` would not wait)."""
-        return all(f.done() for f in self._futures)
+        return self._future is None or self._future.done()
 
     def result(self) -> list[np.ndarray]:
         """The H×W uint8 labellings, in the order the pairs were given (waits for them)."""
-        out: list[np.ndarray | None] = [None] * self._count
-        for idx, future in zip(self._chunks, self._futures, strict=True):
-            for i, labels in zip(idx, future.result(), strict=True):
-                out[i] = labels
-        return out  # type: ignore[return-value]
-
-
-def _map_labellings_task(probs: list[np.ndarray], images: list[np.ndarray], weights: CRFWeights,
-                         connectivity: int, beta: float | None) -> list[np.ndarray]:
-    """Pool-worker task: :func:`map_labelling` of several pairs."""
-    return [map_labelling(p, x, weights, connectivity=connectivity, beta=beta)
-            for p, x in zip(probs, images, strict=True)]
+        boxes = iter(self._future.result() if self._future is not None else ())
+        return [plan.solve(next(boxes)) if plan.box is not None else plan.labels
+                for plan in self._plans]
 
 
 def map_labelling(prob: np.ndarray, image: np.ndarray, weights: CRFWeights, *,

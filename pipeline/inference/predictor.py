@@ -202,8 +202,8 @@ class VolumePredictor(_GraphCutWorkers):
             in axial, coronal, sagittal order.
         batch_size: slices per CNN forward pass.
         workers: graph-cut worker processes (0: in this process). With workers, the
-            per-slice graph cuts run in them while the network goes on (a pipeline, see
-            :meth:`start`); the masks are the serial run's.
+            per-slice graph cuts can run in them while the network goes on (``pipeline``,
+            :meth:`start`); the masks are the serial run's either way.
         device: where the CNN runs: ``auto`` (CUDA when available), ``cpu``, ``cuda``,
             ``cuda:N`` or a torch device (:func:`pipeline.distributed.resolve_device`); the
             graph cuts stay on the CPU. Checkpoints load on any device (read on the CPU,
@@ -224,9 +224,12 @@ class VolumePredictor(_GraphCutWorkers):
         amp: run the network in mixed precision (float16 on CUDA, bfloat16 on the CPU;
             :func:`pipeline.models.autocast`). The probabilities differ from full precision
             by rounding (on the order of 1e-3), so a few boundary voxels may change.
-        pipeline: with workers, cut while the network goes on (default); False: the network
-            finishes first, then the workers cut (as before the pipeline; for comparison,
-            and it holds one case in memory at a time instead of two).
+        pipeline: with workers, cut while the network goes on (True), or let the network
+            finish first and then the workers cut (False: one case in memory at a time).
+            Default (None): the pipeline where the network runs on a GPU, whose cores the
+            cuts do not compete for. Measured on 2 CPU cores (``benchmarks/bench_infer.py``),
+            the pipeline is 1.01–1.15× slower than cutting after the network, confident or
+            unsure network alike: the network's threads and the cut workers share the cores.
 
     Raises:
         ValueError: unknown view, no model for a requested view, or a model asked to run on
@@ -237,8 +240,7 @@ class VolumePredictor(_GraphCutWorkers):
                  views: Sequence[str] | None = None, *, batch_size: int = 16,
                  workers: int = 0, device: str | torch.device = "cpu",
                  crf_3d: bool = False, any_view: bool = False, tta: bool = False,
-                 amp: bool = False, pipeline: bool = True) -> None:
-        self.pipeline = bool(pipeline)
+                 amp: bool = False, pipeline: bool | None = None) -> None:
         self.crf_3d = bool(crf_3d)
         self.tta = bool(tta)
         self.amp = bool(amp)
@@ -277,6 +279,7 @@ class VolumePredictor(_GraphCutWorkers):
                                  f"{view} slices with it; leave out --view (the model's own "
                                  f"view is the default) or give one model per view")
         self.device = torch.device(device)
+        self.pipeline = self.device.type == "cuda" if pipeline is None else bool(pipeline)
         self.batch_size = batch_size
         self.pool = GraphCutPool(workers) if workers > 0 else None
 
