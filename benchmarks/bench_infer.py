@@ -3,7 +3,8 @@
 Targets (issue 6): CRF share of inference time ≤ 25% with the CPU-sized network; graph cuts
 in 2 worker processes ≥ 1.5× faster than in one. Issue 17: the pipeline (each batch of
 slices cut in the workers while the network runs the next; the default only where the network
-runs on a GPU) takes ≤ 0.8× the whole-volume time of the staged run (network first, then the same workers cut), ``pipeline_vs_serial``;
+runs on a GPU) takes ≤ 0.8× the whole-volume time of the staged run (network first, then the
+same workers cut), ``pipeline_vs_serial``;
 ``unsure_pipeline_vs_serial`` is the same ratio with the network made unsure (logits / 4),
 where the cuts, not the persistency planning done in this process, are the CRF's work.
 With ``--device cuda`` the CPU runs the same network beside it (``cnn_at_<size>_cuda_vs_cpu``)
