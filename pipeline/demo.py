@@ -63,7 +63,7 @@ def run_crf_demo(*, size: int = 96, n_train: int = 8, n_test: int = 8, C: float 
     j_thr = compute_jaccard(thresholded, truth)
     j_crf = compute_jaccard(refined, truth)
     demo = CRFDemoResult(
-        weights={k: float(v) for k, v in asdict(result.weights).items()},
+        weights=result.weights.to_dict(),
         gamma=result.gamma, iterations=result.iterations, converged=result.converged, C=C,
         size=size, n_train=n_train, n_test=n_test,
         jaccard_threshold=float(np.nanmean(j_thr)), jaccard_crf=float(np.nanmean(j_crf)),

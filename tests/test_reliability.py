@@ -449,3 +449,14 @@ def test_an_unexpected_error_in_one_case_fails_only_that_case(model, good, tmp_p
     assert rows["good"]["status"] == "ok"
     assert rows["odd"]["status"] == "failed"
     assert "odd.nii.gz: unexpected TypeError (an input nobody foresaw)" in rows["odd"]["error"]
+
+
+def test_random_bytes_are_never_taken_for_a_checkpoint(tmp_path):
+    """Whatever torch's unpickler trips over in random bytes (UnpicklingError, IndexError,
+    EOFError, ...), the message is the same: not a trusted mmcrf checkpoint."""
+    rng = np.random.default_rng(0)
+    for k in range(40):
+        path = tmp_path / f"noise{k}.pt"
+        path.write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+        with pytest.raises(ValueError, match=f"noise{k}.pt: not a trusted mmcrf checkpoint"):
+            load_checkpoint(path)

@@ -69,6 +69,11 @@ class CRFWeights:
         values = [self.w1, self.w2, self.w3] + ([self.w4] if learned else [])
         return np.array(values, dtype=np.float64)
 
+    def to_dict(self) -> dict[str, float]:
+        """{"w1": …, "w2": …, "w3": …} (and "w4" where it is not 0), e.g. for JSON."""
+        names = ("w1", "w2", "w3", "w4") if self.w4 else ("w1", "w2", "w3")
+        return {name: float(getattr(self, name)) for name in names}
+
     @classmethod
     def from_array(cls, values: Sequence[float] | np.ndarray, *, clip: float = 0.0) -> CRFWeights:
         """Builds weights from a vector of 3 (w1, w2, w3) or 4 (…, w4) values; entries in

@@ -290,6 +290,11 @@ def load_weights_only(path: str | os.PathLike, what: str) -> Any:
                          f"({detail[:160] or 'not a plain tensor file'}); it was not loaded, "
                          f"and no other way of loading it is safe") from None
     except Exception as err:
+        with p.open("rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format: a zip archive
+        if not zipped:  # e.g. random bytes: whatever torch's unpickler tripped over
+            raise ValueError(f"{p}: not a trusted mmcrf {what}: not a PyTorch tensor file "
+                             f"({type(err).__name__}); it was not loaded") from None
         raise ValueError(f"{p}: cannot load {what} ({type(err).__name__}: {err})") from None
 
 
