@@ -7,7 +7,6 @@ GHSA-873f-pvrv-4x83); checkpoints are loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
-import fnmatch
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from pipeline.engines import (
     stage_checkpoint,
 )
 from pipeline.inference import VolumePredictor, find_cases, run_batch, segment_frames
-from pipeline.inference.discovery import OUTPUT_MARKER
+from pipeline.inference.discovery import find_files
 from pipeline.inference.images import segment_image_folder
 from pipeline.models import load_network_weights
 from pipeline.reports import collect_provenance
@@ -226,13 +225,4 @@ def input_list(input_dir: str, exclude: list[str] | None = None,
     root = Path(input_dir)
     if subfolder and (root / subfolder).is_dir():
         root = root / subfolder
-    found = []
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if (not path.is_file() or not path.name.lower().endswith(tuple(suffixes))
-                or any(part.startswith(".") for part in rel.parts)
-                or any((parent / OUTPUT_MARKER).exists() for parent in path.parents)
-                or any(fnmatch.fnmatch(path.name, p) for p in exclude or ())):
-            continue
-        found.append({"image": str(path)})
-    return found
+    return [{"image": str(path)} for path in find_files(root, suffixes, exclude=exclude or ())]

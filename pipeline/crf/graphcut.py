@@ -102,7 +102,7 @@ def _undecided_box(undecided: np.ndarray) -> tuple[slice, ...] | None:
 def _grid_cut(diff: np.ndarray, edges: Sequence[tuple], w2: float, w3: float,
               w4: float = 0.0) -> np.ndarray:
     """The cut of one grid: ``diff`` = w1·(cost1 − cost0) per node (overwritten), ``edges``
-    (PyMaxflow structure, contrast[, learned edge feature or None]) per edge direction; edge
+    (PyMaxflow structure, contrast, learned edge feature or None) per edge direction; edge
     capacity w2 + w3·contrast (+ w4·learned)."""
     # Only the difference of the two unaries matters: it goes to the source edge where
     # positive and to the sink edge where negative; label 1 is the sink side.
@@ -113,8 +113,7 @@ def _grid_cut(diff: np.ndarray, edges: Sequence[tuple], w2: float, w3: float,
     ids = graph.add_grid_nodes(diff.shape)
     graph.add_grid_tedges(ids, source, diff)
     if w2 > 0 or w3 > 0 or w4 > 0:
-        for structure, contrast, *more in edges:
-            learned = more[0] if more else None
+        for structure, contrast, learned in edges:
             if w3 > 0:
                 capacity = contrast * w3
                 capacity += w2
@@ -168,12 +167,10 @@ def _cut_plan(unary_difference: np.ndarray, edges: Sequence[_Edges], weights: np
     box = _undecided_box(np.abs(diff) <= _pairwise_bound(maxima))
     if box is None:
         return _Plan(labels)
-    if not learned:  # the paper's three features
-        return _Plan(labels, box, _grid_cut,
-                     (diff[box], [(e.structure, e.contrast[box]) for e in edges], w2, w3))
     return _Plan(labels, box, _grid_cut,
-                 (diff[box], [(e.structure, e.contrast[box], e.learned[box]) for e in edges],
-                  w2, w3, w4))
+                 (diff[box], [(e.structure, e.contrast[box],
+                               e.learned[box] if learned else None) for e in edges],
+                  w2, w3, w4 if learned else 0.0))
 
 
 def _cut(unary_difference: np.ndarray, edges: Sequence[_Edges], weights: np.ndarray,
@@ -332,11 +329,8 @@ class GraphCutPool:
         _require_weights(weights)
         if len(probs) != len(images):
             raise ValueError(f"got {len(probs)} probability maps but {len(images)} images")
-        plans = [_map_plan(p, x, weights, connectivity, beta)
-                 for p, x in zip(probs, images, strict=True)]
-        jobs = [(plan.run, plan.args) for plan in plans if plan.box is not None]
-        return PendingLabellings(plans, self._executor.submit(_run_boxes, jobs) if jobs
-                                 else None)
+        return self._submit([_map_plan(p, x, weights, connectivity, beta)
+                             for p, x in zip(probs, images, strict=True)])
 
     def _solve(self, plans: list[Callable[[], _Plan]]) -> list[np.ndarray]:
         """Makes each plan here and cuts its box in the workers; labellings in order.
@@ -349,15 +343,19 @@ class GraphCutPool:
         n_chunks = min(len(plans), 4 * self.workers)
         sent = []
         for k in range(n_chunks):
-            made = [(i, plans[i]()) for i in range(k, len(plans), n_chunks)]
-            jobs = [(plan.run, plan.args) for _, plan in made if plan.box is not None]
-            sent.append((made, self._executor.submit(_run_boxes, jobs) if jobs else None))
+            indices = list(range(k, len(plans), n_chunks))
+            sent.append((indices, self._submit([plans[i]() for i in indices])))
         out: list[np.ndarray | None] = [None] * len(plans)
-        for made, future in sent:
-            boxes = iter(future.result() if future is not None else ())
-            for i, plan in made:
-                out[i] = plan.solve(next(boxes)) if plan.box is not None else plan.labels
+        for indices, pending in sent:
+            for i, labels in zip(indices, pending.result(), strict=True):
+                out[i] = labels
         return out  # type: ignore[return-value]
+
+    def _submit(self, plans: list[_Plan]) -> PendingLabellings:
+        """Sends the boxes the plans leave to cut to one worker (nothing when none is left)."""
+        jobs = [(plan.run, plan.args) for plan in plans if plan.box is not None]
+        return PendingLabellings(plans, self._executor.submit(_run_boxes, jobs) if jobs
+                                 else None)
 
     def close(self) -> None:
         """Stops the workers."""
@@ -375,13 +373,6 @@ class PendingLabellings:
 
     def __init__(self, plans: list[_Plan], future) -> None:
         self._plans, self._future = plans, future
-
-    def __len__(self) -> int:
-        return len(self._plans)
-
-    def done(self) -> bool:
-        """Whether every labelling is ready (``result()`` would not wait)."""
-        return self._future is None or self._future.done()
 
     def result(self) -> list[np.ndarray]:
         """The H×W uint8 labellings, in the order the pairs were given (waits for them)."""

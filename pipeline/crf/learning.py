@@ -130,8 +130,7 @@ def cutting_plane(crfs: Sequence[GridCRF], truths: Sequence[np.ndarray], *, C: f
                          "edge feature, or none)")
     if qp is None:
         qp = MarginQP(n_samples, C, n_features=n_features)
-    elif (qp.n_samples != n_samples or qp.C != float(C)
-          or getattr(qp, "n_features", 3) != n_features):
+    elif qp.n_samples != n_samples or qp.C != float(C) or qp.n_features != n_features:
         raise ValueError("the given MarginQP was compiled for another batch size, C or "
                          "number of features")
 

@@ -34,10 +34,12 @@ _GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", 
              "SeriesInstanceUID")
 
 
-def _read_headers(source_files: Sequence[str | os.PathLike]) -> list[pydicom.Dataset]:
-    """Headers (no pixel data) of the source instances, checked to form one series."""
+def _read_headers(source_files: Sequence[str | os.PathLike],
+                  what: str = "DICOM SEG") -> list[pydicom.Dataset]:
+    """Headers (no pixel data) of the source instances, checked to form one series that a
+    ``what`` (the object that will reference them) can reference."""
     if not source_files:
-        raise ValueError("write_dicom_seg: no source DICOM files given")
+        raise ValueError(f"{what}: no source DICOM files given")
     headers = []
     for path in source_files:
         try:
@@ -47,7 +49,7 @@ def _read_headers(source_files: Sequence[str | os.PathLike]) -> list[pydicom.Dat
         missing = [key for key in _GEOMETRY if key not in ds or ds[key].is_empty]
         if missing:
             raise ValueError(f"{path}: DICOM file has no {', '.join(missing)} (absent or "
-                             f"empty, e.g. removed by anonymisation); a DICOM SEG cannot "
+                             f"empty, e.g. removed by anonymisation); a {what} cannot "
                              f"reference it")
         headers.append(ds)
     first = headers[0]
@@ -62,7 +64,7 @@ def _read_headers(source_files: Sequence[str | os.PathLike]) -> list[pydicom.Dat
                              f"series")
     uids = [str(ds.SOPInstanceUID) for ds in headers]
     if len(set(uids)) != len(uids):
-        raise ValueError("write_dicom_seg: a SOPInstanceUID occurs twice among the source files")
+        raise ValueError(f"{what}: a SOPInstanceUID occurs twice among the source files")
     return headers
 
 

@@ -51,7 +51,7 @@ def write_rtstruct(mask: np.ndarray, source_files: Sequence[str | os.PathLike],
     """
     from rt_utils import RTStructBuilder
 
-    headers = _read_headers(source_files)
+    headers = _read_headers(source_files, "RT Structure Set")
     affine = series_affine(headers) if affine is None else np.asarray(affine, np.float64)
     planes = _source_planes(np.asarray(mask).astype(bool), affine, headers)
     if not planes.any():

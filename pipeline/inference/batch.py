@@ -327,13 +327,13 @@ def _attempt(row: dict, case: Case, paths: dict[str, Path], step: Callable[[], o
     return None
 
 
-def _finish(row: dict, case: Case, finish: Callable[[], dict], elapsed: float, *,
-            paths_of: Callable[[Case], dict[str, Path]], done: Callable[[dict], None]) -> None:
-    """The second half of a started case: its row completed (or failed) and recorded."""
+def _finish(row: dict, case: Case, paths: dict[str, Path], finish: Callable[[], dict],
+            elapsed: float) -> dict:
+    """The second half of a started case: its row, completed (or failed)."""
     start = time.perf_counter()
-    _attempt(row, case, paths_of(case), finish)
+    _attempt(row, case, paths, finish)
     row["seconds"] = round(elapsed + time.perf_counter() - start, 3)
-    done(row)
+    return row
 
 
 def run_cases(cases: Sequence[Case], out_dir: str | os.PathLike,
@@ -387,7 +387,7 @@ def run_cases(cases: Sequence[Case], out_dir: str | os.PathLike,
         rows.append(row)
         _write_table(rows, summary_path, columns)
 
-    pending: tuple[dict, Case, Callable[[], dict], float] | None = None
+    pending: tuple[dict, Case, dict[str, Path], Callable[[], dict], float] | None = None
     for case in tqdm(mine, desc="cases", unit="case", disable=not progress):
         row = {**dict.fromkeys(columns, ""), "case": case.name, "input": str(case.path),
                **{k: v for k, v in _provenance_columns(provenance).items() if k in columns}}
@@ -421,15 +421,15 @@ def run_cases(cases: Sequence[Case], out_dir: str | os.PathLike,
                 finish = outcome
         elapsed = time.perf_counter() - start
         if pending is not None:  # the previous case's second half, while this one's cuts run
-            _finish(*pending, paths_of=lambda c: output_paths(c, out), done=done)
+            done(_finish(*pending))
             pending = None
         if finish is not None:
-            pending = (row, case, finish, elapsed)
+            pending = (row, case, paths, finish, elapsed)
         else:
             row["seconds"] = round(elapsed, 3)
             done(row)
     if pending is not None:
-        _finish(*pending, paths_of=lambda c: output_paths(c, out), done=done)
+        done(_finish(*pending))
     if dist.world_size() > 1:
         gathered = dist.all_gather_objects(rows)
         rows = sorted((r for part in gathered for r in part), key=lambda r: r["case"])

@@ -103,6 +103,18 @@ def _walk(root: Path, skip: Path | None) -> list[tuple[Path, Path, list[Path]]]:
     return found
 
 
+def find_files(source: str | os.PathLike, suffixes: Sequence[str], *,
+               exclude: Sequence[str] = ()) -> list[Path]:
+    """Every file under ``source`` whose name ends in one of ``suffixes`` (case-insensitive),
+    found by the same walk as :func:`find_cases` (links followed once; hidden names and
+    output folders left out), without the names matching an ``exclude`` glob pattern; sorted.
+    """
+    ends = tuple(s.lower() for s in suffixes)
+    return sorted(f for _, _, files in _walk(Path(source), None) for f in files
+                  if f.name.lower().endswith(ends)
+                  and not any(fnmatch.fnmatch(f.name, pattern) for pattern in exclude))
+
+
 def _with_unique_names(cases: list[Case]) -> list[Case]:
     """Cases whose output names collide (e.g. a DICOM folder ``ct`` beside ``ct.nii.gz``)
     all get a problem naming the others: none is skipped against another's mask."""
