@@ -128,6 +128,32 @@ def test_output_pixels_lie_over_their_input_pixels(fc_kernel):
             setattr(model, name, getattr(model, name) - 1)
 
 
+@pytest.mark.parametrize("fc_kernel", [3, 7])
+def test_boundary_head_pixels_lie_over_their_input_pixels(fc_kernel):
+    # The boundary head's five paths (fc7, pool4, pool3 as the decoder's, plus the pool2 and
+    # pool1 side outputs) each carry a linearised ramp once: 5× the ramp, and one cell off at
+    # any of its crops breaks the equality.
+    from pipeline.networks import boundary_outputs
+
+    model = _linearise(FCN8s(1, 1, width=TINY, fc_kernel=fc_kernel, dropout=0.0,
+                             boundary_head=True))
+    h, w = 167, 229
+    ramp_w = torch.arange(w, dtype=torch.float32).expand(1, 1, h, w)
+    ramp_h = torch.arange(h, dtype=torch.float32)[:, None].expand(1, 1, h, w)
+    inner = (slice(None), slice(None), slice(64, -64), slice(64, -64))
+    head = model.boundary
+    with torch.no_grad(), boundary_outputs(model):
+        for ramp in (ramp_w, ramp_h):
+            out = model(ramp)
+            torch.testing.assert_close(out[:, :1][inner], 3 * ramp[inner], atol=1e-3, rtol=0)
+            torch.testing.assert_close(out[:, 1:][inner], 5 * ramp[inner], atol=1e-3, rtol=0)
+        for name in ("offset_out", "offset_pool3", "offset_pool4", "offset_side1",
+                     "offset_side2"):
+            setattr(head, name, getattr(head, name) + 1)
+            assert (model(ramp_w)[:, 1:][inner] - 5 * ramp_w[inner]).abs().max() >= 1.0, name
+            setattr(head, name, getattr(head, name) - 1)
+
+
 def test_gradients_reach_the_first_convolution():
     model = FCN8s.lite(3).train()
     target = (torch.rand(2, 1, 40, 52) > 0.5).float()

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -13,9 +14,12 @@ __all__ = [
     "MIN_INPUT_SIZE",
     "FCN8s",
     "bilinear_kernel",
+    "boundary_outputs",
     "count_parameters",
+    "load_network_state",
     "load_vgg16_weights",
     "min_padding",
+    "split_boundary",
 ]
 
 #: Smallest input height and width accepted: one cell of the network's stride-32 output grid.
@@ -150,6 +154,50 @@ def _fuse(upsampled: Tensor, skip: Tensor, offset: int) -> Tensor:
     return upsampled[:, :, :h, :w] + skip[:, :, offset:offset + h, offset:offset + w]
 
 
+class _BoundaryHead(nn.Module):
+    """Boundary logits at the input's resolution: FCN-8s's decoder once more (stride 32, 16
+    and 8 scores fused), plus side outputs of pool1 and pool2 (strides 2 and 4) for the detail
+    a boundary needs, as HED's side outputs give it; the maps are summed.
+
+    A bilinear ConvTranspose2d of kernel 2f and stride f puts output index i at input
+    coordinate o + i − (2f − 1)/2 for a map of stride f whose index 0 sits at o (see
+    :func:`_crop_offsets`); pool1 (o = 1.5 − p, stride 2) and pool2 (o = 2.5 − p, stride 4)
+    are therefore upsampled to stride 1 and cropped from p and p + 1, p being the first
+    convolution's padding.
+    """
+
+    def __init__(self, fc_channels: int, pool4_channels: int, pool3_channels: int,
+                 pool2_channels: int, pool1_channels: int, padding: int,
+                 offset_pool4: int, offset_pool3: int, offset_out: int) -> None:
+        super().__init__()
+        self.score_fr = nn.Conv2d(fc_channels, 1, 1)
+        self.score_pool4 = nn.Conv2d(pool4_channels, 1, 1)
+        self.score_pool3 = nn.Conv2d(pool3_channels, 1, 1)
+        self.score_pool2 = nn.Conv2d(pool2_channels, 1, 1)
+        self.score_pool1 = nn.Conv2d(pool1_channels, 1, 1)
+        self.upscore2 = nn.ConvTranspose2d(1, 1, 4, stride=2, bias=False)
+        self.upscore_pool4 = nn.ConvTranspose2d(1, 1, 4, stride=2, bias=False)
+        self.upscore8 = nn.ConvTranspose2d(1, 1, 16, stride=8, bias=False)
+        self.upscore_pool2 = nn.ConvTranspose2d(1, 1, 8, stride=4, bias=False)
+        self.upscore_pool1 = nn.ConvTranspose2d(1, 1, 4, stride=2, bias=False)
+        self.offset_pool4, self.offset_pool3, self.offset_out = (offset_pool4, offset_pool3,
+                                                                 offset_out)
+        self.offset_side2, self.offset_side1 = padding + 1, padding
+
+    def forward(self, fc7: Tensor, pool4: Tensor, pool3: Tensor, pool2: Tensor,
+                pool1: Tensor, h: int, w: int) -> Tensor:
+        """B×1×H×W boundary logits from the backbone's features."""
+        scores = _fuse(self.upscore2(self.score_fr(fc7)), self.score_pool4(pool4),
+                       self.offset_pool4)
+        scores = _fuse(self.upscore_pool4(scores), self.score_pool3(pool3), self.offset_pool3)
+        scores = self.upscore8(scores)
+        o, o2, o1 = self.offset_out, self.offset_side2, self.offset_side1
+        side2 = self.upscore_pool2(self.score_pool2(pool2))
+        side1 = self.upscore_pool1(self.score_pool1(pool1))
+        return (scores[:, :, o:o + h, o:o + w] + side2[:, :, o2:o2 + h, o2:o2 + w]
+                + side1[:, :, o1:o1 + h, o1:o1 + w])
+
+
 class FCN8s(nn.Module):
     """FCN-8s: VGG16 features, fc6/fc7 as convolutions, skips from pool3 and pool4.
 
@@ -177,6 +225,16 @@ class FCN8s(nn.Module):
             the Caffe VGG16 mean inside the model, as pretrained VGG16 weights expect; the first
             convolution then always has three input channels.
         freeze_blocks: the first N (0–5) VGG blocks get ``requires_grad=False``.
+        boundary_head: add a boundary head: score layers of its own on the same fc7, pool4
+            and pool3 features, fused and upsampled as the segmentation scores are, giving
+            one boundary logit per pixel (its sigmoid is the boundary strength b of the CRF's
+            learned edge feature). The network returns it as an extra last channel only
+            while :attr:`emit_boundary` is set (:func:`boundary_outputs`), so every consumer
+            of the segmentation logits works unchanged.
+
+    Attributes:
+        emit_boundary: whether :meth:`forward` appends the boundary logits (False on
+            construction; only meaningful with a boundary head).
 
     Raises:
         ValueError: an argument is out of range, or the pretrained file does not fit.
@@ -195,6 +253,7 @@ class FCN8s(nn.Module):
         pretrained_path: str | os.PathLike | None = None,
         input_norm: str | None = None,
         freeze_blocks: int = 0,
+        boundary_head: bool = False,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -260,6 +319,13 @@ class FCN8s(nn.Module):
         self.upscore_pool4 = nn.ConvTranspose2d(out_channels, out_channels, 4, stride=2,
                                                 bias=False)
         self.upscore8 = nn.ConvTranspose2d(out_channels, out_channels, 16, stride=8, bias=False)
+        self.boundary_head = bool(boundary_head)
+        self.emit_boundary = False
+        self.boundary = (_BoundaryHead(fc_channels, pool4_ch, pool3_ch,
+                                       _scaled(_VGG16_CHANNELS[1], width),
+                                       _scaled(_VGG16_CHANNELS[0], width), padding,
+                                       self.offset_pool4, self.offset_pool3, self.offset_out)
+                         if self.boundary_head else None)
         self._init_weights()
         if pretrained_path is not None:
             load_vgg16_weights(self, pretrained_path)
@@ -329,11 +395,20 @@ class FCN8s(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                 nn.init.zeros_(module.bias)
-        for score in (self.score_fr, self.score_pool4, self.score_pool3):
-            nn.init.normal_(score.weight, std=0.01)
-        with torch.no_grad():
-            for up in (self.upscore2, self.upscore_pool4, self.upscore8):
-                up.weight.copy_(bilinear_kernel(self.out_channels, up.kernel_size[0]))
+        heads = [((self.score_fr, self.score_pool4, self.score_pool3),
+                  (self.upscore2, self.upscore_pool4, self.upscore8))]
+        if self.boundary is not None:
+            b = self.boundary
+            heads.append(((b.score_fr, b.score_pool4, b.score_pool3, b.score_pool2,
+                           b.score_pool1),
+                          (b.upscore2, b.upscore_pool4, b.upscore8, b.upscore_pool2,
+                           b.upscore_pool1)))
+        for scores, ups in heads:
+            for score in scores:
+                nn.init.normal_(score.weight, std=0.01)
+            with torch.no_grad():
+                for up in ups:
+                    up.weight.copy_(bilinear_kernel(up.in_channels, up.kernel_size[0]))
 
     def forward(self, x: Tensor) -> Tensor:
         """Score every pixel.
@@ -342,7 +417,9 @@ class FCN8s(nn.Module):
             x: B×in_channels×H×W images, H and W at least 32.
 
         Returns:
-            B×out_channels×H×W logits, spatially aligned with ``x``.
+            B×out_channels×H×W logits, spatially aligned with ``x``; while
+            :attr:`emit_boundary` is set, B×(out_channels + 1)×H×W with the boundary logits
+            last.
 
         Raises:
             ValueError: the input is not 4-D or smaller than 32×32.
@@ -358,20 +435,84 @@ class FCN8s(nn.Module):
         if self.vgg_input:
             x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
             x = x.flip(1) * 255.0 - self._bgr_mean
-        pool3 = self.block3(self.block2(self.block1(x)))
+        pool1 = self.block1(x)
+        pool2 = self.block2(pool1)
+        pool3 = self.block3(pool2)
         pool4 = self.block4(pool3)
-        scores = self.score_fr(self.fc7(self.fc6(self.block5(pool4))))
-        scores = _fuse(self.upscore2(scores), self.score_pool4(pool4), self.offset_pool4)
+        fc7 = self.fc7(self.fc6(self.block5(pool4)))
+        scores = _fuse(self.upscore2(self.score_fr(fc7)), self.score_pool4(pool4),
+                       self.offset_pool4)
         scores = _fuse(self.upscore_pool4(scores), self.score_pool3(pool3), self.offset_pool3)
         scores = self.upscore8(scores)
         o = self.offset_out
-        return scores[:, :, o:o + h, o:o + w]
+        scores = scores[:, :, o:o + h, o:o + w]
+        if self.boundary is not None and self.emit_boundary:
+            scores = torch.cat([scores, self.boundary(fc7, pool4, pool3, pool2, pool1, h, w)],
+                               dim=1)
+        return scores
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
                 f"width={self.width}, batch_norm={self.batch_norm}, fc_kernel={self.fc_kernel}, "
                 f"fc_channels={self.fc_channels}, padding={self.padding}, "
-                f"input_norm={self.input_norm}, freeze_blocks={self.freeze_blocks}")
+                f"input_norm={self.input_norm}, freeze_blocks={self.freeze_blocks}, "
+                f"boundary_head={self.boundary_head}")
+
+
+@contextlib.contextmanager
+def boundary_outputs(model: nn.Module) -> Iterator[bool]:
+    """While inside, a network with a boundary head (:class:`FCN8s`, or one wrapped in
+    DistributedDataParallel) returns its boundary logits as an extra last channel.
+
+    Yields:
+        Whether it does (False for a network without a boundary head: nothing changes).
+    """
+    net = getattr(model, "module", model)
+    if not getattr(net, "boundary_head", False):
+        yield False
+        return
+    before = net.emit_boundary
+    net.emit_boundary = True
+    try:
+        yield True
+    finally:
+        net.emit_boundary = before
+
+
+def split_boundary(outputs: Tensor, boundary: bool) -> tuple[Tensor, Tensor | None]:
+    """(segmentation logits, B×H×W boundary logits or None) of a network's outputs.
+
+    Args:
+        outputs: what the network returned.
+        boundary: whether it returned its boundary logits (what :func:`boundary_outputs`
+            yielded).
+    """
+    if not boundary:
+        return outputs, None
+    return outputs[:, :-1], outputs[:, -1]
+
+
+def load_network_state(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]:
+    """Loads a state dict into a network; a network with a boundary head also takes the
+    weights of the same network without one (its boundary head keeps its initialisation).
+
+    Returns:
+        The keys of the boundary head that the state dict did not have (empty when it had
+        them all).
+
+    Raises:
+        RuntimeError: any other missing, unexpected or mis-shaped key (as ``load_state_dict``).
+    """
+    if not getattr(model, "boundary_head", False) or any(k.startswith("boundary.")
+                                                          for k in state):
+        model.load_state_dict(state)
+        return []
+    result = model.load_state_dict(state, strict=False)
+    other = [k for k in result.missing_keys if not k.startswith("boundary.")]
+    if other or result.unexpected_keys:
+        raise RuntimeError(f"Error(s) in loading state_dict: missing keys {other[:6]}, "
+                           f"unexpected keys {list(result.unexpected_keys)[:6]}")
+    return list(result.missing_keys)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
