@@ -29,14 +29,24 @@ def _jaccard(a, b):
     return np.count_nonzero(a & b) / np.count_nonzero(a | b)
 
 
-@pytest.mark.parametrize("C", [0.3, 1.0, 30.0])
-def test_qp_solution_satisfies_kkt(C):
+@pytest.mark.parametrize(("C", "learned"), [(0.3, False), (1.0, False), (30.0, False),
+                                           (1.0, True), (30.0, True)])
+def test_qp_solution_satisfies_kkt(C, learned):
+    """With the paper's three features, and with the learned edge feature as the fourth."""
     probs, images, truths = _blocks(4, seed=10)
-    result = learn_weights(probs, images, truths, C=C)
+    boundaries = None
+    if learned:  # strong on the truth's outline, noisy elsewhere
+        rng = np.random.default_rng(1)
+        boundaries = [np.clip(0.7 * (np.abs(np.gradient(t.astype(float))).sum(0) > 0)
+                              + 0.3 * rng.random(t.shape), 0, 1) for t in truths]
+    result = learn_weights(probs, images, truths, C=C, boundaries=boundaries)
     assert result.converged
-    w = result.weights.as_array()
+    w = result.weights.as_array(learned=learned)
+    assert len(w) == (4 if learned else 3) and result.dpsi[0].shape[1] == len(w)
+    if learned:
+        assert result.weights.w4 > 0
     n = len(truths)
-    stationary = np.zeros(3)
+    stationary = np.zeros(len(w))
     for dpsi, loss, lam, xi in zip(result.dpsi, result.losses, result.duals, result.slacks,
                                    strict=True):
         assert np.all(lam >= 0)
@@ -54,11 +64,14 @@ def test_qp_solution_satisfies_kkt(C):
     assert result.gamma == pytest.approx(0.5 * w @ w + C / n * result.slacks.sum(), rel=1e-9)
 
 
-def test_qp_matches_reference_formulation():
+@pytest.mark.parametrize("learned", [False, True])
+def test_qp_matches_reference_formulation(learned):
     probs, images, truths = _blocks(3, seed=3)
-    result = learn_weights(probs, images, truths, C=5.0)
+    rng = np.random.default_rng(2)
+    boundaries = [rng.random(t.shape) for t in truths] if learned else None
+    result = learn_weights(probs, images, truths, C=5.0, boundaries=boundaries)
     w, _, lam, _, _, gamma = reference_qp(result.dpsi, result.losses, 5.0)
-    np.testing.assert_allclose(result.weights.as_array(), w, atol=1e-7)
+    np.testing.assert_allclose(result.weights.as_array(learned=learned), w, atol=1e-7)
     assert result.gamma == pytest.approx(gamma, rel=1e-8)
     for ours, theirs in zip(result.duals, lam, strict=True):
         np.testing.assert_allclose(ours, theirs, atol=1e-6)

@@ -21,6 +21,7 @@ from pipeline.crf.features import (
     _as_channels,
     _beta_of,
     _check_beta,
+    _check_boundary,
     _check_connectivity,
     _clamped_probabilities,
     _Edges,
@@ -180,21 +181,24 @@ def _cut(unary_difference: np.ndarray, edges: Sequence[_Edges], weights: np.ndar
 
 
 def _crop_map(prob: np.ndarray, image: np.ndarray, weights: CRFWeights, connectivity: int,
-              beta: float) -> np.ndarray:
-    """MAP labelling of a crop of (probabilities, C×H×W image) with a given β."""
-    crf = GridCRF.from_probabilities(prob, image, connectivity=connectivity, beta=beta)
+              beta: float, boundary: np.ndarray | None = None) -> np.ndarray:
+    """MAP labelling of a crop of (probabilities, C×H×W image[, boundary map]) with a given β."""
+    crf = GridCRF.from_probabilities(prob, image, connectivity=connectivity, beta=beta,
+                                     boundary=boundary)
     return graph_cut(crf, weights)
 
 
 def _map_plan(prob: np.ndarray, image: np.ndarray, weights: CRFWeights, connectivity: int,
-              beta: float | None) -> _Plan:
+              beta: float | None, boundary: np.ndarray | None = None) -> _Plan:
     """:func:`map_labelling` reduced by persistency before any CRF is built: w1·|logit z| above
-    the pairwise bound (contrasts are at most 1) fixes a pixel's label, so only the box of the
-    other pixels gets unaries, contrasts and a cut. β is taken over the whole image."""
+    the pairwise bound (contrasts and learned edge features are at most 1) fixes a pixel's
+    label, so only the box of the other pixels gets unaries, contrasts and a cut. β is taken
+    over the whole image."""
     w = _require_weights(weights)
     offsets = _check_connectivity(connectivity)
     z = _clamped_probabilities(prob, 2)
     img = _as_channels(image, z.shape)
+    bound = None if boundary is None else _check_boundary(boundary, z.shape)
     # the box's crops go out as given (float32 maps travel at half the size): the crop's
     # CRF converts and clamps them exactly as z and img were
     given, raw = np.asarray(prob), np.asarray(image)
@@ -203,11 +207,14 @@ def _map_plan(prob: np.ndarray, image: np.ndarray, weights: CRFWeights, connecti
     if beta_value is None:
         beta_value = _beta_of(img, offsets)
     labels = (z > 0.5).astype(np.uint8)
-    box = _probability_box(z, w.w1, [w.w2 + w.w3] * len(offsets))  # contrasts are at most 1
+    pairwise = w.w2 + w.w3 + (w.w4 if bound is not None else 0.0)
+    box = _probability_box(z, w.w1, [pairwise] * len(offsets))
     if box is None:
         return _Plan(labels)
-    return _Plan(labels, box, _crop_map,
-                 (given[box], raw[(slice(None), *box)], w, connectivity, beta_value))
+    args = (given[box], raw[(slice(None), *box)], w, connectivity, beta_value)
+    if bound is not None:
+        args += (np.asarray(boundary)[box],)
+    return _Plan(labels, box, _crop_map, args)
 
 
 # glibc mallopt parameters (malloc.h)
@@ -267,6 +274,20 @@ def graph_cut(crf: GridCRF, weights: CRFWeights, truth: np.ndarray | None = None
     return _cut(crf.unary_difference, crf.edges, w, t)
 
 
+def _pair_up(probs: Sequence[np.ndarray], images: Sequence[np.ndarray], weights: CRFWeights,
+             boundaries: Sequence[np.ndarray] | None) -> Sequence[np.ndarray | None]:
+    """The boundary map of each pair (None each without); ValueError for lengths that differ."""
+    _require_weights(weights)
+    if len(probs) != len(images):
+        raise ValueError(f"got {len(probs)} probability maps but {len(images)} images")
+    if boundaries is None:
+        return [None] * len(probs)
+    if len(boundaries) != len(probs):
+        raise ValueError(f"got {len(probs)} probability maps but {len(boundaries)} "
+                         f"boundary maps")
+    return boundaries
+
+
 class GraphCutPool:
     """Worker processes for graph cuts (PyMaxflow holds the GIL, so threads do not help).
 
@@ -300,19 +321,20 @@ class GraphCutPool:
 
     def map_labellings(self, probs: Sequence[np.ndarray], images: Sequence[np.ndarray],
                        weights: CRFWeights, *, connectivity: int = 4,
-                       beta: float | None = None) -> list[np.ndarray]:
-        """:func:`map_labelling` of every (probability, image) pair, in order. This process
-        checks each pair, takes β and decides the confident pixels; only the boxes left to
-        cut travel to the workers, which build their CRFs and cut them."""
-        _require_weights(weights)
-        if len(probs) != len(images):
-            raise ValueError(f"got {len(probs)} probability maps but {len(images)} images")
-        return self._solve([functools.partial(_map_plan, p, x, weights, connectivity, beta)
-                            for p, x in zip(probs, images, strict=True)])
+                       beta: float | None = None,
+                       boundaries: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+        """:func:`map_labelling` of every (probability, image[, boundary map]) pair, in order.
+        This process checks each pair, takes β and decides the confident pixels; only the
+        boxes left to cut travel to the workers, which build their CRFs and cut them."""
+        bounds = _pair_up(probs, images, weights, boundaries)
+        return self._solve([functools.partial(_map_plan, p, x, weights, connectivity, beta, b)
+                            for p, x, b in zip(probs, images, bounds, strict=True)])
 
     def submit_map_labellings(self, probs: Sequence[np.ndarray], images: Sequence[np.ndarray],
                               weights: CRFWeights, *, connectivity: int = 4,
-                              beta: float | None = None) -> PendingLabellings:
+                              beta: float | None = None,
+                              boundaries: Sequence[np.ndarray] | None = None
+                              ) -> PendingLabellings:
         """Starts :func:`map_labelling` of every (probability, image) pair and returns at once,
         so this process is free (e.g. for the network's next batch) while the cuts run. As in
         :meth:`map_labellings`, this process checks each pair, takes β and decides the
@@ -326,11 +348,9 @@ class GraphCutPool:
         Raises:
             ValueError: a bad pair (the message names what is wrong), or lengths that differ.
         """
-        _require_weights(weights)
-        if len(probs) != len(images):
-            raise ValueError(f"got {len(probs)} probability maps but {len(images)} images")
-        return self._submit([_map_plan(p, x, weights, connectivity, beta)
-                             for p, x in zip(probs, images, strict=True)])
+        bounds = _pair_up(probs, images, weights, boundaries)
+        return self._submit([_map_plan(p, x, weights, connectivity, beta, b)
+                             for p, x, b in zip(probs, images, bounds, strict=True)])
 
     def _solve(self, plans: list[Callable[[], _Plan]]) -> list[np.ndarray]:
         """Makes each plan here and cuts its box in the workers; labellings in order.
@@ -382,7 +402,8 @@ class PendingLabellings:
 
 
 def map_labelling(prob: np.ndarray, image: np.ndarray, weights: CRFWeights, *,
-                  connectivity: int = 4, beta: float | None = None) -> np.ndarray:
+                  connectivity: int = 4, beta: float | None = None,
+                  boundary: np.ndarray | None = None) -> np.ndarray:
     """Exact MAP labelling argmin_y E(y) by graph cut.
 
     Args:
@@ -391,6 +412,8 @@ def map_labelling(prob: np.ndarray, image: np.ndarray, weights: CRFWeights, *,
         weights: non-negative CRF weights.
         connectivity: 4 or 8.
         beta: contrast β; None for the data-driven choice per image.
+        boundary: H×W boundary strengths in [0, 1] for the learned edge feature (weighted
+            by ``weights.w4``); None: the paper's three features.
 
     Returns:
         H×W uint8 labelling (1 = foreground).
@@ -398,12 +421,13 @@ def map_labelling(prob: np.ndarray, image: np.ndarray, weights: CRFWeights, *,
     Raises:
         ValueError: shapes mismatch, prob out of range or not finite, bad weights or settings.
     """
-    return _map_plan(prob, image, weights, connectivity, beta).solve()
+    return _map_plan(prob, image, weights, connectivity, beta, boundary).solve()
 
 
 def loss_augmented_labelling(prob: np.ndarray, image: np.ndarray, weights: CRFWeights,
                              truth: np.ndarray, *, connectivity: int = 4,
-                             beta: float | None = None) -> np.ndarray:
+                             beta: float | None = None,
+                             boundary: np.ndarray | None = None) -> np.ndarray:
     """The most violating labelling argmin_y E(y) − Δ(truth, y), exactly, by graph cut.
 
     E and Δ are both normalised by the pixel count, so the argmin is that of the raw problem.
@@ -415,6 +439,7 @@ def loss_augmented_labelling(prob: np.ndarray, image: np.ndarray, weights: CRFWe
         truth: H×W binary ground truth.
         connectivity: 4 or 8.
         beta: contrast β; None for the data-driven choice per image.
+        boundary: H×W boundary strengths for the learned edge feature (None: without it).
 
     Returns:
         H×W uint8 labelling.
@@ -423,5 +448,6 @@ def loss_augmented_labelling(prob: np.ndarray, image: np.ndarray, weights: CRFWe
         ValueError: shapes mismatch, non-binary truth, prob out of range, bad weights.
     """
     _require_weights(weights)
-    crf = GridCRF.from_probabilities(prob, image, connectivity=connectivity, beta=beta)
+    crf = GridCRF.from_probabilities(prob, image, connectivity=connectivity, beta=beta,
+                                     boundary=boundary)
     return graph_cut(crf, weights, truth)

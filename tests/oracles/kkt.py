@@ -28,7 +28,7 @@ def _sigmoid(x):
 def reference_qp(dpsi_blocks, loss_blocks, C):
     """Solves the margin QP plainly; returns w, ξ, λ per block, μ (for ξ ≥ 0), ν (for w ≥ 0)."""
     n = len(dpsi_blocks)
-    w = cp.Variable(3)
+    w = cp.Variable(np.shape(dpsi_blocks[0])[1])  # 3 features, or 4 with the learned one
     xi = cp.Variable(n)
     margin = [[g @ w + xi[i] >= d for g, d in zip(G, D, strict=True)]
               for i, (G, D) in enumerate(zip(dpsi_blocks, loss_blocks, strict=True))]
