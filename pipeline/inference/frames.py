@@ -241,13 +241,14 @@ class FramePredictor(_GraphCutWorkers):
             raise ValueError(f"expected T×H×W frames, got shape {frames.shape}")
         vm = self.model
         start = time.perf_counter()
-        probability = vm.probabilities(frames, batch_size=self.batch_size, device=self.device,
-                                       tta=self.tta, amp=self.amp)
+        probability, boundary = vm.maps(frames, batch_size=self.batch_size, device=self.device,
+                                        tta=self.tta, amp=self.amp)
         cnn_s = time.perf_counter() - start
         start = time.perf_counter()
         crf = None
         if vm.weights is not None:
-            crf = self._labellings(probability, frames, vm)
+            crf = self._labellings(probability, frames, vm,
+                                   boundary if vm.learned_pairwise else None)
         return VolumePrediction(probability=probability,
                                 cnn=(probability > 0.5).astype(np.uint8), crf=crf,
                                 seconds={"cnn": cnn_s, "crf": time.perf_counter() - start})

@@ -15,7 +15,7 @@ from pipeline.data.pictures import read_picture
 from pipeline.data.writers import write_csv, write_png_mask
 from pipeline.distributed import resolve_device
 from pipeline.inference.predictor import TrainedModel
-from pipeline.models.prediction import resized_probabilities
+from pipeline.models.prediction import resized_maps
 
 __all__ = ["IMAGE_SUMMARY_COLUMNS", "predict_image", "read_image_array", "segment_image_folder"]
 
@@ -44,12 +44,13 @@ def predict_image(vm: TrainedModel, image: np.ndarray, *, device: str | torch.de
         raise ValueError(f"a {x.shape[0]}-channel image for a model trained on "
                          f"{vm.in_channels}-channel images (use --colour gray?)")
     vm.model.to(device)
-    prob_np = next(resized_probabilities(vm.model, x[None], vm.size, device=device,
-                                         flips=vm.flips_for(tta)))[1][0]
+    _, probs, edges = next(resized_maps(vm.model, x[None], vm.size, device=device,
+                                        flips=vm.flips_for(tta), boundary=vm.learned_pairwise))
     if vm.weights is None:
-        return prob_np, None
-    return prob_np, map_labelling(prob_np, np.asarray(image), vm.weights,
-                                  connectivity=vm.connectivity, beta=vm.beta)
+        return probs[0], None
+    return probs[0], map_labelling(probs[0], np.asarray(image), vm.weights,
+                                   connectivity=vm.connectivity, beta=vm.beta,
+                                   boundary=None if edges is None else edges[0])
 
 
 def read_image_array(path: str | os.PathLike, colour: str) -> np.ndarray:

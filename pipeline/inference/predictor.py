@@ -31,7 +31,7 @@ from pipeline.models import (
     training_flips,
     tta_flips,
 )
-from pipeline.models.prediction import resized_probabilities
+from pipeline.models.prediction import resized_maps, resized_probabilities
 
 __all__ = ["PendingPrediction", "TrainedModel", "VolumePrediction", "VolumePredictor"]
 
@@ -72,6 +72,12 @@ class TrainedModel:
                    None if not seen else (float(seen[0]), float(seen[1])),
                    training_flips(config))
 
+    @property
+    def learned_pairwise(self) -> bool:
+        """Whether the CRF has the learned edge feature: CRF weights and a network with a
+        boundary head, whose map the graph cuts need."""
+        return self.weights is not None and bool(getattr(self.model, "boundary_head", False))
+
     def flips_for(self, tta: bool) -> tuple[tuple[int, ...], ...]:
         """The flips a prediction averages over: none, or with ``tta`` those the model's
         training drew (:func:`pipeline.models.training_flips`).
@@ -86,7 +92,7 @@ class TrainedModel:
         view it was trained on and the CRF weights (None: CNN only)."""
         return {"checkpoint": self.path, "sha256": self.sha256, "trained_view": self.view,
                 "crf_weights": None if self.weights is None
-                else [float(v) for v in self.weights.as_array()]}
+                else [float(v) for v in self.weights.as_array(self.learned_pairwise)]}
 
     def require_grey(self, path: str | os.PathLike, what: str) -> TrainedModel:
         """This model, or ValueError naming ``path`` when it does not take 1-channel images
@@ -107,6 +113,19 @@ class TrainedModel:
         """
         return np.concatenate([p for _, p in self.iter_probabilities(
             images, batch_size=batch_size, device=device, bar=bar, tta=tta, amp=amp)])
+
+    def maps(self, images: np.ndarray, *, batch_size: int = 16,
+             device: str | torch.device = "cpu", tta: bool = False,
+             amp: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`probabilities` and the boundary map of the network's boundary head (N×H×W
+        float32 in [0, 1], resized as the probabilities are; None without one)."""
+        probs, edges = [], []
+        for _, p, b in resized_maps(self.model, np.asarray(images, dtype=np.float32)[:, None],
+                                    self.size, batch_size=batch_size, device=device,
+                                    flips=self.flips_for(tta), amp=amp):
+            probs.append(p)
+            edges.append(b)
+        return np.concatenate(probs), (None if edges[0] is None else np.concatenate(edges))
 
     def iter_probabilities(self, images: np.ndarray, *, batch_size: int = 16,
                            device: str | torch.device = "cpu", bar=None, tta: bool = False,
@@ -153,15 +172,20 @@ class _GraphCutWorkers:
             self.pool = None
 
     def _labellings(self, probs: Sequence[np.ndarray], images: Sequence[np.ndarray],
-                    vm: TrainedModel) -> np.ndarray:
-        """N×H×W uint8 CRF masks of (probability, image) pairs with the model's learned CRF
-        (which it must have), in the worker processes when there are any."""
+                    vm: TrainedModel,
+                    boundaries: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """N×H×W uint8 CRF masks of (probability, image[, boundary map]) pairs with the
+        model's learned CRF (which it must have), in the worker processes when there are
+        any."""
         if self.pool is not None:
             masks = self.pool.map_labellings(list(probs), list(images), vm.weights,
-                                             connectivity=vm.connectivity, beta=vm.beta)
+                                             connectivity=vm.connectivity, beta=vm.beta,
+                                             boundaries=boundaries)
         else:
+            bounds = [None] * len(probs) if boundaries is None else boundaries
             masks = [map_labelling(p, x, vm.weights, connectivity=vm.connectivity,
-                                   beta=vm.beta) for p, x in zip(probs, images, strict=True)]
+                                   beta=vm.beta, boundary=b)
+                     for p, x, b in zip(probs, images, bounds, strict=True)]
         return np.stack(masks).astype(np.uint8)
 
     def __enter__(self):
@@ -251,6 +275,10 @@ class VolumePredictor(_GraphCutWorkers):
             key = os.fspath(path)
             if key not in loaded:
                 loaded[key] = TrainedModel.from_checkpoint(path).require_grey(path, "CT volumes")
+                if loaded[key].learned_pairwise:
+                    raise ValueError(f"{path}: its CRF has the learned edge feature, which "
+                                     f"volume inference does not run yet (2-D images and "
+                                     f"echo frames do)")
                 loaded[key].model.to(device)
             return loaded[key]
 

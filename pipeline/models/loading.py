@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -14,7 +15,12 @@ from pipeline.crf import CRFWeights, MaxMarginLoss
 from pipeline.data.views import VIEWS
 from pipeline.models.checkpoints import load_checkpoint
 from pipeline.models.modes import MODES
-from pipeline.networks import FCN8s, load_vgg16_weights
+from pipeline.networks import (
+    FCN8s,
+    boundary_outputs,
+    load_vgg16_weights,
+    split_boundary,
+)
 from pipeline.networks.pretrained import load_pretrained_backbone
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "load_run",
     "model_files",
     "network_of",
+    "predict_maps",
     "predict_probabilities",
 ]
 
@@ -114,19 +121,40 @@ def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, *,
     ``flips`` (test-time augmentation): the probabilities of the images flipped along each
     entry's dims (``()``: as they are) are flipped back and averaged.
     """
+    return predict_maps(model, images, flips=flips, boundary=False)[0]
+
+
+@torch.no_grad()
+def predict_maps(model: torch.nn.Module, images: torch.Tensor, *,
+                 flips: Sequence[tuple[int, ...]] = ((),),
+                 boundary: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Foreground probabilities and boundary strengths (B×H×W each) of a batch, as
+    :func:`predict_probabilities`; the boundary map (the sigmoid of a boundary head's
+    logits, averaged over the same flips) is None for a network without a boundary head or
+    with ``boundary=False``."""
     # a model an application wraps (e.g. MONAI Deploy's TorchScriptModel) is only callable
     was_training = getattr(model, "training", None)
     if was_training is not None:
         model.eval()
-    total = None
-    for dims in flips:
-        x = torch.flip(images, dims) if dims else images
-        p = torch.sigmoid(MaxMarginLoss.foreground_logits(model(x)).float())
-        p = torch.flip(p, dims) if dims else p
-        total = p if total is None else total + p
+    total, edges = None, None
+    context = boundary_outputs(model) if boundary else contextlib.nullcontext(False)
+    with context as with_boundary:
+        for dims in flips:
+            x = torch.flip(images, dims) if dims else images
+            logits, b = split_boundary(model(x), with_boundary)
+            p = torch.sigmoid(MaxMarginLoss.foreground_logits(logits).float())
+            p = torch.flip(p, dims) if dims else p
+            total = p if total is None else total + p
+            if b is not None:
+                b = torch.sigmoid(b.float())
+                b = torch.flip(b, dims) if dims else b
+                edges = b if edges is None else edges + b
     if was_training is not None:
         model.train(was_training)
-    return total if len(flips) == 1 else total / len(flips)
+    if len(flips) > 1:
+        total = total / len(flips)
+        edges = None if edges is None else edges / len(flips)
+    return total, edges
 
 
 def network_of(payload: dict[str, Any], checkpoint: str | os.PathLike) -> FCN8s:

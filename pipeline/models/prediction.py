@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from monai.transforms import Resize
 
-from pipeline.models.loading import autocast, predict_probabilities
+from pipeline.models.loading import autocast, predict_maps
 
-__all__ = ["resized_probabilities"]
+__all__ = ["resized_maps", "resized_probabilities"]
 
 
 def resized_probabilities(model: torch.nn.Module, images: np.ndarray | torch.Tensor,
@@ -39,6 +39,24 @@ def resized_probabilities(model: torch.nn.Module, images: np.ndarray | torch.Ten
     Yields:
         (index of the batch's first image, its B×H×W float32 probabilities).
     """
+    for start, p, _ in resized_maps(model, images, size, batch_size=batch_size, device=device,
+                                    flips=flips, amp=amp, bar=bar, boundary=False):
+        yield start, p
+
+
+def resized_maps(model: torch.nn.Module, images: np.ndarray | torch.Tensor,
+                 size: int | None, *, batch_size: int = 16, device: str | torch.device = "cpu",
+                 flips: Sequence[tuple[int, ...]] = ((),), amp: bool = False, bar=None,
+                 boundary: bool = True
+                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """:func:`resized_probabilities` with the boundary map of a network's boundary head
+    (its sigmoid, resized back and clipped in the same way; None without a boundary head or
+    with ``boundary=False``).
+
+    Yields:
+        (index of the batch's first image, its B×H×W float32 probabilities, its B×H×W
+        float32 boundary strengths or None).
+    """
     images = torch.as_tensor(images, dtype=torch.float32)
     if images.ndim != 4:
         raise ValueError(f"expected N×C×H×W images, got shape {tuple(images.shape)}")
@@ -53,10 +71,12 @@ def resized_probabilities(model: torch.nn.Module, images: np.ndarray | torch.Ten
             chunk = torch.as_tensor(np.asarray(down(chunk.reshape(-1, height, width))))
             chunk = chunk.reshape(count, channels, size, size)
         with autocast(device, amp):
-            p = predict_probabilities(model, chunk.to(device), flips=flips)
-        p = p.float().cpu()
+            p, b = predict_maps(model, chunk.to(device), flips=flips, boundary=boundary)
+        maps = [p] if b is None else [p, b]
+        maps = [m.float().cpu() for m in maps]
         if up is not None:
-            p = torch.as_tensor(np.asarray(up(p)))
+            maps = [torch.as_tensor(np.asarray(up(m))) for m in maps]
         if bar is not None:
             bar.update(count)
-        yield start, p.numpy().clip(0.0, 1.0).astype(np.float32)
+        maps = [m.numpy().clip(0.0, 1.0).astype(np.float32) for m in maps]
+        yield start, maps[0], (maps[1] if len(maps) > 1 else None)

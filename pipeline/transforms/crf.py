@@ -29,6 +29,10 @@ def crf_settings(checkpoint: str | os.PathLike) -> tuple[CRFWeights, int, float 
     payload = load_checkpoint(checkpoint)
     if payload.get("crf") is None:
         raise ValueError(f"{checkpoint}: a CNN-only model, without CRF weights")
+    if (payload.get("network") or {}).get("boundary_head"):
+        raise ValueError(f"{checkpoint}: its CRF has the learned edge feature, whose boundary "
+                         f"map these transforms do not receive; run it with mmcrf infer or "
+                         f"evaluate (2-D images and frames)")
     config = payload.get("config") or {}
     return (CRFWeights.from_array(payload["crf"]), int(config.get("connectivity", 4)),
             config.get("beta"))
