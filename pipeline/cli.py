@@ -203,7 +203,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr, "C": args.C,
                  "batch_size": args.batch_size, "seed": args.seed,
                  "graphcut_workers": args.graphcut_workers, "patience": args.patience,
-                 "device": args.device}
+                 "device": args.device, "learned_pairwise": args.learned_pairwise,
+                 "boundary_lr": args.boundary_lr}
     data = data_settings(args.data, view=args.view, size=args.size, colour=args.colour,
                          camus=_camus_selection(args) if args.data == "camus" else None)
     config = stage_config(args.config, data=data, weights=args.weights, **overrides)
@@ -657,6 +658,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="graph-cut processes during training (default: the preset's)")
     tr.add_argument("--patience", type=int, default=None,
                     help="early stopping after N validations without improvement")
+    tr.add_argument("--learned-pairwise", action=argparse.BooleanOptionalAction, default=None,
+                    help="the CRF's learned edge feature: a boundary head on the network, "
+                         "trained with the unaries in joint mode (default: the preset's; "
+                         "off in every packaged preset)")
+    tr.add_argument("--boundary-lr", type=float, default=None,
+                    help="learning rate of the boundary head (default: the preset's, else "
+                         "--lr)")
     _progress_flags(tr)
     _device_flag(tr)
     tr.set_defaults(func=_cmd_train)

@@ -30,9 +30,10 @@ from pipeline.models import (
     MODES,
     build_model,
     load_checkpoint,
-    predict_probabilities,
+    predict_maps,
     save_checkpoint,
 )
+from pipeline.networks import boundary_outputs, load_network_state, split_boundary
 
 __all__ = ["MODES", "TrainConfig", "TrainResult", "previous_stage_checkpoint",
            "stage_checkpoint", "train"]
@@ -86,6 +87,16 @@ class TrainConfig:
         device: where the CNN trains: ``auto`` (CUDA when available; under torchrun each
             rank its ``LOCAL_RANK`` GPU), ``cpu``, ``cuda`` or ``cuda:N``
             (:func:`pipeline.distributed.resolve_device`); the graph cuts stay on the CPU.
+        learned_pairwise: the CRF gets the learned edge feature ψ4 (DESIGN.md; off by
+            default): the network gets a boundary head (``network["boundary_head"]``), whose
+            map b gives each grid edge the feature 1 − max(b_i, b_j) with a fourth weight
+            w4 ≥ 0; in ``joint`` mode the boundary head learns from γ's gradient with the
+            unaries. A run with it may start (``init``) from a checkpoint without it: its
+            boundary head then starts from its initialisation and w4 from 0.
+        boundary_lr: learning rate of the boundary head (None: ``lr``); it follows ``lr``'s
+            schedule in proportion. A head added to a trained network starts from scratch
+            while the rest is fine-tuned, and Adam moves each weight by about the learning
+            rate per step, so at the fine-tuning rate it barely leaves its initialisation.
         network: FCN8s arguments (``preset``: ``lite`` or ``paper``, plus keyword arguments).
         data: how the training images were made (``kind``, ``view``, ``size``, ``hu_window``,
             ...), recorded in checkpoints so inference prepares images the same way.
@@ -110,6 +121,8 @@ class TrainConfig:
     seed: int = 0
     graphcut_workers: int = 0
     device: str = "auto"
+    learned_pairwise: bool = False
+    boundary_lr: float | None = None
     network: dict[str, Any] = field(default_factory=lambda: {"preset": "lite",
                                                               "in_channels": 1})
     data: dict[str, Any] = field(default_factory=dict)
@@ -127,7 +140,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not self.lr > 0 or not self.C > 0:
             raise ValueError("lr and C must be > 0")
+        if self.boundary_lr is not None and not self.boundary_lr > 0:
+            raise ValueError(f"boundary_lr must be > 0, got {self.boundary_lr!r}")
         Augmentation.from_config(self.augment)  # a bad setting fails here, not mid-run
+        # one switch: the learned edge feature needs the boundary head, and a network with
+        # a boundary head (e.g. a resumed run's recorded spec) trains its feature
+        self.learned_pairwise = bool(self.learned_pairwise or
+                                     self.network.get("boundary_head", False))
+        if self.learned_pairwise and not self.network.get("boundary_head", False):
+            self.network = {**self.network, "boundary_head": True}
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate of 1-based ``epoch`` under :attr:`lr_schedule`."""
@@ -235,6 +256,32 @@ def _batch_jaccard(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
     return compute_jaccard(pred, labels[:, 0].cpu().numpy().astype(np.uint8)).tolist()
 
 
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The run's optimiser over the trainable weights; a boundary head with its own
+    ``boundary_lr`` gets a parameter group of its own (its ``lr_scale``: boundary_lr / lr)."""
+    head = getattr(model, "boundary", None)
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in head_params]
+    groups: list[dict[str, Any]] = [{"params": rest}]
+    if head is not None:
+        scale = 1.0 if config.boundary_lr is None else config.boundary_lr / config.lr
+        groups.append({"params": [p for p in head.parameters() if p.requires_grad],
+                       "lr": config.lr * scale, "lr_scale": scale})
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=0.9,
+                           weight_decay=config.weight_decay)
+
+
+def _maps(model: torch.nn.Module, images: torch.Tensor
+          ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """A batch's foreground probabilities (B×H×W) and, per image, its boundary map (None
+    each for a network without a boundary head)."""
+    probs, edges = predict_maps(model, images)
+    probs = probs.cpu().numpy()
+    return probs, [None] * len(probs) if edges is None else list(edges.cpu().numpy())
+
+
 def _nanmean(values: Sequence[float]) -> float:
     arr = np.asarray(values, dtype=np.float64)
     return float(np.nanmean(arr)) if np.any(~np.isnan(arr)) else float("nan")
@@ -264,13 +311,7 @@ class _Run:
         if dist.world_size() > 1 and self.trains_cnn:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if config.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=config.lr,
-                                              weight_decay=config.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9,
-                                             weight_decay=config.weight_decay)
+        self.optimizer = _optimizer(self.model, config)
         self.pool = GraphCutPool(config.graphcut_workers) if config.graphcut_workers else None
         self.loss = MaxMarginLoss(config.C, connectivity=config.connectivity, beta=config.beta,
                                   tol=config.tol, max_iterations=config.max_cp_iterations,
@@ -315,7 +356,7 @@ class _Run:
         torch.manual_seed(seed)
         self.generator.manual_seed(seed)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.lr_at(epoch)
+            group["lr"] = self.config.lr_at(epoch) * group.get("lr_scale", 1.0)
         self._start_epoch()
         self.epoch_stats = {"jaccard": [], "loss": []}
         self.epoch_time = time.perf_counter()
@@ -333,13 +374,14 @@ class _Run:
         for batch in self.val_loader:
             images = batch["image"].to(self.device)
             truth = batch["label"][:, 0].numpy().astype(np.uint8)
-            probs = predict_probabilities(self.model, images).cpu().numpy()
+            probs, edges = _maps(self.model, images)
             cnn.extend(compute_jaccard((probs > 0.5).astype(np.uint8), truth).tolist())
             if self.weights is not None:
                 refined = np.stack([map_labelling(p, x, self.weights,
                                                   connectivity=self.config.connectivity,
-                                                  beta=self.config.beta)
-                                    for p, x in zip(probs, images.cpu().numpy(), strict=True)])
+                                                  beta=self.config.beta, boundary=b)
+                                    for p, x, b in zip(probs, images.cpu().numpy(), edges,
+                                                       strict=True)])
                 crf.extend(compute_jaccard(refined, truth).tolist())
         cnn = [v for part in dist.all_gather_objects(cnn) for v in part]
         crf = [v for part in dist.all_gather_objects(crf) for v in part]
@@ -361,6 +403,8 @@ class _Run:
         row["train_jaccard"] = _nanmean(jaccards)
         if self.weights is not None:
             row.update(w1=self.weights.w1, w2=self.weights.w2, w3=self.weights.w3)
+            if self.config.learned_pairwise:
+                row["w4"] = self.weights.w4
         improved = False
         if epoch % self.config.val_interval == 0 or epoch == engine.state.max_epochs:
             row.update(self.validate())
@@ -396,7 +440,8 @@ class _Run:
             "network": dict(self.config.network),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "crf": None if self.weights is None else self.weights.as_array().tolist(),
+            "crf": None if self.weights is None
+            else self.weights.as_array(learned=self.config.learned_pairwise).tolist(),
             "working_sets": sets,
             "working_set_shapes": shapes,
             "epoch": engine.state.epoch,
@@ -407,8 +452,10 @@ class _Run:
         }
 
     def restore(self, payload: dict[str, Any]) -> None:
-        self.model.load_state_dict(payload["model"])
-        if payload.get("optimizer") is not None and payload.get("mode") == self.config.mode:
+        # a run with the learned edge feature may start from the same network without it
+        grown = load_network_state(self.model, payload["model"])
+        if payload.get("optimizer") is not None and payload.get("mode") == self.config.mode \
+                and not grown:
             self.optimizer.load_state_dict(payload["optimizer"])
         if payload.get("crf") is not None:
             self.weights = CRFWeights.from_array(payload["crf"])
@@ -421,7 +468,7 @@ class _Run:
     def _log(self, row: dict[str, Any]) -> None:
         path = self.run_dir / "log.csv"
         columns = ["epoch", "train_loss", "train_jaccard", "val_jaccard_cnn", "val_jaccard_crf",
-                   "gamma", "w1", "w2", "w3", "seconds", "lr"]
+                   "gamma", "w1", "w2", "w3", "w4", "seconds", "lr"]
         new = not path.exists()
         if not new:  # a resumed run appends in the log's own columns (older logs lack some)
             with path.open(newline="") as f:
@@ -451,20 +498,24 @@ class _GradientRun(_Run):
             images, labels = self.augmentation(images, labels, self.generator)
         self.net.train()
         self.optimizer.zero_grad()
-        logits = self.net(images)
+        with boundary_outputs(self.net) as with_boundary:
+            outputs = self.net(images)
+        logits, edge_logits = split_boundary(outputs, with_boundary)
         ce = F.binary_cross_entropy_with_logits(MaxMarginLoss.foreground_logits(logits),
                                                 labels[:, 0])
         out = {"jaccard": _batch_jaccard(logits, labels), "ce": ce.item()}
-        loss = self._loss(logits, images, labels, batch, ce, out)
+        loss = self._loss(logits, images, labels, batch, ce, out, edge_logits)
         loss.backward()
         self.optimizer.step()
         out["loss"] = loss.item()
         return out
 
     def _loss(self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-              batch: dict, ce: torch.Tensor, out: dict) -> torch.Tensor:
-        """The batch's training loss from the network's ``logits`` and its cross-entropy
-        ``ce``; may add entries to the step's ``out``."""
+              batch: dict, ce: torch.Tensor, out: dict,
+              edge_logits: torch.Tensor | None) -> torch.Tensor:
+        """The batch's training loss from the network's ``logits`` (and boundary logits, None
+        without a boundary head) and its cross-entropy ``ce``; may add entries to the step's
+        ``out``."""
         raise NotImplementedError
 
 
@@ -473,7 +524,7 @@ class _CNNRun(_GradientRun):
 
     selection_metric = "val_jaccard_cnn"
 
-    def _loss(self, logits, images, labels, batch, ce, out) -> torch.Tensor:
+    def _loss(self, logits, images, labels, batch, ce, out, edge_logits) -> torch.Tensor:
         return ce
 
 
@@ -484,8 +535,10 @@ class _JointRun(_GradientRun):
     def _start_epoch(self) -> None:
         self.epoch_constraints: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _loss(self, logits, images, labels, batch, ce, out) -> torch.Tensor:
-        gamma = self.loss(logits, images, labels, ids=list(batch["id"]))
+    def _loss(self, logits, images, labels, batch, ce, out, edge_logits) -> torch.Tensor:
+        # the boundary head learns from γ's gradient through b = sigmoid(its logits)
+        boundary = None if edge_logits is None else torch.sigmoid(edge_logits)
+        gamma = self.loss(logits, images, labels, ids=list(batch["id"]), boundary=boundary)
         loss = gamma + self.config.ce_weight * ce if self.config.ce_weight else gamma
         result = self.loss.last_result
         for sample_id, dpsi, losses in zip(batch["id"], result.dpsi, result.losses,
@@ -503,7 +556,7 @@ class _JointRun(_GradientRun):
             for part in gathered:
                 merged.update(part)
             keys = sorted(merged)
-            qp = MarginQP(len(keys), self.config.C)
+            qp = MarginQP(len(keys), self.config.C, n_features=merged[keys[0]][0].shape[1])
             solution = qp.solve([merged[k][0] for k in keys], [merged[k][1] for k in keys])
             solution = (solution.w.tolist(), solution.gamma)
         w, gamma = dist.broadcast_object(solution)
@@ -524,15 +577,16 @@ class _PiecewiseRun(_Run):
         return 1
 
     def _start_epoch(self) -> None:
-        self.piecewise_data: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.piecewise_data: list[tuple[np.ndarray, np.ndarray, np.ndarray,
+                                        np.ndarray | None]] = []
 
     def step(self, engine: Engine, batch: dict) -> dict:
         images = batch["image"].to(self.device)
         labels = batch["label"].to(self.device)
-        probs = predict_probabilities(self.model, images).cpu().numpy()
-        for p, x, y in zip(probs, images.cpu().numpy(), labels[:, 0].cpu().numpy(),
-                           strict=True):
-            self.piecewise_data.append((p, x, y.astype(np.uint8)))
+        probs, edges = _maps(self.model, images)
+        for p, x, y, b in zip(probs, images.cpu().numpy(), labels[:, 0].cpu().numpy(), edges,
+                              strict=True):
+            self.piecewise_data.append((p, x, y.astype(np.uint8), b))
         return {}
 
     def _epoch_gamma(self) -> float:
@@ -545,8 +599,11 @@ class _PiecewiseRun(_Run):
                                    connectivity=self.config.connectivity,
                                    beta=self.config.beta, tol=self.config.tol,
                                    max_iterations=self.config.max_cp_iterations,
-                                   workers=self.config.graphcut_workers)
-            solution = (result.weights.as_array().tolist(), result.gamma)
+                                   workers=self.config.graphcut_workers,
+                                   boundaries=([d[3] for d in data]
+                                               if self.config.learned_pairwise else None))
+            solution = (result.weights.as_array(self.config.learned_pairwise).tolist(),
+                        result.gamma)
         w, gamma = dist.broadcast_object(solution)
         self.weights = CRFWeights.from_array(w)
         return float(gamma)
