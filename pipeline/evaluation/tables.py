@@ -55,7 +55,7 @@ EVAL_COLUMNS: tuple[str, ...] = (
 OPTIONAL_COLUMNS: tuple[str, ...] = ("image", "precision", "recall", "hd95_mm", "overlap_px",
                                      "pred_px", "truth_px")
 #: Method and view names in report order; other names are allowed and sorted after these.
-KNOWN_METHODS: tuple[str, ...] = ("cnn", "piecewise", "joint")
+KNOWN_METHODS: tuple[str, ...] = ("cnn", "piecewise", "joint", "joint_lp")
 KNOWN_VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal", "ultrasound", "horse")
 
 _KEY = ("case", "view", "slice", "method")

@@ -34,6 +34,7 @@ ALL_VIEWS = "all"
 #: Paired comparisons made by default (method A minus method B), when both are present.
 DEFAULT_COMPARISONS: tuple[tuple[str, str], ...] = (
     ("joint", "piecewise"), ("joint", "cnn"), ("piecewise", "cnn"),
+    ("joint_lp", "joint"),  # joint training with the learned edge feature (issue 20)
 )
 #: What a summary says instead of a number when no image could be scored.
 NO_LABELS_NOTE = "no image with a non-empty ground truth: mean Jaccard undefined"
