@@ -75,7 +75,8 @@ def test_predicted_maps_average_the_boundary_over_flips_too():
     assert predict_maps(net, x, boundary=False)[1] is None
 
 
-def test_map_labelling_with_a_boundary_map_is_the_full_graph_cut():
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_map_labelling_with_a_boundary_map_is_the_full_graph_cut(connectivity):
     """Persistency (only the box of undecided pixels is cut) and the pool give the labelling
     of the whole grid's cut with the learned edge feature, bit for bit."""
     weights = CRFWeights(0.4, 0.05, 0.3, 0.6)
@@ -86,17 +87,18 @@ def test_map_labelling_with_a_boundary_map_is_the_full_graph_cut():
         edge = np.abs(np.gradient(s.truth.astype(float))).sum(0) > 0
         boundary = np.clip(0.8 * edge + 0.2 * rng.random(s.truth.shape), 0, 1)
         cases.append((s.prob, s.image, boundary.astype(np.float32)))
-    full = [graph_cut(GridCRF.from_probabilities(p, x, boundary=b), weights)
+    k = {"connectivity": connectivity}
+    full = [graph_cut(GridCRF.from_probabilities(p, x, boundary=b, **k), weights)
             for p, x, b in cases]
-    assert any(not np.array_equal(f, graph_cut(GridCRF.from_probabilities(p, x), weights))
+    assert any(not np.array_equal(f, graph_cut(GridCRF.from_probabilities(p, x, **k), weights))
                for f, (p, x, _) in zip(full, cases, strict=True))  # the term matters here
     for (p, x, b), f in zip(cases, full, strict=True):
-        np.testing.assert_array_equal(map_labelling(p, x, weights, boundary=b), f)
+        np.testing.assert_array_equal(map_labelling(p, x, weights, boundary=b, **k), f)
     with GraphCutPool(1) as pool:
         got = pool.map_labellings([c[0] for c in cases], [c[1] for c in cases], weights,
-                                  boundaries=[c[2] for c in cases])
+                                  boundaries=[c[2] for c in cases], **k)
         pending = pool.submit_map_labellings([c[0] for c in cases], [c[1] for c in cases],
-                                             weights, boundaries=[c[2] for c in cases])
+                                             weights, boundaries=[c[2] for c in cases], **k)
         late = pending.result()
         with pytest.raises(ValueError, match="2 boundary maps"):
             pool.map_labellings([c[0] for c in cases], [c[1] for c in cases], weights,
