@@ -162,6 +162,15 @@ def test_a_learned_pairwise_model_segments_with_its_boundary_map(lp_runs):
     prob, mask = predict_image(vm, val[0]["image"])
     np.testing.assert_allclose(prob, probs[0].numpy(), atol=1e-6)
     np.testing.assert_array_equal(mask, expected[0])
+    # echo frames (FramePredictor, in this process and with a graph-cut worker) likewise
+    from pipeline.inference.frames import FramePredictor
+
+    frames = images[:, 0].numpy()
+    for workers in (0, 1):
+        with FramePredictor(joint.best_checkpoint, workers=workers) as predictor:
+            got = predictor.predict(frames).crf
+        for mask, want in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(mask, want)
     # the MONAI transforms do not receive a boundary map: refused, not silently different
     with pytest.raises(ValueError, match="learned edge feature"):
         crf_settings(joint.best_checkpoint)
