@@ -190,3 +190,19 @@ def test_learned_pairwise_is_off_by_default_and_one_switch():
     assert TrainConfig(network={"preset": "lite", "boundary_head": True}).learned_pairwise
     with pytest.raises(ValueError, match="boundary_lr must be > 0"):
         TrainConfig(boundary_lr=0.0)
+
+
+def test_a_mode_that_does_not_train_the_head_freezes_it(tmp_path):
+    """Only γ's gradient reaches a boundary head, so in cnn mode it is frozen and left out of
+    the optimiser (an idle weight would also stop DDP): it leaves the run as it started."""
+    data = _samples(4, 0), []
+    run = train(TrainConfig(mode="cnn", epochs=1, batch_size=2, lr=1e-2, network=TINY_NET,
+                            learned_pairwise=True), *data, tmp_path / "cnn")
+    payload = load_checkpoint(run.last_checkpoint)
+    torch.manual_seed(0)
+    fresh = build_model(LP_NET).state_dict()
+    for key, value in payload["model"].items():
+        if key.startswith("boundary."):
+            torch.testing.assert_close(value, fresh[key], rtol=0, atol=0)
+    assert not torch.equal(payload["model"]["score_fr.weight"], fresh["score_fr.weight"])
+    assert len(payload["optimizer"]["param_groups"]) == 1

@@ -263,7 +263,7 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
     head_params = {id(p) for p in head.parameters()} if head is not None else set()
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in head_params]
     groups: list[dict[str, Any]] = [{"params": rest}]
-    if head is not None:
+    if head is not None and any(p.requires_grad for p in head.parameters()):
         scale = 1.0 if config.boundary_lr is None else config.boundary_lr / config.lr
         groups.append({"params": [p for p in head.parameters() if p.requires_grad],
                        "lr": config.lr * scale, "lr_scale": scale})
@@ -297,6 +297,9 @@ class _Run:
 
     #: Whether the CNN learns in this mode (and is wrapped in DDP under torchrun).
     trains_cnn: bool = True
+    #: Whether a boundary head learns in this mode (only γ's gradient reaches it); where it
+    #: does not, it is frozen, so no weight goes without a gradient (DDP would refuse that).
+    learns_boundary: bool = False
     #: The validation metric whose best value keeps ``best.pt``.
     selection_metric: str = "val_jaccard_crf"
 
@@ -307,6 +310,8 @@ class _Run:
         self.device = device
         torch.manual_seed(config.seed)
         self.model = build_model(config.network, pretrained=fresh).to(device)
+        if getattr(self.model, "boundary", None) is not None and not self.learns_boundary:
+            self.model.boundary.requires_grad_(False)
         self.net = self.model
         if dist.world_size() > 1 and self.trains_cnn:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -498,8 +503,11 @@ class _GradientRun(_Run):
             images, labels = self.augmentation(images, labels, self.generator)
         self.net.train()
         self.optimizer.zero_grad()
-        with boundary_outputs(self.net) as with_boundary:
-            outputs = self.net(images)
+        if self.learns_boundary:
+            with boundary_outputs(self.net) as with_boundary:
+                outputs = self.net(images)
+        else:  # the head is frozen and idle here
+            outputs, with_boundary = self.net(images), False
         logits, edge_logits = split_boundary(outputs, with_boundary)
         ce = F.binary_cross_entropy_with_logits(MaxMarginLoss.foreground_logits(logits),
                                                 labels[:, 0])
@@ -531,6 +539,8 @@ class _CNNRun(_GradientRun):
 class _JointRun(_GradientRun):
     """``joint`` (Algorithm 2): γ of each batch back-propagated into the CNN, its constraints
     kept for the global QP that gives w at the epoch's end."""
+
+    learns_boundary = True
 
     def _start_epoch(self) -> None:
         self.epoch_constraints: dict[str, tuple[np.ndarray, np.ndarray]] = {}
