@@ -21,6 +21,7 @@ from pipeline.models import (
     load_run,
     predict_maps,
     predict_probabilities,
+    save_checkpoint,
 )
 from pipeline.networks import FCN8s, boundary_outputs, load_network_state, split_boundary
 from pipeline.transforms import crf_settings
@@ -115,10 +116,11 @@ def lp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lp")
     data = _samples(12, 0), _samples(4, 100)
     base = {"batch_size": 4, "C": 10.0, "network": TINY_NET}
-    cnn = train(TrainConfig(mode="cnn", epochs=6, lr=1e-2, **base), *data, root / "cnn")
+    cnn = train(TrainConfig(mode="cnn", epochs=10, lr=1e-2, **{**base, "batch_size": 2}),
+                *data, root / "cnn")
     piecewise = train(TrainConfig(mode="piecewise", **base), *data, root / "piecewise",
                       init=cnn.best_checkpoint)
-    joint = train(TrainConfig(mode="joint", epochs=3, lr=1e-3, boundary_lr=1e-2,
+    joint = train(TrainConfig(mode="joint", epochs=3, lr=1e-4, boundary_lr=1e-2,
                               learned_pairwise=True, **base), *data, root / "joint",
                   init=piecewise.best_checkpoint)
     return data, piecewise, joint
@@ -142,7 +144,7 @@ def test_joint_training_learns_the_boundary_head_and_w4(lp_runs):
                 for k, v in fresh.state_dict().items() if k.startswith("boundary.score"))
     assert moved > 1e-2
     groups = payload["optimizer"]["param_groups"]
-    assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, pytest.approx(10.0)]
+    assert [g.get("lr_scale", 1.0) for g in groups] == [1.0, pytest.approx(100.0)]
 
 
 def test_a_learned_pairwise_model_segments_with_its_boundary_map(lp_runs):
@@ -155,6 +157,10 @@ def test_a_learned_pairwise_model_segments_with_its_boundary_map(lp_runs):
     probs, edges = predict_maps(model, images)
     expected = [map_labelling(p, x, weights, boundary=b)
                 for p, x, b in zip(probs.numpy(), images.numpy(), edges.numpy(), strict=True)]
+    without = [map_labelling(p, x, weights) for p, x in zip(probs.numpy(), images.numpy(),
+                                                               strict=True)]
+    assert 0.05 < np.mean(expected) < 0.6  # masks with foreground (the blocks)
+    assert any(not np.array_equal(a, b) for a, b in zip(expected, without, strict=True))
     _, crf = predict_samples(model, weights, val, batch_size=3)
     for got, want in zip(crf, expected, strict=True):
         np.testing.assert_array_equal(got, want)
@@ -206,3 +212,49 @@ def test_a_mode_that_does_not_train_the_head_freezes_it(tmp_path):
             torch.testing.assert_close(value, fresh[key], rtol=0, atol=0)
     assert not torch.equal(payload["model"]["score_fr.weight"], fresh["score_fr.weight"])
     assert len(payload["optimizer"]["param_groups"]) == 1
+
+
+def test_a_volume_is_cut_slice_by_slice_with_the_boundary_map(lp_runs, tmp_path):
+    """Volume inference with a learned-pairwise model: each slice of its view is cut with the
+    head's map of that slice, in this process or in the workers while the network goes on;
+    fused views and the 3-D cut, which have no such map, refuse it by name."""
+    from monai.data import MetaTensor
+
+    from pipeline.data import CTA_HU_WINDOW
+    from pipeline.data.views import restack_slices, slice_volume
+    from pipeline.inference import VolumePredictor
+
+    _, _, joint = lp_runs
+    # the tiny model's own w4 barely moves a cut on CT slices; a large one makes the map
+    # decide, so that a cut without it would differ
+    payload = load_checkpoint(joint.best_checkpoint)
+    payload["crf"] = [*payload["crf"][:3], 0.5]
+    checkpoint = save_checkpoint({k: v for k, v in payload.items() if k != "format"},
+                                 tmp_path / "strong_w4.pt")
+    # a volume whose axial slices are images like the model's training ones (noisy blocks),
+    # on the HU scale its window maps back to them
+    low, high = CTA_HU_WINDOW
+    images = np.stack([noisy_blocks((36, 40), rng=200 + k, n_blocks=2, image_noise=0.3).image
+                       for k in range(16)]).astype(np.float32)
+    hu = low + restack_slices(images[:, None], "axial")[0] * (high - low)
+    volume = MetaTensor(torch.as_tensor(hu), affine=torch.eye(4))  # RAS: no reorientation
+    serial = VolumePredictor(checkpoint, batch_size=5).predict(volume)
+    with VolumePredictor(checkpoint, batch_size=5, workers=1,
+                         pipeline=True) as pooled:
+        pending = pooled.start(volume)
+        assert pending.cut_batches == 4  # 16 slices in batches of 5
+        piped = pending.result()
+    np.testing.assert_array_equal(piped.crf, serial.crf)
+    # the oracle: windowed axial slices, the model's maps, one cut per slice
+    slices = slice_volume(np.clip((hu - low) / (high - low), 0, 1)[None], "axial")[:, 0]
+    vm = TrainedModel.from_checkpoint(checkpoint)
+    probs, edges = vm.maps(slices, batch_size=5)
+    masks = np.stack([map_labelling(p, x, vm.weights, boundary=b)
+                      for p, x, b in zip(probs, slices, edges, strict=True)])
+    np.testing.assert_array_equal(serial.crf, restack_slices(masks[:, None], "axial")[0])
+    without = np.stack([map_labelling(p, x, vm.weights) for p, x in zip(probs, slices,
+                                                                        strict=True)])
+    assert not np.array_equal(masks, without)  # the map changed the cut
+    for kwargs in ({"crf_3d": True}, {"views": ["axial", "coronal"], "any_view": True}):
+        with pytest.raises(ValueError, match="learned edge feature"):
+            VolumePredictor(checkpoint, **kwargs)

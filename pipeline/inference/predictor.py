@@ -117,15 +117,25 @@ class TrainedModel:
     def maps(self, images: np.ndarray, *, batch_size: int = 16,
              device: str | torch.device = "cpu", tta: bool = False,
              amp: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """:meth:`probabilities` and the boundary map of the network's boundary head (N×H×W
-        float32 in [0, 1], resized as the probabilities are; None without one)."""
+        """:meth:`probabilities` and, for a CRF with the learned edge feature, the boundary
+        map of the network's boundary head (N×H×W float32 in [0, 1], resized as the
+        probabilities are; None otherwise)."""
         probs, edges = [], []
-        for _, p, b in resized_maps(self.model, np.asarray(images, dtype=np.float32)[:, None],
-                                    self.size, batch_size=batch_size, device=device,
-                                    flips=self.flips_for(tta), amp=amp):
+        for _, p, b in self.iter_maps(images, batch_size=batch_size, device=device, tta=tta,
+                                      amp=amp):
             probs.append(p)
             edges.append(b)
         return np.concatenate(probs), (None if edges[0] is None else np.concatenate(edges))
+
+    def iter_maps(self, images: np.ndarray, *, batch_size: int = 16,
+                  device: str | torch.device = "cpu", bar=None, tta: bool = False,
+                  amp: bool = False) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """:meth:`iter_probabilities` with each batch's boundary maps (None unless the CRF
+        has the learned edge feature, :attr:`learned_pairwise`)."""
+        yield from resized_maps(
+            self.model, np.asarray(images, dtype=np.float32)[:, None], self.size,
+            batch_size=batch_size, device=device, flips=self.flips_for(tta), amp=amp, bar=bar,
+            boundary=self.learned_pairwise)
 
     def iter_probabilities(self, images: np.ndarray, *, batch_size: int = 16,
                            device: str | torch.device = "cpu", bar=None, tta: bool = False,
@@ -275,10 +285,6 @@ class VolumePredictor(_GraphCutWorkers):
             key = os.fspath(path)
             if key not in loaded:
                 loaded[key] = TrainedModel.from_checkpoint(path).require_grey(path, "CT volumes")
-                if loaded[key].learned_pairwise:
-                    raise ValueError(f"{path}: its CRF has the learned edge feature, which "
-                                     f"volume inference does not run yet (2-D images and "
-                                     f"echo frames do)")
                 loaded[key].model.to(device)
             return loaded[key]
 
@@ -301,6 +307,11 @@ class VolumePredictor(_GraphCutWorkers):
         self.models: dict[str, TrainedModel] = {view: load(path) for view, path in paths.items()}
         for vm in self.models.values():
             vm.flips_for(self.tta)  # refuses --tta for a model trained without flips
+            if vm.learned_pairwise and (self.crf_3d or len(self.views) > 1):
+                raise ValueError(f"{vm.path}: its CRF has the learned edge feature, whose "
+                                 f"boundary map exists per slice of its own view: run it on "
+                                 f"one view, slice by slice (not with --crf-3d or several "
+                                 f"views)")
         for view, vm in self.models.items():
             if not any_view and vm.view is not None and vm.view != view:
                 raise ValueError(f"{vm.path}: trained on {vm.view} slices, but asked to segment "
@@ -323,19 +334,22 @@ class VolumePredictor(_GraphCutWorkers):
         view, CRF weights), the views fused, the CRF step and the project version."""
         return _provenance(self.models, self.views, self.crf_method, self.tta)
 
-    def _cut_async(self, probs: np.ndarray, images: np.ndarray) -> PendingLabellings:
-        """Starts the first view's per-slice CRF of (probability, image) slices in the
-        workers."""
+    def _cut_async(self, probs: np.ndarray, images: np.ndarray,
+                   boundaries: np.ndarray | None = None) -> PendingLabellings:
+        """Starts the first view's per-slice CRF of (probability, image[, boundary map])
+        slices in the workers."""
         vm = self.models[self.views[0]]
-        return self.pool.submit_map_labellings(list(probs), list(images), vm.weights,
-                                               connectivity=vm.connectivity, beta=vm.beta)
+        return self.pool.submit_map_labellings(
+            list(probs), list(images), vm.weights, connectivity=vm.connectivity, beta=vm.beta,
+            boundaries=None if boundaries is None else list(boundaries))
 
     def _crf(self, probability: np.ndarray, windowed: np.ndarray, spacing: np.ndarray,
-             stack: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
+             stack: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None
+             ) -> np.ndarray | None:
         """The CRF mask on the RAS grid, in this process (or the workers, waited for);
-        ``stack`` holds the first view's (slices, probabilities) when they are exactly what
-        slicing ``windowed`` and ``probability`` would give (one view), which saves slicing
-        both volumes again."""
+        ``stack`` holds the first view's (slices, probabilities, boundary maps or None) when
+        they are exactly what slicing ``windowed`` and ``probability`` would give (one view),
+        which saves slicing both volumes again."""
         view = self.views[0]
         vm = self.models[view]
         if vm.weights is None:
@@ -343,12 +357,13 @@ class VolumePredictor(_GraphCutWorkers):
         if self.crf_3d:
             return volume_map_labelling(probability, windowed, vm.weights, spacing=spacing,
                                         beta=vm.beta)
+        edges = None
         if stack is not None:
-            images, probs = stack
+            images, probs, edges = stack
         else:
             probs = slice_volume(probability[None], view)[:, 0]
             images = slice_volume(windowed[None], view)[:, 0]
-        return restack_slices(self._labellings(probs, images, vm)[:, None], view)[0]
+        return restack_slices(self._labellings(probs, images, vm, edges)[:, None], view)[0]
 
     @property
     def pipelined(self) -> bool:
@@ -393,17 +408,21 @@ class VolumePredictor(_GraphCutWorkers):
         for view in self.views:
             bar.set_postfix_str(f"CNN {view}")
             slices = slice_volume(windowed[None], view)[:, 0]
-            chunks = []
-            for first, probs in self.models[view].iter_probabilities(
+            chunks, edge_chunks = [], []
+            # a model with the learned edge feature runs on one view (checked on loading)
+            for first, probs, edges in self.models[view].iter_maps(
                     slices, batch_size=self.batch_size, device=self.device, bar=bar,
                     tta=self.tta, amp=self.amp):
                 chunks.append(probs)
+                edge_chunks.append(edges)
                 if self.pipelined and one_view:  # cut this batch while the next one runs
-                    cuts.append(self._cut_async(probs, slices[first:first + len(probs)]))
+                    cuts.append(self._cut_async(probs, slices[first:first + len(probs)],
+                                                edges))
             probs = np.concatenate(chunks)
             volumes.append(restack_slices(probs[:, None], view)[0])
             if one_view:
-                stack = (slices, probs)
+                stack = (slices, probs,
+                         None if edge_chunks[0] is None else np.concatenate(edge_chunks))
         probability = np.mean(volumes, axis=0)
         del volumes
         if self.pipelined and not one_view:  # the fused slices, cut while the caller goes on
@@ -422,7 +441,7 @@ class PendingPrediction:
 
     def __init__(self, predictor: VolumePredictor, ras: MetaTensor, affine: np.ndarray,
                  shape: tuple[int, ...], windowed: np.ndarray, probability: np.ndarray,
-                 stack: tuple[np.ndarray, np.ndarray] | None,
+                 stack: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None,
                  cuts: Sequence[PendingLabellings], bar, crf_slices: int,
                  cnn_seconds: float) -> None:
         self._predictor, self._ras, self._affine, self._shape = predictor, ras, affine, shape
