@@ -30,7 +30,7 @@ from pipeline.models import (
     MODES,
     build_model,
     load_checkpoint,
-    predict_maps,
+    predict_map_arrays,
     save_checkpoint,
 )
 from pipeline.networks import boundary_outputs, load_network_state, split_boundary
@@ -273,15 +273,6 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
                            weight_decay=config.weight_decay)
 
 
-def _maps(model: torch.nn.Module, images: torch.Tensor
-          ) -> tuple[np.ndarray, list[np.ndarray | None]]:
-    """A batch's foreground probabilities (B×H×W) and, per image, its boundary map (None
-    each for a network without a boundary head)."""
-    probs, edges = predict_maps(model, images)
-    probs = probs.cpu().numpy()
-    return probs, [None] * len(probs) if edges is None else list(edges.cpu().numpy())
-
-
 def _nanmean(values: Sequence[float]) -> float:
     arr = np.asarray(values, dtype=np.float64)
     return float(np.nanmean(arr)) if np.any(~np.isnan(arr)) else float("nan")
@@ -379,7 +370,7 @@ class _Run:
         for batch in self.val_loader:
             images = batch["image"].to(self.device)
             truth = batch["label"][:, 0].numpy().astype(np.uint8)
-            probs, edges = _maps(self.model, images)
+            probs, edges = predict_map_arrays(self.model, images)
             cnn.extend(compute_jaccard((probs > 0.5).astype(np.uint8), truth).tolist())
             if self.weights is not None:
                 refined = np.stack([map_labelling(p, x, self.weights,
@@ -593,7 +584,7 @@ class _PiecewiseRun(_Run):
     def step(self, engine: Engine, batch: dict) -> dict:
         images = batch["image"].to(self.device)
         labels = batch["label"].to(self.device)
-        probs, edges = _maps(self.model, images)
+        probs, edges = predict_map_arrays(self.model, images)
         for p, x, y, b in zip(probs, images.cpu().numpy(), labels[:, 0].cpu().numpy(), edges,
                               strict=True):
             self.piecewise_data.append((p, x, y.astype(np.uint8), b))

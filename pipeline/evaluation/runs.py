@@ -15,7 +15,7 @@ from pipeline.crf.graphcut import map_labelling
 from pipeline.distributed import resolve_device
 from pipeline.evaluation.examples import PICKS, QualitativeCase, QualitativeCases
 from pipeline.evaluation.tables import EvalTable, evaluation_rows, select_cases
-from pipeline.models import load_run, predict_maps, training_flips, tta_flips
+from pipeline.models import load_run, predict_map_arrays, training_flips, tta_flips
 
 __all__ = [
     "Evaluation",
@@ -63,10 +63,8 @@ def predict_samples(model: torch.nn.Module, weights: CRFWeights | None,
                             disable=not progress):
         batch = samples[start:stop]
         images = torch.stack([torch.as_tensor(s["image"]) for s in batch])
-        probs, edges = predict_maps(model.to(device), images.to(device), flips=flips,
-                                    boundary=weights is not None)
-        probs = probs.cpu().numpy()
-        edges = [None] * len(probs) if edges is None else list(edges.cpu().numpy())
+        probs, edges = predict_map_arrays(model.to(device), images.to(device), flips=flips,
+                                          boundary=weights is not None)
         cnn.extend((probs > 0.5).astype(np.uint8))
         if weights is not None:
             crf.extend(map_labelling(p, x, weights, connectivity=connectivity, beta=beta,

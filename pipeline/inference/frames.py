@@ -247,8 +247,7 @@ class FramePredictor(_GraphCutWorkers):
         start = time.perf_counter()
         crf = None
         if vm.weights is not None:
-            crf = self._labellings(probability, frames, vm,
-                                   boundary if vm.learned_pairwise else None)
+            crf = self._labellings(probability, frames, vm, boundary)
         return VolumePrediction(probability=probability,
                                 cnn=(probability > 0.5).astype(np.uint8), crf=crf,
                                 seconds={"cnn": cnn_s, "crf": time.perf_counter() - start})

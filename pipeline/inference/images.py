@@ -15,7 +15,6 @@ from pipeline.data.pictures import read_picture
 from pipeline.data.writers import write_csv, write_png_mask
 from pipeline.distributed import resolve_device
 from pipeline.inference.predictor import TrainedModel
-from pipeline.models.prediction import resized_maps
 
 __all__ = ["IMAGE_SUMMARY_COLUMNS", "predict_image", "read_image_array", "segment_image_folder"]
 
@@ -44,8 +43,7 @@ def predict_image(vm: TrainedModel, image: np.ndarray, *, device: str | torch.de
         raise ValueError(f"a {x.shape[0]}-channel image for a model trained on "
                          f"{vm.in_channels}-channel images (use --colour gray?)")
     vm.model.to(device)
-    _, probs, edges = next(resized_maps(vm.model, x[None], vm.size, device=device,
-                                        flips=vm.flips_for(tta), boundary=vm.learned_pairwise))
+    _, probs, edges = next(vm.iter_image_maps(x[None], device=device, tta=tta))
     if vm.weights is None:
         return probs[0], None
     return probs[0], map_labelling(probs[0], np.asarray(image), vm.weights,

@@ -31,7 +31,7 @@ from pipeline.models import (
     training_flips,
     tta_flips,
 )
-from pipeline.models.prediction import resized_maps, resized_probabilities
+from pipeline.models.prediction import resized_maps
 
 __all__ = ["PendingPrediction", "TrainedModel", "VolumePrediction", "VolumePredictor"]
 
@@ -132,10 +132,21 @@ class TrainedModel:
                   amp: bool = False) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
         """:meth:`iter_probabilities` with each batch's boundary maps (None unless the CRF
         has the learned edge feature, :attr:`learned_pairwise`)."""
-        yield from resized_maps(
-            self.model, np.asarray(images, dtype=np.float32)[:, None], self.size,
-            batch_size=batch_size, device=device, flips=self.flips_for(tta), amp=amp, bar=bar,
-            boundary=self.learned_pairwise)
+        yield from self.iter_image_maps(np.asarray(images, dtype=np.float32)[:, None],
+                                        batch_size=batch_size, device=device, bar=bar,
+                                        tta=tta, amp=amp)
+
+    def iter_image_maps(self, images: np.ndarray | torch.Tensor, *, batch_size: int = 16,
+                        device: str | torch.device = "cpu", bar=None, tta: bool = False,
+                        amp: bool = False
+                        ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+        """:meth:`iter_maps` of N×C×H×W images (C: the model's input channels): the one
+        place a trained model's probabilities are made, so that every path (volumes, frames,
+        photographs) gets the same ones, with the flips it asks for and, for a CRF with the
+        learned edge feature, the boundary maps the cuts need."""
+        yield from resized_maps(self.model, images, self.size, batch_size=batch_size,
+                                device=device, flips=self.flips_for(tta), amp=amp, bar=bar,
+                                boundary=self.learned_pairwise)
 
     def iter_probabilities(self, images: np.ndarray, *, batch_size: int = 16,
                            device: str | torch.device = "cpu", bar=None, tta: bool = False,
@@ -155,9 +166,9 @@ class TrainedModel:
         Yields:
             (index of the batch's first image, its B×H×W float32 probabilities in [0, 1]).
         """
-        yield from resized_probabilities(
-            self.model, np.asarray(images, dtype=np.float32)[:, None], self.size,
-            batch_size=batch_size, device=device, flips=self.flips_for(tta), amp=amp, bar=bar)
+        for first, probs, _ in self.iter_maps(images, batch_size=batch_size, device=device,
+                                               bar=bar, tta=tta, amp=amp):
+            yield first, probs
 
 
 def _provenance(models: Mapping[str, TrainedModel], views: Sequence[str], crf: str,

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.crf import CRFWeights, MaxMarginLoss
@@ -31,6 +32,7 @@ __all__ = [
     "load_run",
     "model_files",
     "network_of",
+    "predict_map_arrays",
     "predict_maps",
     "predict_probabilities",
 ]
@@ -155,6 +157,16 @@ def predict_maps(model: torch.nn.Module, images: torch.Tensor, *,
         total = total / len(flips)
         edges = None if edges is None else edges / len(flips)
     return total, edges
+
+
+def predict_map_arrays(model: torch.nn.Module, images: torch.Tensor, *,
+                       flips: Sequence[tuple[int, ...]] = ((),), boundary: bool = True
+                       ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """:func:`predict_maps` as NumPy, for graph cuts image by image: the B×H×W probabilities
+    and, per image, its H×W boundary map (None each without one)."""
+    probs, edges = predict_maps(model, images, flips=flips, boundary=boundary)
+    probs = probs.cpu().numpy()
+    return probs, [None] * len(probs) if edges is None else list(edges.cpu().numpy())
 
 
 def network_of(payload: dict[str, Any], checkpoint: str | os.PathLike) -> FCN8s:

@@ -226,11 +226,12 @@ class FCN8s(nn.Module):
             convolution then always has three input channels.
         freeze_blocks: the first N (0–5) VGG blocks get ``requires_grad=False``.
         boundary_head: add a boundary head: score layers of its own on the same fc7, pool4
-            and pool3 features, fused and upsampled as the segmentation scores are, giving
-            one boundary logit per pixel (its sigmoid is the boundary strength b of the CRF's
-            learned edge feature). The network returns it as an extra last channel only
-            while :attr:`emit_boundary` is set (:func:`boundary_outputs`), so every consumer
-            of the segmentation logits works unchanged.
+            and pool3 features, fused and upsampled as the segmentation scores are, plus side
+            outputs of pool1 and pool2 for detail, giving one boundary logit per pixel (its
+            sigmoid is the boundary strength b of the CRF's learned edge feature). The
+            network returns it as an extra last channel only while :attr:`emit_boundary` is
+            set (:func:`boundary_outputs`), so every consumer of the segmentation logits
+            works unchanged.
 
     Attributes:
         emit_boundary: whether :meth:`forward` appends the boundary logits (False on

@@ -32,7 +32,7 @@ def crf_settings(checkpoint: str | os.PathLike) -> tuple[CRFWeights, int, float 
     if (payload.get("network") or {}).get("boundary_head"):
         raise ValueError(f"{checkpoint}: its CRF has the learned edge feature, whose boundary "
                          f"map these transforms do not receive; run it with mmcrf infer or "
-                         f"evaluate (2-D images and frames)")
+                         f"evaluate (2-D images, frames, or volumes on one view)")
     config = payload.get("config") or {}
     return (CRFWeights.from_array(payload["crf"]), int(config.get("connectivity", 4)),
             config.get("beta"))
