@@ -258,3 +258,18 @@ def test_a_volume_is_cut_slice_by_slice_with_the_boundary_map(lp_runs, tmp_path)
     for kwargs in ({"crf_3d": True}, {"views": ["axial", "coronal"], "any_view": True}):
         with pytest.raises(ValueError, match="learned edge feature"):
             VolumePredictor(checkpoint, **kwargs)
+
+
+def test_resuming_a_run_with_the_head_switched_on_is_refused(tmp_path):
+    """Only a run's start (init) may grow the head onto a network without one; a resumed run
+    must fit its own checkpoint, so switching the term on at resume names the file."""
+    data = _samples(4, 0), []
+    plain = TrainConfig(mode="cnn", epochs=1, batch_size=2, lr=1e-2, network=TINY_NET)
+    run = train(plain, *data, tmp_path / "cnn")
+    recorded = (tmp_path / "cnn" / "config.json").read_text()
+    later = TrainConfig(mode="cnn", epochs=2, batch_size=2, lr=1e-2, network=TINY_NET,
+                        learned_pairwise=True)
+    with pytest.raises(ValueError, match=r"last\.pt: its weights do not fit this run's network"):
+        train(later, *data, tmp_path / "cnn", resume=True)
+    assert load_checkpoint(run.last_checkpoint)["epoch"] == 1  # nothing overwritten
+    assert (tmp_path / "cnn" / "config.json").read_text() == recorded

@@ -26,7 +26,6 @@ from matplotlib.figure import Figure
 from pipeline.evaluation.tables import read_eval_table
 from pipeline.inference.images import predict_image
 from pipeline.inference.predictor import TrainedModel
-from pipeline.models.prediction import resized_maps
 
 
 def _picks(table_file: str) -> list[tuple[str, str, float]]:
@@ -51,7 +50,7 @@ def _horse(root: Path, name: str, joint: TrainedModel, lp: TrainedModel):
     image = sample.image
     _, plain = predict_image(joint, image)
     _, learned = predict_image(lp, image)
-    _, _, edges = next(resized_maps(lp.model, image[None], lp.size))
+    _, _, edges = next(lp.iter_image_maps(image[None]))
     return image.transpose(1, 2, 0), sample.mask, edges[0], plain, learned
 
 

@@ -447,9 +447,20 @@ class _Run:
             "rng": rng_state(),
         }
 
-    def restore(self, payload: dict[str, Any]) -> None:
-        # a run with the learned edge feature may start from the same network without it
-        grown = load_network_state(self.model, payload["model"])
+    def restore(self, payload: dict[str, Any], *, grow: bool = False) -> None:
+        """Takes a checkpoint's weights, optimiser, CRF and working sets. ``grow``: a network
+        with a boundary head may take the same network's weights without one (a run with
+        the learned edge feature starting from an earlier stage; not a resumed run, which
+        must fit its own checkpoint exactly).
+
+        Raises:
+            RuntimeError: the weights do not fit the network.
+        """
+        if grow:
+            grown = load_network_state(self.model, payload["model"])
+        else:
+            self.model.load_state_dict(payload["model"])
+            grown = []
         if payload.get("optimizer") is not None and payload.get("mode") == self.config.mode \
                 and not grown:
             self.optimizer.load_state_dict(payload["optimizer"])
@@ -647,7 +658,6 @@ def train(config: TrainConfig, train_samples: Sequence[dict], val_samples: Seque
         config.network = {**config.network, "weights_sha256": sha256_file(weights)}
     if dist.is_main():
         run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     device = dist.resolve_device(config.device)
     state = _RUNS[config.mode](config, train_samples, val_samples, run, device, fresh=fresh)
     engine = Engine(state.step)
@@ -679,11 +689,13 @@ def train(config: TrainConfig, train_samples: Sequence[dict], val_samples: Seque
         set_rng_state(payload["rng"])
     elif init is not None:
         try:
-            state.restore(load_checkpoint(init))
+            state.restore(load_checkpoint(init), grow=True)
         except RuntimeError as err:  # load_state_dict: missing keys or size mismatch
             raise ValueError(f"{init}: its weights do not fit this run's network "
                              f"({str(err).strip().splitlines()[0][:300]}); start from a "
                              f"checkpoint of the same network settings") from None
+    if dist.is_main():  # once the checkpoints fit: a refused resume leaves the run as it was
+        (run / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     if progress and dist.is_main():
         from ignite.contrib.handlers import ProgressBar
 
