@@ -67,14 +67,16 @@ def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: st
           epochs: int | None = None, preset: str | None = None, init: str | None = None,
           resume: bool = False, in_channels: int | None = None, progress: bool = False,
           weights: str | None = None, device: str = "auto",
-          learned_pairwise: bool | None = None, boundary_lr: float | None = None) -> Path:
+          learned_pairwise: bool | None = None, boundary_lr: float | None = None,
+          boundary_weight: float | None = None) -> Path:
     """Trains one stage into ``<output_dir>/<mode>/``.
 
     Piecewise starts from the CNN stage's best checkpoint and joint from the piecewise one,
     unless ``init`` names another checkpoint. ``weights`` is a pretrained VGG16 file for the
     backbone of a fresh CNN stage (``mmcrf weights vgg16``; the ``vgg16`` network preset).
-    ``learned_pairwise`` and ``boundary_lr``: the CRF's learned edge feature and its boundary
-    head's learning rate (None: the preset's; off in every packaged preset).
+    ``learned_pairwise``, ``boundary_lr`` and ``boundary_weight``: the CRF's learned edge
+    feature, its boundary head's learning rate and the weight of the head's supervised
+    outline loss (None: the preset's; off in every packaged preset).
 
     Returns:
         The stage's best checkpoint (also printed, by rank 0 only under torchrun).
@@ -88,7 +90,8 @@ def train(*, dataset_dir: str, output_dir: str, mode: str = "cnn", data_kind: st
         init = None if previous is None else str(previous)
     config = stage_config(preset, data=data_settings(data_kind, view=view, size=size),
                           weights=weights, mode=mode, epochs=epochs, device=device,
-                          learned_pairwise=learned_pairwise, boundary_lr=boundary_lr)
+                          learned_pairwise=learned_pairwise, boundary_lr=boundary_lr,
+                          boundary_weight=boundary_weight)
     if in_channels is not None:
         config.network["in_channels"] = in_channels
     result = train_stage(config, Path(output_dir) / mode, root=dataset_dir, manifest=manifest,

@@ -204,7 +204,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                  "batch_size": args.batch_size, "seed": args.seed,
                  "graphcut_workers": args.graphcut_workers, "patience": args.patience,
                  "device": args.device, "learned_pairwise": args.learned_pairwise,
-                 "boundary_lr": args.boundary_lr}
+                 "boundary_lr": args.boundary_lr, "boundary_weight": args.boundary_weight}
     data = data_settings(args.data, view=args.view, size=args.size, colour=args.colour,
                          camus=_camus_selection(args) if args.data == "camus" else None)
     config = stage_config(args.config, data=data, weights=args.weights, **overrides)
@@ -665,6 +665,10 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--boundary-lr", type=float, default=None,
                     help="learning rate of the boundary head (default: the preset's, else "
                          "--lr)")
+    tr.add_argument("--boundary-weight", type=float, default=None,
+                    help="weight of the boundary head's supervised loss on the ground truth's "
+                         "outline, in cnn and joint mode (default: the preset's; 0 in every "
+                         "packaged preset)")
     _progress_flags(tr)
     _device_flag(tr)
     tr.set_defaults(func=_cmd_train)

@@ -299,14 +299,15 @@ def test_horse_bundle_runs_out_of_the_box(horse_bundle):
     for mode in ("cnn", "piecewise", "joint"):
         # the joint stage with the bundle's learned-pairwise setting (the echo bundle's test
         # trains the plain one): the boundary head grows onto the piecewise network
-        extra = ("--learned_pairwise", "True", "--boundary_lr", "0.01") if mode == "joint" \
-            else ()
+        extra = ("--learned_pairwise", "True", "--boundary_lr", "0.01", "--boundary_weight",
+                 "0.5") if mode == "joint" else ()
         _monai_bundle(horse_bundle, "run", "--config_file", "configs/train.json", "--mode",
                       mode, *tiny, *extra)
     payload = torch.load(horse_bundle / "runs" / "joint" / "last.pt", weights_only=True)
     assert payload["network"]["in_channels"] == 3 and payload["crf"] is not None
     assert payload["network"]["boundary_head"] is True and len(payload["crf"]) == 4
     assert payload["config"]["boundary_lr"] == 0.01
+    assert payload["config"]["boundary_weight"] == 0.5
     _monai_bundle(horse_bundle, "run", "--config_file",
                   "['configs/train.json','configs/evaluate.json']", "--size", "32")
     with (horse_bundle / "runs" / "evaluation.csv").open() as f:

@@ -199,8 +199,9 @@ def test_learned_pairwise_is_off_by_default_and_one_switch():
 
 
 def test_a_mode_that_does_not_train_the_head_freezes_it(tmp_path):
-    """Only γ's gradient reaches a boundary head, so in cnn mode it is frozen and left out of
-    the optimiser (an idle weight would also stop DDP): it leaves the run as it started."""
+    """Without the supervised outline loss (``boundary_weight``) only γ's gradient reaches a
+    boundary head, so in cnn mode it is frozen and left out of the optimiser (an idle weight
+    would also stop DDP): it leaves the run as it started."""
     data = _samples(4, 0), []
     run = train(TrainConfig(mode="cnn", epochs=1, batch_size=2, lr=1e-2, network=TINY_NET,
                             learned_pairwise=True), *data, tmp_path / "cnn")

@@ -1,4 +1,5 @@
-"""``MaxMarginLoss``: the CRF's max-margin objective γ as a differentiable loss of CNN logits."""
+"""``MaxMarginLoss``: the CRF's max-margin objective γ as a differentiable loss of CNN logits;
+``outline_loss``: the boundary head's supervised loss on the ground truth's outline."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 import torch
 
-from pipeline.crf.features import CRFWeights, GridCRF
+from pipeline.crf.features import CONNECTIVITIES, CRFWeights, GridCRF
 from pipeline.crf.graphcut import GraphCutPool
 from pipeline.crf.learning import (
     DEFAULT_TOL,
@@ -18,7 +19,7 @@ from pipeline.crf.learning import (
 )
 from pipeline.crf.qp import MarginQP
 
-__all__ = ["MaxMarginLoss"]
+__all__ = ["MaxMarginLoss", "label_outline", "outline_loss"]
 
 
 class _MarginObjective(torch.autograd.Function):
@@ -193,3 +194,66 @@ class MaxMarginLoss(torch.nn.Module):
         grad_b = np.stack(boundary_gradient(result, crfs, truth_list, list(b_np)))
         return _MarginObjective.apply(a, b, gamma, grad_t,
                                       torch.as_tensor(grad_b, dtype=b.dtype, device=b.device))
+
+
+def label_outline(labels: torch.Tensor, connectivity: int = 4) -> torch.Tensor:
+    """The pixels of a labelling that lie on a cut edge of the grid: those with a neighbour
+    (under ``connectivity``) of the other label, on both sides of the cut.
+
+    These are exactly the pixels i, j of the edges where the learned edge feature
+    ψ4 = [y_i≠y_j]·(1 − max(b_i, b_j)) is paid, so b = 1 on them (and only the cut there is
+    free) is the map that makes the ground truth's outline cost nothing.
+
+    Args:
+        labels: B×H×W (or H×W) 0/1 labellings.
+        connectivity: 4 or 8, the grid's.
+
+    Returns:
+        A bool tensor of the labels' shape.
+
+    Raises:
+        ValueError: connectivity is not 4 or 8.
+    """
+    if connectivity not in CONNECTIVITIES:
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    y = labels > 0.5
+    outline = torch.zeros_like(y)
+    h, w = y.shape[-2:]
+    for dr, dc in CONNECTIVITIES[connectivity]:
+        r0, r1 = max(0, -dr), h - max(0, dr)  # rows of i whose neighbour j = i + (dr, dc)
+        c0, c1 = max(0, -dc), w - max(0, dc)  # lies on the grid
+        cut = y[..., r0:r1, c0:c1] != y[..., r0 + dr:r1 + dr, c0 + dc:c1 + dc]
+        outline[..., r0:r1, c0:c1] |= cut
+        outline[..., r0 + dr:r1 + dr, c0 + dc:c1 + dc] |= cut
+    return outline
+
+
+def outline_loss(boundary_logits: torch.Tensor, labels: torch.Tensor, *,
+                 connectivity: int = 4) -> torch.Tensor:
+    """Class-balanced binary cross-entropy of boundary logits against the labels' outline
+    (:func:`label_outline`), HED's loss: in each image an outline pixel weighs
+    |non-outline| / |all| and any other pixel |outline| / |all|, so the few outline pixels
+    are not drowned; an image without an outline (empty or full) adds nothing.
+
+    Args:
+        boundary_logits: B×H×W logits of the boundary strength b.
+        labels: B×H×W 0/1 ground truth.
+        connectivity: 4 or 8, the CRF grid's.
+
+    Returns:
+        The mean over the batch's images of each image's weighted sum divided by its pixel
+        count (a scalar).
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if boundary_logits.shape != labels.shape:
+        raise ValueError(f"boundary logits {tuple(boundary_logits.shape)} and labels "
+                         f"{tuple(labels.shape)} differ in shape")
+    target = label_outline(labels, connectivity).to(boundary_logits.dtype)
+    dims = tuple(range(1, target.dim()))
+    positive = target.sum(dim=dims, keepdim=True) / target[0].numel()
+    weight = torch.where(target > 0, 1.0 - positive, positive)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(boundary_logits, target,
+                                                               weight=weight, reduction="none")
+    return bce.mean(dim=dims).mean()

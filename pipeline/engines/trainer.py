@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from pipeline import distributed as dist
 from pipeline.crf import CRFWeights, GraphCutPool, MarginQP, MaxMarginLoss, learn_weights
 from pipeline.crf.graphcut import map_labelling
+from pipeline.crf.loss import outline_loss
 from pipeline.data.hashing import sha256_file
 from pipeline.engines.augment import Augmentation
 from pipeline.engines.presets import find_preset
@@ -97,6 +98,13 @@ class TrainConfig:
             schedule in proportion. A head added to a trained network starts from scratch
             while the rest is fine-tuned, and Adam moves each weight by about the learning
             rate per step, so at the fine-tuning rate it barely leaves its initialisation.
+        boundary_weight: weight of a supervised loss on the boundary head, added to the
+            ``cnn`` and ``joint`` modes' losses (0: none, the default): HED's class-balanced
+            cross-entropy of b against the ground truth's outline, the pixels on its cut
+            edges (:func:`~pipeline.crf.loss.outline_loss`). With it the head learns from the
+            CNN stage on (there the unaries' cross-entropy trains the rest of the network),
+            so the piecewise stage learns w4 on a map that already follows the outline.
+            Needs ``learned_pairwise``.
         network: FCN8s arguments (``preset``: ``lite`` or ``paper``, plus keyword arguments).
         data: how the training images were made (``kind``, ``view``, ``size``, ``hu_window``,
             ...), recorded in checkpoints so inference prepares images the same way.
@@ -123,6 +131,7 @@ class TrainConfig:
     device: str = "auto"
     learned_pairwise: bool = False
     boundary_lr: float | None = None
+    boundary_weight: float = 0.0
     network: dict[str, Any] = field(default_factory=lambda: {"preset": "lite",
                                                               "in_channels": 1})
     data: dict[str, Any] = field(default_factory=dict)
@@ -142,6 +151,8 @@ class TrainConfig:
             raise ValueError("lr and C must be > 0")
         if self.boundary_lr is not None and not self.boundary_lr > 0:
             raise ValueError(f"boundary_lr must be > 0, got {self.boundary_lr!r}")
+        if not self.boundary_weight >= 0:
+            raise ValueError(f"boundary_weight must be >= 0, got {self.boundary_weight!r}")
         Augmentation.from_config(self.augment)  # a bad setting fails here, not mid-run
         # one switch: the learned edge feature needs the boundary head, and a network with
         # a boundary head (e.g. a resumed run's recorded spec) trains its feature
@@ -149,6 +160,9 @@ class TrainConfig:
                                      self.network.get("boundary_head", False))
         if self.learned_pairwise and not self.network.get("boundary_head", False):
             self.network = {**self.network, "boundary_head": True}
+        if self.boundary_weight and not self.learned_pairwise:
+            raise ValueError("boundary_weight supervises the boundary head of the learned edge "
+                             "feature: set learned_pairwise too")
 
     def lr_at(self, epoch: int) -> float:
         """The learning rate of 1-based ``epoch`` under :attr:`lr_schedule`."""
@@ -288,9 +302,8 @@ class _Run:
 
     #: Whether the CNN learns in this mode (and is wrapped in DDP under torchrun).
     trains_cnn: bool = True
-    #: Whether a boundary head learns in this mode (only γ's gradient reaches it); where it
-    #: does not, it is frozen, so no weight goes without a gradient (DDP would refuse that).
-    learns_boundary: bool = False
+    #: Whether γ's gradient reaches a boundary head in this mode.
+    crf_trains_boundary: bool = False
     #: The validation metric whose best value keeps ``best.pt``.
     selection_metric: str = "val_jaccard_crf"
 
@@ -332,6 +345,13 @@ class _Run:
         """Epochs this run trains for: the configured ones."""
         return self.config.epochs
 
+    @property
+    def learns_boundary(self) -> bool:
+        """Whether a boundary head learns in this run: from γ's gradient, or from the
+        supervised outline loss in a mode whose network learns. Where it does not, it is
+        frozen, so no weight goes without a gradient (DDP would refuse that)."""
+        return self.crf_trains_boundary or (self.trains_cnn and self.config.boundary_weight > 0)
+
     # ----- the per-mode pieces --------------------------------------------------------------
     def step(self, engine: Engine, batch: dict) -> dict:
         """One iteration over ``batch``; returns what :meth:`iteration_completed` collects."""
@@ -354,14 +374,15 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr_at(epoch) * group.get("lr_scale", 1.0)
         self._start_epoch()
-        self.epoch_stats = {"jaccard": [], "loss": []}
+        self.epoch_stats = {"jaccard": [], "loss": [], "boundary_loss": []}
         self.epoch_time = time.perf_counter()
 
     def iteration_completed(self, engine: Engine) -> None:
         out = engine.state.output or {}
         self.epoch_stats["jaccard"].extend(out.get("jaccard", []))
-        if "loss" in out:
-            self.epoch_stats["loss"].append(out["loss"])
+        for key in ("loss", "boundary_loss"):
+            if key in out:
+                self.epoch_stats[key].append(out[key])
 
     def validate(self) -> dict[str, float]:
         if self.val_loader is None:
@@ -396,6 +417,10 @@ class _Run:
                     for v in part]
         losses = [v for part in dist.all_gather_objects(self.epoch_stats["loss"]) for v in part]
         row["train_loss"] = float(np.mean(losses)) if losses else float("nan")
+        outline = [v for part in dist.all_gather_objects(self.epoch_stats["boundary_loss"])
+                   for v in part]
+        if outline:
+            row["train_boundary_loss"] = float(np.mean(outline))
         row["train_jaccard"] = _nanmean(jaccards)
         if self.weights is not None:
             row.update(w1=self.weights.w1, w2=self.weights.w2, w3=self.weights.w3)
@@ -475,7 +500,7 @@ class _Run:
     def _log(self, row: dict[str, Any]) -> None:
         path = self.run_dir / "log.csv"
         columns = ["epoch", "train_loss", "train_jaccard", "val_jaccard_cnn", "val_jaccard_crf",
-                   "gamma", "w1", "w2", "w3", "w4", "seconds", "lr"]
+                   "gamma", "w1", "w2", "w3", "w4", "train_boundary_loss", "seconds", "lr"]
         new = not path.exists()
         if not new:  # a resumed run appends in the log's own columns (older logs lack some)
             with path.open(newline="") as f:
@@ -515,6 +540,11 @@ class _GradientRun(_Run):
                                                 labels[:, 0])
         out = {"jaccard": _batch_jaccard(logits, labels), "ce": ce.item()}
         loss = self._loss(logits, images, labels, batch, ce, out, edge_logits)
+        if self.config.boundary_weight and edge_logits is not None:
+            outline = outline_loss(edge_logits, labels[:, 0],
+                                   connectivity=self.config.connectivity)
+            loss = loss + self.config.boundary_weight * outline
+            out["boundary_loss"] = outline.item()
         loss.backward()
         self.optimizer.step()
         out["loss"] = loss.item()
@@ -542,7 +572,7 @@ class _JointRun(_GradientRun):
     """``joint`` (Algorithm 2): γ of each batch back-propagated into the CNN, its constraints
     kept for the global QP that gives w at the epoch's end."""
 
-    learns_boundary = True
+    crf_trains_boundary = True
 
     def _start_epoch(self) -> None:
         self.epoch_constraints: dict[str, tuple[np.ndarray, np.ndarray]] = {}
