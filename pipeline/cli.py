@@ -201,6 +201,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     distributed.init_from_env()
     overrides = {"mode": args.mode, "epochs": args.epochs, "lr": args.lr, "C": args.C,
+                 "connectivity": args.connectivity,
                  "batch_size": args.batch_size, "seed": args.seed,
                  "graphcut_workers": args.graphcut_workers, "patience": args.patience,
                  "device": args.device, "learned_pairwise": args.learned_pairwise,
@@ -651,6 +652,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="learning rate of the CNN (default: the preset's, per mode)")
     tr.add_argument("--C", type=float, default=None,
                     help="max-margin slack penalty of the CRF stages (default: the preset's)")
+    tr.add_argument("--connectivity", type=int, choices=(4, 8), default=None,
+                    help="the CRF grid's neighbourhood (default: the preset's)")
     tr.add_argument("--batch-size", type=int, default=None,
                     help="images per step (default: the preset's)")
     tr.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")

@@ -117,3 +117,19 @@ def test_the_cnn_stage_teaches_the_head_the_outline_and_piecewise_keeps_it(tmp_p
     for key, value in payload["model"].items():
         torch.testing.assert_close(learned["model"][key], value, rtol=0, atol=0)
     assert len(learned["crf"]) == 4 and learned["crf"][3] > 0
+
+
+def test_mmcrf_train_takes_the_outline_loss_and_the_grid(tmp_path):
+    import json
+
+    from pipeline.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--mode", "cnn", "--data", "demo", "--root", str(tmp_path / "data"),
+                 "--size", "32", "--epochs", "1", "--learned-pairwise", "--boundary-weight",
+                 "0.5", "--connectivity", "8", "--out", str(out), "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["boundary_weight"], config["connectivity"]) == (0.5, 8)
+    assert config["network"]["boundary_head"] is True
+    with open(out / "log.csv", newline="") as f:
+        assert float(next(csv.DictReader(f))["train_boundary_loss"]) > 0
