@@ -143,7 +143,8 @@ def cnn_only_step(model, optimizer, images, labels, device) -> float:
 
 def bench_case(net: str, size: int, *, warmup: int, repeats: int, C: float, lr: float,
                pool: GraphCutPool | None, pretrain_steps: int | None,
-               device: torch.device, learned: bool = False) -> tuple[dict, dict]:
+               device: torch.device, learned: bool = False,
+               connectivity: int = 4) -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = NETWORKS[net](in_channels=1, boundary_head=learned).to(device).train()
     train_x, train_y, _ = phantom_batch(size, seed=11)
@@ -157,7 +158,7 @@ def bench_case(net: str, size: int, *, warmup: int, repeats: int, C: float, lr: 
     pre_s = time.perf_counter() - start
 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)  # joint run: fresh optimiser
-    loss_fn = MaxMarginLoss(C)
+    loss_fn = MaxMarginLoss(C, connectivity=connectivity)
     loss_fn._pool = pool  # as the trainer does: one pool for the whole run
     rows: dict[str, list[dict]] = {"cold": [], "warm": []}
     cnn_only: list[float] = []
@@ -229,6 +230,8 @@ def main() -> None:
                         help="1 timed repeat, no paper network at 256² or more (smoke run)")
     parser.add_argument("--learned-pairwise", action="store_true",
                         help="also time each case with the learned edge feature (_lp)")
+    parser.add_argument("--connectivity", type=int, choices=(4, 8), default=4,
+                        help="the CRF grid's neighbourhood (default 4, the presets')")
     parser.add_argument("--device", default="auto",
                         help="where the CNN trains (auto, cpu, cuda, cuda:N)")
     args = parser.parse_args()
@@ -238,6 +241,7 @@ def main() -> None:
              if not (args.quick and net == "paper" and size >= 256)]
 
     out: dict = {"quick": args.quick, "batch": BATCH, "C": args.C, "lr": args.lr,
+                 "connectivity": args.connectivity,
                  "graphcut_workers": args.workers,
                  "data": ("CTA phantom axial slices at the size; CNN CE-pretrained a few steps "
                           "on another phantom"),
@@ -251,7 +255,8 @@ def main() -> None:
                                              else args.repeats)
             values, info = bench_case(net, size, warmup=args.warmup, repeats=repeats, C=args.C,
                                       lr=args.lr, pool=pool, pretrain_steps=args.pretrain_steps,
-                                      device=device, learned=learned)
+                                      device=device, learned=learned,
+                                      connectivity=args.connectivity)
             out.update(values)
             infos.append(info)
     finally:
