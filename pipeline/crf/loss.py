@@ -8,7 +8,7 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 import torch
 
-from pipeline.crf.features import CONNECTIVITIES, CRFWeights, GridCRF
+from pipeline.crf.features import CONNECTIVITIES, CRFWeights, GridCRF, _edge_slices
 from pipeline.crf.graphcut import GraphCutPool
 from pipeline.crf.learning import (
     DEFAULT_TOL,
@@ -218,13 +218,12 @@ def label_outline(labels: torch.Tensor, connectivity: int = 4) -> torch.Tensor:
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
     y = labels > 0.5
     outline = torch.zeros_like(y)
-    h, w = y.shape[-2:]
-    for dr, dc in CONNECTIVITIES[connectivity]:
-        r0, r1 = max(0, -dr), h - max(0, dr)  # rows of i whose neighbour j = i + (dr, dc)
-        c0, c1 = max(0, -dc), w - max(0, dc)  # lies on the grid
-        cut = y[..., r0:r1, c0:c1] != y[..., r0 + dr:r1 + dr, c0 + dc:c1 + dc]
-        outline[..., r0:r1, c0:c1] |= cut
-        outline[..., r0 + dr:r1 + dr, c0 + dc:c1 + dc] |= cut
+    for offset in CONNECTIVITIES[connectivity]:  # the grid's edges, as GridCRF builds them
+        src, dst = _edge_slices(tuple(y.shape[-2:]), offset)
+        src, dst = (..., *src), (..., *dst)
+        cut = y[src] != y[dst]
+        outline[src] |= cut
+        outline[dst] |= cut
     return outline
 
 

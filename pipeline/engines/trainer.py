@@ -287,6 +287,12 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
                            weight_decay=config.weight_decay)
 
 
+def _gathered(values: list) -> list:
+    """Every rank's ``values``, concatenated in rank order (this process's alone without
+    torchrun)."""
+    return [v for part in dist.all_gather_objects(values) for v in part]
+
+
 def _nanmean(values: Sequence[float]) -> float:
     arr = np.asarray(values, dtype=np.float64)
     return float(np.nanmean(arr)) if np.any(~np.isnan(arr)) else float("nan")
@@ -400,8 +406,7 @@ class _Run:
                                     for p, x, b in zip(probs, images.cpu().numpy(), edges,
                                                        strict=True)])
                 crf.extend(compute_jaccard(refined, truth).tolist())
-        cnn = [v for part in dist.all_gather_objects(cnn) for v in part]
-        crf = [v for part in dist.all_gather_objects(crf) for v in part]
+        cnn, crf = _gathered(cnn), _gathered(crf)
         out = {"val_jaccard_cnn": _nanmean(cnn)}
         if crf:
             out["val_jaccard_crf"] = _nanmean(crf)
@@ -413,12 +418,10 @@ class _Run:
         gamma = self._epoch_gamma()
         if gamma is not None:
             row["gamma"] = gamma
-        jaccards = [v for part in dist.all_gather_objects(self.epoch_stats["jaccard"])
-                    for v in part]
-        losses = [v for part in dist.all_gather_objects(self.epoch_stats["loss"]) for v in part]
+        jaccards = _gathered(self.epoch_stats["jaccard"])
+        losses = _gathered(self.epoch_stats["loss"])
         row["train_loss"] = float(np.mean(losses)) if losses else float("nan")
-        outline = [v for part in dist.all_gather_objects(self.epoch_stats["boundary_loss"])
-                   for v in part]
+        outline = _gathered(self.epoch_stats["boundary_loss"])
         if outline:
             row["train_boundary_loss"] = float(np.mean(outline))
         row["train_jaccard"] = _nanmean(jaccards)
