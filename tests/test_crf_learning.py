@@ -224,3 +224,93 @@ def test_solving_after_each_sample_reaches_the_optimum_of_solving_after_each_pas
     assert default.gamma == per_sample.gamma
     with pytest.raises(ValueError, match="update must be"):
         learn_weights(probs, images, truths, update="batch")
+
+
+def _reference_sample_schedule(crfs, truths, C, tol, working_sets=None):
+    """An independent n-slack cutting plane with the QP re-solved after each new constraint
+    that cuts EVERY sample in EVERY pass: (weights, γ, working sets, passes)."""
+    n = len(crfs)
+    qp = MarginQP(n, C, n_features=crfs[0].n_features)
+    sets = [[] for _ in range(n)]
+    psi_truth = [crf.features(t) for crf, t in zip(crfs, truths, strict=True)]
+
+    def solve():
+        return qp.solve([np.array([crfs[i].features(y) - psi_truth[i] for y in sets[i]])
+                         .reshape(-1, crfs[i].n_features) for i in range(n)],
+                        [np.array([hamming_loss(truths[i], y) for y in sets[i]])
+                         for i in range(n)])
+
+    for i, ws in enumerate(working_sets or [[] for _ in range(n)]):
+        sets[i] = [y for y in ws if not np.array_equal(y, truths[i])]
+    solution = None  # no sets: the first pass cuts with w = (1, 0, 0, 0), as documented
+    w, xi = np.eye(crfs[0].n_features)[0], np.zeros(n)
+    if any(sets):
+        solution = solve()
+        w, xi = solution.w, solution.xi
+    passes = 0
+    while True:
+        passes += 1
+        added = False
+        for i in range(n):
+            y = graph_cut(crfs[i], CRFWeights.from_array(w), truths[i])
+            if any(np.array_equal(y, s) for s in sets[i]):
+                continue
+            violation = hamming_loss(truths[i], y) - w @ (crfs[i].features(y) - psi_truth[i])
+            if violation > xi[i] + tol:
+                sets[i].append(y)
+                solution = solve()
+                w, xi = solution.w, solution.xi
+                added = True
+        if not added and solution is not None:
+            return w, solution.gamma, sets, passes
+        if solution is None:
+            solution = solve()
+            w, xi = solution.w, solution.xi
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_samples_cut_under_unchanged_weights_are_not_cut_again(monkeypatch, warm):
+    """A sample last cut under the current QP solution would give the same labelling and
+    verdict, so the learner skips it: the same working sets, passes, w and γ as a learner
+    that cuts every sample in every pass, with fewer cuts (cold and warm-started)."""
+    probs, images, truths = _blocks(6, seed=21)
+    rng = np.random.default_rng(2)
+    boundaries = [np.clip(rng.random(t.shape), 0, 1) for t in truths]
+    crfs = [GridCRF.from_probabilities(p, i, connectivity=8, boundary=b)
+            for p, i, b in zip(probs, images, boundaries, strict=True)]
+    truths = [t.astype(np.uint8) for t in truths]
+    warm_sets = None
+    if warm:  # the working sets of a first run on slightly different unaries
+        shifted = [GridCRF.from_probabilities(np.clip(p * 0.9 + 0.05, 0, 1), i,
+                                              connectivity=8, boundary=b)
+                   for p, i, b in zip(probs, images, boundaries, strict=True)]
+        warm_sets = cutting_plane(shifted, truths, C=10.0, tol=0.0).working_sets
+    w_ref, gamma_ref, sets_ref, passes_ref = _reference_sample_schedule(
+        crfs, truths, 10.0, 0.0, warm_sets)
+    cuts, _ = _count_cuts(monkeypatch)
+    result = cutting_plane(crfs, truths, C=10.0, tol=0.0, working_sets=warm_sets)
+    assert result.converged and passes_ref >= 2
+    assert result.iterations == passes_ref
+    assert [len(s) for s in result.working_sets] == [len(s) for s in sets_ref]
+    for ours, theirs in zip(result.working_sets, sets_ref, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(result.weights.as_array(learned=True), w_ref, rtol=1e-9,
+                               atol=1e-12)
+    assert result.gamma == pytest.approx(gamma_ref, rel=1e-9)
+    assert cuts["n"] < passes_ref * len(crfs)
+
+
+def test_features_of_a_working_set_match_one_labelling_at_a_time():
+    probs, images, truths = _blocks(1, seed=5)
+    rng = np.random.default_rng(3)
+    crf = GridCRF.from_probabilities(probs[0], images[0], connectivity=8,
+                                     boundary=rng.random(truths[0].shape))
+    ys = [(rng.random(truths[0].shape) < q).astype(np.uint8) for q in (0.1, 0.5, 0.9)]
+    stacked = crf.features_of(ys)
+    assert stacked.shape == (3, 4)
+    for row, y in zip(stacked, ys, strict=True):
+        np.testing.assert_allclose(row, crf.features(y), rtol=1e-13, atol=1e-15)
+    assert crf.features_of([]).shape == (0, 4)
+    with pytest.raises(ValueError, match="labelling 1 must be binary"):
+        crf.features_of([ys[0], ys[1] * 2])

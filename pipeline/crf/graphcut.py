@@ -163,8 +163,8 @@ def _cut_plan(unary_difference: np.ndarray, edges: Sequence[_Edges], weights: np
     if truth is not None:
         diff += 2.0 * truth - 1.0  # −1 on the unary of the label that differs from the truth
     labels = (diff < 0).astype(np.uint8)
-    maxima = [w2 + (w3 * float(e.contrast.max()) if w3 > 0 else 0.0)
-              + (w4 * float(e.learned.max()) if learned else 0.0) for e in edges]
+    maxima = [w2 + (w3 * e.contrast_max if w3 > 0 else 0.0)
+              + (w4 * e.learned_max if learned else 0.0) for e in edges]
     box = _undecided_box(np.abs(diff) <= _pairwise_bound(maxima))
     if box is None:
         return _Plan(labels)

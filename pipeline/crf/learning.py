@@ -73,6 +73,11 @@ def cutting_plane(crfs: Sequence[GridCRF], truths: Sequence[np.ndarray], *, C: f
       ``pool`` cut a pass's samples at once.
     - ``auto`` (default): ``sample`` without a pool, ``pass`` with one.
 
+    A sample last cut under the current solution (no constraint added since) is not cut
+    again: the cut is deterministic, so it would return the same labelling with the same
+    verdict. On ``bench_train``'s warm 8-connected steps that saves about a fifth of the cuts,
+    mostly in the last, verifying pass.
+
     Both stop when a pass over every sample adds nothing, so both end at an optimum of the
     same problem to within ``tol`` (their γ differ by about 1e-4 relative on that batch; γ
     over working sets is a lower bound of the full problem's, approached from below).
@@ -154,10 +159,14 @@ def cutting_plane(crfs: Sequence[GridCRF], truths: Sequence[np.ndarray], *, C: f
 
     if working_sets is not None:
         for n, ws in enumerate(working_sets):
+            fresh = []
             for y in ws:
                 y = crfs[n].check_labelling(y, f"working-set labelling of sample {n}")
                 if _key(y) not in keys[n] and not np.array_equal(y, ys[n]):
-                    add(n, y)
+                    fresh.append(y)
+                    keys[n].add(_key(y))
+            for y, phi in zip(fresh, crfs[n].features_of(fresh), strict=True):
+                add(n, y, phi)
     if any(sets):
         solution = solve()
         w, xi = solution.w, solution.xi
@@ -170,19 +179,28 @@ def cutting_plane(crfs: Sequence[GridCRF], truths: Sequence[np.ndarray], *, C: f
     converged = False
     everyone = list(range(n_samples))
     active = everyone  # the samples the next pass cuts
+    # A cut is deterministic: a sample last cut under the current solution (w and ξ
+    # unchanged since, as no constraint was added in between) would give the same labelling
+    # and the same verdict, so it is not cut again. ``solved`` counts the QP solutions.
+    solved = 0
+    cut_at = [-1] * n_samples  # the solution each sample was last cut under
     while iterations < max_iterations:
         iterations += 1
         added: list[int] = []
+        due = [n for n in active if cut_at[n] != solved]
         if update == "pass":  # every sample cut with the same w (in the pool, if any)
             weights = CRFWeights.from_array(w)
             if pool is None:
-                candidates = [graph_cut(crfs[n], weights, ys[n]) for n in active]
+                cuts = [graph_cut(crfs[n], weights, ys[n]) for n in due]
             else:
-                candidates = pool.cut_all([crfs[n] for n in active], weights,
-                                          [ys[n] for n in active])
-        for position, n in enumerate(active):
+                cuts = pool.cut_all([crfs[n] for n in due], weights, [ys[n] for n in due])
+            candidates = dict(zip(due, cuts, strict=True))
+        for n in active:
+            if cut_at[n] == solved:
+                continue
+            cut_at[n] = solved
             # update="sample": each sample is cut with the w its predecessors left
-            y = (candidates[position] if update == "pass"
+            y = (candidates[n] if update == "pass"
                  else graph_cut(crfs[n], CRFWeights.from_array(w), ys[n]))
             key = _key(y)
             if key in keys[n]:
@@ -195,6 +213,7 @@ def cutting_plane(crfs: Sequence[GridCRF], truths: Sequence[np.ndarray], *, C: f
                 if update == "sample":
                     solution = solve()
                     w, xi = solution.w, solution.xi
+                    solved += 1
         if not added and solution is not None:
             if recut == "all" or active is everyone:
                 converged = True  # a pass over every sample added nothing
@@ -208,6 +227,7 @@ def cutting_plane(crfs: Sequence[GridCRF], truths: Sequence[np.ndarray], *, C: f
             # the data; the optimum over the (empty) sets is w = 0, from which it continues.
             solution = solve()
             w, xi = solution.w, solution.xi
+            solved += 1
     if max_iterations > 0 and not converged:
         warnings.warn(f"cutting plane stopped after {max_iterations} passes without converging",
                       RuntimeWarning, stacklevel=2)
@@ -284,22 +304,44 @@ def edge_feature_gradient(result: LearningResult, crfs: Sequence[GridCRF],
     Raises:
         ValueError: mismatched lengths, or CRFs without the learned edge feature.
     """
+    return [[_padded(crf, edge, g) for edge, g in zip(crf.edges, per_edge, strict=True)]
+            for crf, per_edge in zip(crfs, _edge_gradients(result, crfs, truths), strict=True)]
+
+
+def _edge_gradients(result: LearningResult, crfs: Sequence[GridCRF],
+                    truths: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
+    """∂γ/∂c per sample and edge direction, on the edges' source nodes only (the
+    ``edge.src`` part of the grid): −w4*·Σ_k λ_k·([y_k,i ≠ y_k,j] − [yₙ_i ≠ yₙ_j])/P, the
+    differences taken as integers first, so that an edge every labelling treats as the truth
+    does gets exactly 0."""
     if not len(truths) == len(crfs) == len(result.working_sets):
         raise ValueError(f"got {len(crfs)} CRFs and {len(truths)} truths for "
                          f"{len(result.working_sets)} working sets")
     if any(crf.n_features != 4 for crf in crfs):
-        raise ValueError("edge_feature_gradient needs CRFs with the learned edge feature")
+        raise ValueError("the edge-feature gradient needs CRFs with the learned edge feature")
     w4 = result.weights.w4
+    every = (slice(None),)
     grads = []
     for crf, truth, ws, lam in zip(crfs, truths, result.working_sets, result.duals,
                                    strict=True):
-        base = crf.cut_edges(truth)
-        per_edge = [np.zeros(crf.shape, dtype=np.float64) for _ in crf.edges]
-        for y, weight in zip(ws, lam, strict=True):
-            for e, cut in enumerate(crf.cut_edges(y)):
-                per_edge[e] += weight * (cut - base[e])
-        grads.append([-w4 * g / crf.n_pixels for g in per_edge])
+        t = crf.check_labelling(truth, "truth")
+        stack = np.stack([crf.check_labelling(y) for y in ws]) if ws else None
+        per_edge = []
+        for edge in crf.edges:
+            g = np.zeros(t[edge.src].shape, dtype=np.float64)
+            if stack is not None:
+                cut = (stack[every + edge.src] != stack[every + edge.dst]).view(np.int8)
+                g = np.tensordot(lam, cut - (t[edge.src] != t[edge.dst]).view(np.int8), axes=1)
+            per_edge.append(-w4 * g / crf.n_pixels)
+        grads.append(per_edge)
     return grads
+
+
+def _padded(crf: GridCRF, edge, values: np.ndarray) -> np.ndarray:
+    """An H×W array holding ``values`` at the edge's source nodes, 0 elsewhere."""
+    out = np.zeros(crf.shape, dtype=np.float64)
+    out[edge.src] = values
+    return out
 
 
 def boundary_gradient(result: LearningResult, crfs: Sequence[GridCRF],
@@ -313,15 +355,14 @@ def boundary_gradient(result: LearningResult, crfs: Sequence[GridCRF],
         One H×W float64 gradient per sample.
     """
     grads = []
-    for crf, b, per_edge in zip(crfs, boundaries,
-                                edge_feature_gradient(result, crfs, truths), strict=True):
+    for crf, b, per_edge in zip(crfs, boundaries, _edge_gradients(result, crfs, truths),
+                                strict=True):
         b = np.asarray(b, dtype=np.float64)
         grad = np.zeros(crf.shape, dtype=np.float64)
         for edge, g in zip(crf.edges, per_edge, strict=True):
-            g_src = g[edge.src]
             src_wins = b[edge.src] >= b[edge.dst]
-            grad[edge.src] -= np.where(src_wins, g_src, 0.0)
-            grad[edge.dst] -= np.where(src_wins, 0.0, g_src)
+            grad[edge.src] -= np.where(src_wins, g, 0.0)
+            grad[edge.dst] -= np.where(src_wins, 0.0, g)
         grads.append(grad)
     return grads
 
