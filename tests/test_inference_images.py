@@ -33,6 +33,23 @@ def test_model_files_reads_a_bundle_or_a_checkpoint(bundle, tmp_path):
         model_files(tmp_path)
 
 
+def test_a_bundle_lists_its_learned_pairwise_model_after_joint_but_infers_with_joint(
+        bundle, tmp_path):
+    """joint_lp.pt (joint + learned pairwise term, off by default) is a method of its own,
+    listed after joint, and never the bundle's default model."""
+    import shutil
+
+    from pipeline.models import inference_models
+
+    models = tmp_path / "lp_bundle" / "models"
+    models.mkdir(parents=True)
+    for name in ("joint_lp", "cnn", "joint", "notes"):  # written out of order on purpose
+        shutil.copy(bundle / "models" / "joint.pt", models / f"{name}.pt")
+    assert list(model_files(models.parent)) == ["cnn", "joint", "joint_lp"]
+    assert model_files(models / "joint_lp.pt") == {"joint_lp": models / "joint_lp.pt"}
+    assert inference_models(models.parent) == (models / "joint.pt", None)
+
+
 def test_evaluate_scores_any_horse_like_folder(bundle, tmp_path):
     images = tmp_path / "unseen"
     for seed, name in enumerate(["a1", "b2", "c3"], start=40):  # names never seen, no split

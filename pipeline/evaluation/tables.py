@@ -22,6 +22,7 @@ from pipeline.metrics import (
     compute_precision,
     compute_recall,
 )
+from pipeline.models.modes import METHODS
 
 __all__ = [
     "EVAL_COLUMNS",
@@ -55,7 +56,7 @@ EVAL_COLUMNS: tuple[str, ...] = (
 OPTIONAL_COLUMNS: tuple[str, ...] = ("image", "precision", "recall", "hd95_mm", "overlap_px",
                                      "pred_px", "truth_px")
 #: Method and view names in report order; other names are allowed and sorted after these.
-KNOWN_METHODS: tuple[str, ...] = ("cnn", "piecewise", "joint", "joint_lp")
+KNOWN_METHODS: tuple[str, ...] = METHODS  # a bundle's model files' names
 KNOWN_VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal", "ultrasound", "horse")
 
 _KEY = ("case", "view", "slice", "method")

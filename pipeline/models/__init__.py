@@ -23,12 +23,14 @@ from pipeline.models.loading import (
     training_flips,
     tta_flips,
 )
-from pipeline.models.modes import MODES
+from pipeline.models.modes import METHODS, MODES, VARIANTS
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "METHODS",
     "MODES",
     "TTA_FLIPS",
+    "VARIANTS",
     "autocast",
     "build_model",
     "export_model",

@@ -15,7 +15,7 @@ import torch
 from pipeline.crf import CRFWeights, MaxMarginLoss
 from pipeline.data.views import VIEWS
 from pipeline.models.checkpoints import load_checkpoint
-from pipeline.models.modes import MODES
+from pipeline.models.modes import METHODS, MODES
 from pipeline.networks import (
     FCN8s,
     boundary_outputs,
@@ -196,17 +196,18 @@ def load_run(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, CRFWeights
 
 
 def model_files(model: str | os.PathLike) -> dict[str, Path]:
-    """Method → checkpoint: a checkpoint file itself (method from its training mode's file
-    name, e.g. ``joint.pt``; otherwise ``model``), or a bundle folder whose ``models/`` holds
-    ``cnn.pt``, ``piecewise.pt``, ``joint.pt`` and/or ``model.pt``."""
+    """Method → checkpoint: a checkpoint file itself (method from its file name, e.g.
+    ``joint.pt``; otherwise ``model``), or a bundle folder whose ``models/`` holds
+    ``cnn.pt``, ``piecewise.pt``, ``joint.pt``, ``joint_lp.pt`` (:data:`METHODS`, in that
+    order) and/or ``model.pt``."""
     path = Path(model)
     if path.is_file():
-        return {path.stem if path.stem in MODES else "model": path}
+        return {path.stem if path.stem in METHODS else "model": path}
     folder = path / "models" if (path / "models").is_dir() else path
     if not folder.is_dir():
         raise FileNotFoundError(f"{path}: no such model file or bundle folder")
     found = {p.stem: p for p in sorted(folder.glob("*.pt"))}
-    runs = {m: found[m] for m in MODES if m in found}
+    runs = {m: found[m] for m in METHODS if m in found}
     if not runs and "model" in found:
         runs = {"model": found["model"]}
     if not runs:
