@@ -18,9 +18,10 @@ pytestmark = pytest.mark.realdata
 def test_committed_horse_models_score_the_validation_images(shared_data, tmp_path):
     root = shared_data / "weizmann_horse"
     runs = model_files(REPO / "bundles" / "weizmann_horse_crf")
-    assert list(runs) == ["cnn", "piecewise", "joint"]
+    # joint_lp: joint training with the learned pairwise term (its own network, with a head)
+    assert list(runs) == ["cnn", "piecewise", "joint", "joint_lp"]
     rows = evaluate_image_folder(runs, root, tmp_path, progress=False)
-    assert {r["status"] for r in rows} == {"ok"} and len(rows) == 3 * 200
+    assert {r["status"] for r in rows} == {"ok"} and len(rows) == 4 * 200
     validation = set(json.loads((root / "split.json").read_text())["validation"])
     table = list(csv.DictReader((tmp_path / "per_image.csv").open()))
     means = {m: np.mean([float(r["jaccard"]) for r in table
