@@ -326,8 +326,8 @@ def test_horse_models_score_any_weizmann_style_folder(horse_bundle, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = (tmp_path / "out" / "per_image.csv").read_text().splitlines()
     assert table[0].startswith("image,method,jaccard")
-    assert len(table) == 1 + 4 * 3  # four images x cnn, piecewise, joint
-    for method in ("cnn", "piecewise", "joint"):
+    assert len(table) == 1 + 4 * 4  # four images x cnn, piecewise, joint, joint_lp
+    for method in ("cnn", "piecewise", "joint", "joint_lp"):
         assert len(list((tmp_path / "out" / method).glob("*.png"))) == 4
 
 

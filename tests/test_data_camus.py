@@ -186,7 +186,11 @@ def test_evaluate_images_scores_a_camus_folder_and_writes_masks_on_the_input_gri
     assert {r["image"] for r in unscored} == {"patient0003_2CH_ES"}
     assert "no label file" in unscored[0]["error"]
     scores = [float(r["jaccard"]) for r in rows if r["status"] == "ok"]
-    assert len(scores) == 10 and np.mean(scores) > 0.6  # the tiny model finds the cavity
+    # the tiny model finds the cavity: far above an all-foreground mask (its Jaccard is the
+    # cavity's share of the frame, about 0.1); 0.59 to over 0.6 on the CPUs it ran on (its
+    # training's round-off differs between AMD and Intel kernels)
+    chance = np.mean([(_frame(100 * p + f)[1] == 1).mean() for p in (1, 2, 3) for f in (0, 1)])
+    assert len(scores) == 10 and np.mean(scores) > max(0.5, 4 * chance)
     for r in rows:  # every mask, scored or not, is on its input's grid and reads back aligned
         mask_file = out / r["mask_file"]
         source = root / r["image"][:11] / f"{r['image']}{ext}"
