@@ -315,6 +315,25 @@ def test_horse_bundle_runs_out_of_the_box(horse_bundle):
     assert {r["method"] for r in rows} == {"cnn", "piecewise", "joint"}
 
 
+def test_horse_bundle_segments_with_its_learned_pairwise_model_on_request(horse_bundle,
+                                                                        tmp_path):
+    """models/joint_lp.pt through the bundle's default run: masks of every demo image, and
+    not joint.pt's masks (another network, with the boundary map in the cut)."""
+    from PIL import Image
+
+    outputs = {}
+    for name in ("joint", "joint_lp"):
+        out = tmp_path / name
+        proc = _monai_bundle(horse_bundle, "run", "--config_file", "configs/inference.json",
+                             "--model_file", f"models/{name}.pt", "--output_dir", str(out))
+        assert "images: 16" in proc.stdout
+        outputs[name] = {m.name: np.asarray(Image.open(m)) for m in sorted(out.glob("*.png"))}
+    assert len(outputs["joint_lp"]) == 16 and outputs["joint_lp"].keys() == outputs["joint"].keys()
+    for mask in outputs["joint_lp"].values():
+        assert set(np.unique(mask)) <= {0, 255}
+    assert any(not np.array_equal(outputs["joint"][k], m) for k, m in outputs["joint_lp"].items())
+
+
 def test_horse_models_score_any_weizmann_style_folder(horse_bundle, tmp_path):
     from pipeline.data.phantoms import write_horse_like_set
 
