@@ -394,17 +394,6 @@ class GridCRF:
                 psi[:, 3] += np.einsum("kij,ij->k", differ, edge.learned[edge.src])
         return psi / self.n_pixels
 
-    def cut_edges(self, y: np.ndarray) -> list[np.ndarray]:
-        """Per edge direction, the H×W indicator [y_i ≠ y_j] at each edge's source node (0
-        where no edge starts): ∂ψ4/∂c_ij, before the division by P."""
-        y = self.check_labelling(y)
-        out = []
-        for edge in self.edges:
-            differ = np.zeros(self.shape, dtype=np.float64)
-            differ[edge.src] = y[edge.src] != y[edge.dst]
-            out.append(differ)
-        return out
-
     def energy(self, y: np.ndarray, weights: CRFWeights) -> float:
         """E(y)/P = w·ψ(y)/P."""
         return float(weights.as_array(self.n_features == 4) @ self.features(y))
