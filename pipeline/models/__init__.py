@@ -23,14 +23,13 @@ from pipeline.models.loading import (
     training_flips,
     tta_flips,
 )
-from pipeline.models.modes import METHODS, MODES, VARIANTS
+from pipeline.models.modes import METHODS, MODES
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "METHODS",
     "MODES",
     "TTA_FLIPS",
-    "VARIANTS",
     "autocast",
     "build_model",
     "export_model",
