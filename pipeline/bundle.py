@@ -33,8 +33,8 @@ from pipeline.workflow import (
     train_stage,
 )
 
-__all__ = ["ensure_demo_data", "evaluate", "infer", "infer_frames", "infer_images", "input_list",
-           "load_network", "train"]
+__all__ = ["ensure_demo_data", "evaluate", "has_boundary_head", "infer", "infer_frames",
+           "infer_images", "input_list", "load_network", "train"]
 
 
 def _prepare_process(*, slice_after_slice: bool = True) -> None:
@@ -193,6 +193,17 @@ def infer_frames(*, input_dir: str, output_dir: str, model_file: str, overwrite:
     rows = segment_frames(input_dir, output_dir, model_file, exclude=exclude,
                           overwrite=overwrite, progress=distributed.is_main(), device=device)
     return _raise_if_failed(rows, output_dir, "case")
+
+
+def has_boundary_head(model_file: str) -> bool:
+    """Whether a model file's network has a boundary head (the learned edge feature's map):
+    what ``network_def``'s ``boundary_head`` reads, so that the standard workflow builds the
+    network ``--model_file`` names (``models/joint_lp.pt`` as well as ``models/joint.pt``).
+
+    Raises:
+        ValueError: neither a state dict nor an mmcrf checkpoint (naming the file).
+    """
+    return any(key.startswith("boundary.") for key in load_network_weights(model_file))
 
 
 def load_network(network: torch.nn.Module, checkpoint: str, device: str | torch.device = "cpu"

@@ -229,6 +229,28 @@ def _run_evaluating(name: str, *overrides: str, cwd_tmp: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+def test_the_standard_workflow_runs_the_learned_pairwise_model_as_the_default_run_does(
+        tmp_path):
+    """``run evaluating --model_file models/joint_lp.pt``: network_def takes the boundary
+    head, the inferer passes its map on, GraphCutCRFd cuts with it: mmcrf's masks."""
+    _run_evaluating("weizmann_horse_crf", "--model_file", "models/joint_lp.pt",
+                    "--output_dir", str(tmp_path / "lp"), cwd_tmp=tmp_path)
+    bundle = tmp_path / "weizmann_horse_crf"
+    photos = sorted((bundle / "demo_data" / "rgb").glob("*.jpg"))
+    assert len(list((tmp_path / "lp" / "rgb").glob("*_mask.png"))) == len(photos)
+    lp = TrainedModel.from_checkpoint(bundle / "models" / "joint_lp.pt")
+    joint = TrainedModel.from_checkpoint(bundle / "models" / "joint.pt")
+    assert lp.learned_pairwise
+    differs = 0
+    for photo in photos[:4]:
+        written = np.asarray(Image.open(tmp_path / "lp" / "rgb" / f"{photo.stem}_mask.png"))
+        image = read_image_array(photo, "rgb")
+        _, oracle = predict_image(lp, image)
+        np.testing.assert_array_equal(written, oracle.astype(np.uint8) * 255)
+        differs += not np.array_equal(oracle, predict_image(joint, image)[1])
+    assert differs > 0  # another model's masks, not joint.pt's
+
+
 def test_the_documented_standard_commands_of_the_photo_and_frame_bundles(tmp_path):
     # the horse bundle out of the box: its demo photos (the rgb/ sub-folder), 0/255 PNGs
     _run_evaluating("weizmann_horse_crf", cwd_tmp=tmp_path)

@@ -13,7 +13,7 @@ from pipeline.crf import CRFWeights, map_labelling, volume_map_labelling
 from pipeline.data import noisy_blocks
 from pipeline.inference.inferer import SliceResizeInferer
 from pipeline.inference.predictor import TrainedModel
-from pipeline.models import build_model, save_checkpoint
+from pipeline.models import build_model, has_learned_pairwise, save_checkpoint
 from pipeline.transforms import GraphCutCRF, GraphCutCRFd, crf_settings
 from tests.test_engines_training import TINY_NET
 
@@ -114,3 +114,75 @@ def test_the_inferer_gives_the_models_own_probabilities(tmp_path):
         SliceResizeInferer(checkpoint=ckpt, tta=True)
     with pytest.raises(ValueError, match="need the view"):
         SliceResizeInferer(32)(torch.as_tensor(volume), trained.model)
+
+
+LP_WEIGHTS = CRFWeights(0.8, 0.1, 0.2, 1.5)
+
+
+def _lp_checkpoint(tmp_path, **config):
+    """A tiny model with a boundary head and a CRF with the learned edge feature."""
+    torch.manual_seed(3)
+    network = dict(TINY_NET, boundary_head=True)
+    model = build_model(network).eval()
+    return save_checkpoint({"network": network, "model": model.state_dict(),
+                            "crf": LP_WEIGHTS.as_array(learned=True).tolist(),
+                            "config": {"connectivity": 8, "data": {"size": 32}, **config}},
+                           tmp_path / "lp.pt")
+
+
+def test_a_learned_pairwise_model_runs_through_the_inferer_and_the_crf_transform(tmp_path):
+    ckpt = _lp_checkpoint(tmp_path)
+    assert has_learned_pairwise(ckpt)
+    trained = TrainedModel.from_checkpoint(ckpt)
+    images = np.random.default_rng(4).random((3, 40, 36)).astype(np.float32)
+    inferer = SliceResizeInferer(checkpoint=ckpt, batch_size=2)
+    assert inferer.boundary
+    maps = inferer(torch.as_tensor(images[:, None]), trained.model)
+    assert maps.shape == (3, 2, 40, 36)
+    probs, edges = trained.maps(images, batch_size=2)
+    np.testing.assert_array_equal(maps[:, 0].numpy(), probs)
+    np.testing.assert_array_equal(maps[:, 1].numpy(), edges)
+    crf = Compose([GraphCutCRFd("pred", "image", checkpoint=ckpt)])
+    for k in range(3):
+        out = crf({"pred": maps[k], "image": torch.as_tensor(images[k][None])})["pred"]
+        oracle = map_labelling(probs[k], images[k], LP_WEIGHTS, connectivity=8,
+                               boundary=edges[k])
+        assert out.shape == (1, 40, 36)
+        np.testing.assert_array_equal(out[0].numpy(), oracle)
+    # the second channel is what the term reads: b = 1 everywhere (no learned feature) and
+    # b = 0 (every edge's feature 1) give other masks on the same probabilities
+    sample = noisy_blocks((24, 28), rng=3, noise=1.5)
+    cut = GraphCutCRF(LP_WEIGHTS, learned_pairwise=True, connectivity=8)
+    masks = {}
+    for b in (0.0, 1.0):
+        edges = np.full(sample.prob.shape, b, np.float32)
+        masks[b] = cut(np.stack([sample.prob, edges]), sample.image[None])[0].numpy()
+        np.testing.assert_array_equal(masks[b], map_labelling(
+            sample.prob, sample.image, LP_WEIGHTS, connectivity=8, boundary=edges))
+    assert not np.array_equal(masks[0.0], masks[1.0])
+    # a volume: the boundary channel is sliced and restacked with the probabilities
+    volume = np.random.default_rng(5).random((1, 1, 20, 18, 12)).astype(np.float32)
+    maps = SliceResizeInferer(checkpoint=ckpt, view="axial")(torch.as_tensor(volume),
+                                                             trained.model)
+    assert maps.shape == (1, 2, 20, 18, 12)
+    mask = GraphCutCRF(checkpoint=ckpt, view="axial")(maps[0], volume[0])
+    axial = maps[0].numpy()
+    oracle = np.stack([map_labelling(axial[0, :, :, z], volume[0, 0, :, :, z], LP_WEIGHTS,
+                                     connectivity=8, boundary=axial[1, :, :, z])
+                       for z in range(12)], axis=2)  # a plane's cut ignores its display
+    np.testing.assert_array_equal(mask[0].numpy(), oracle)
+
+
+def test_a_learned_pairwise_crf_refuses_what_it_cannot_cut(tmp_path):
+    ckpt = _lp_checkpoint(tmp_path)
+    sample = noisy_blocks((20, 20), rng=5, noise=1.5)
+    with pytest.raises(ValueError, match=r"lp\.pt: the CRF has the learned edge feature.*"
+                                         r"slice by slice"):
+        GraphCutCRF(checkpoint=ckpt, crf_3d=True)
+    with pytest.raises(ValueError, match=r"2×H×W or 2×X×Y×Z input \(probabilities, boundary"):
+        GraphCutCRF(checkpoint=ckpt)(sample.prob[None], sample.image[None])
+    with pytest.raises(ValueError, match=r"w4 = 1\.5 weighs the learned edge feature"):
+        GraphCutCRF(LP_WEIGHTS)
+    plain = build_model(TINY_NET).eval()
+    with pytest.raises(ValueError, match="the network has no boundary head"):
+        SliceResizeInferer(32, boundary=True)(torch.zeros(1, 1, 20, 20), plain)

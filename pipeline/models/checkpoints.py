@@ -108,6 +108,15 @@ def load_network_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_checkpoint(p)["model"]
 
 
+def has_learned_pairwise(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint's CRF has the learned edge feature: CRF weights and a network
+    with a boundary head, whose map the cuts need (``TrainedModel.learned_pairwise`` of the
+    loaded model)."""
+    payload = load_checkpoint(path)
+    return (payload.get("crf") is not None
+            and bool((payload.get("network") or {}).get("boundary_head")))
+
+
 def export_state_dict(checkpoint: str | os.PathLike, path: str | os.PathLike, *,
                       half: bool = False) -> Path:
     """Writes a checkpoint's network weights as a plain state dict (a bundle's

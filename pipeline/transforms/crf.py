@@ -14,14 +14,14 @@ from monai.transforms import MapTransform, Transform
 
 from pipeline.crf import CRFWeights, map_labelling, volume_map_labelling
 from pipeline.data.views import restack_slices, slice_volume
-from pipeline.models import load_checkpoint
+from pipeline.models import has_learned_pairwise, load_checkpoint
 
 __all__ = ["GraphCutCRF", "GraphCutCRFd", "crf_settings"]
 
 
 def crf_settings(checkpoint: str | os.PathLike) -> tuple[CRFWeights, int, float | None]:
-    """The learned CRF of a checkpoint: its weights, connectivity and fixed β (None: chosen
-    per image from the data).
+    """The learned CRF of a checkpoint: its weights (w4 too, for the learned edge feature),
+    connectivity and fixed β (None: chosen per image from the data).
 
     Raises:
         ValueError: the checkpoint holds no CRF weights (a CNN-only model), naming it.
@@ -29,10 +29,6 @@ def crf_settings(checkpoint: str | os.PathLike) -> tuple[CRFWeights, int, float 
     payload = load_checkpoint(checkpoint)
     if payload.get("crf") is None:
         raise ValueError(f"{checkpoint}: a CNN-only model, without CRF weights")
-    if (payload.get("network") or {}).get("boundary_head"):
-        raise ValueError(f"{checkpoint}: its CRF has the learned edge feature, whose boundary "
-                         f"map these transforms do not receive; run it with mmcrf infer or "
-                         f"evaluate (2-D images, frames, or volumes on one view)")
     config = payload.get("config") or {}
     return (CRFWeights.from_array(payload["crf"]), int(config.get("connectivity", 4)),
             config.get("beta"))
@@ -50,45 +46,74 @@ class GraphCutCRF(Transform):
     CT windowed to [0, 1]). The result is a 1×spatial uint8 mask carrying the
     probabilities' metadata (so ``Invertd`` puts it back on the input's grid).
 
+    With ``learned_pairwise`` (a CRF with the learned edge feature) the input has a second
+    channel, the boundary strengths b of the network's boundary head (2×H×W or 2×X×Y×Z, as
+    :class:`~pipeline.inference.inferer.SliceResizeInferer` gives for such a model), and
+    each cut takes the edge feature 1 − max(b_i, b_j) with weight w4.
+
     Args:
-        weights: the CRF weights (or w1, w2, w3); None with ``checkpoint``.
-        checkpoint: an mmcrf checkpoint to take the weights, connectivity and β from
-            (:func:`crf_settings`), instead of ``weights``.
+        weights: the CRF weights (w1, w2, w3 and, with ``learned_pairwise``, w4); None with
+            ``checkpoint``.
+        checkpoint: an mmcrf checkpoint to take the weights, connectivity, β and
+            ``learned_pairwise`` from (:func:`crf_settings`,
+            :func:`pipeline.models.has_learned_pairwise`), instead of ``weights``.
         view: for volumes, the view whose slices are cut (``axial``, ``coronal``,
             ``sagittal``).
         connectivity: 4 or 8 (2-D cuts); with ``checkpoint``, the checkpoint's.
         beta: contrast β, None for the data-driven choice per image; with ``checkpoint``,
             the checkpoint's.
         crf_3d: cut a volume as one 3-D grid instead of slice by slice.
+        learned_pairwise: the input carries the boundary map as its second channel; with
+            ``checkpoint``, the checkpoint's.
 
     Raises:
-        ValueError: neither or both of ``weights`` and ``checkpoint``; at call time, shapes
-            that do not fit (a volume without a view, image and probabilities of different
-            grids).
+        ValueError: neither or both of ``weights`` and ``checkpoint``; weights with w4 > 0
+            but no ``learned_pairwise``; ``crf_3d`` with the learned edge feature (its map
+            exists per slice of one view); at call time, shapes that do not fit (a volume
+            without a view, image and probabilities of different grids, no boundary
+            channel).
     """
 
     def __init__(self, weights: CRFWeights | Sequence[float] | None = None, *,
                  checkpoint: str | os.PathLike | None = None, view: str | None = None,
                  connectivity: int = 4, beta: float | None = None,
-                 crf_3d: bool = False) -> None:
+                 crf_3d: bool = False, learned_pairwise: bool = False) -> None:
         if (weights is None) == (checkpoint is None):
             raise ValueError("give the CRF weights or a checkpoint to take them from")
+        where = "" if checkpoint is None else f"{checkpoint}: "
         if checkpoint is not None:
             weights, connectivity, beta = crf_settings(checkpoint)
+            learned_pairwise = has_learned_pairwise(checkpoint)
         self.weights = (weights if isinstance(weights, CRFWeights)
                         else CRFWeights.from_array(weights))
+        self.learned_pairwise = bool(learned_pairwise)
+        if self.weights.w4 > 0 and not self.learned_pairwise:
+            raise ValueError(f"{where}w4 = {self.weights.w4:g} weighs the learned edge feature, "
+                             f"whose boundary map only comes with learned_pairwise=True")
         self.view, self.connectivity, self.beta = view, int(connectivity), beta
         self.crf_3d = bool(crf_3d)
+        if self.crf_3d and self.learned_pairwise:
+            raise ValueError(f"{where}the CRF has the learned edge feature, whose boundary map "
+                             f"exists per slice of the model's view: cut slice by slice "
+                             f"(crf_3d=False)")
 
     def __call__(self, probability, image):
-        prob = np.asarray(_numpy(probability), dtype=np.float32)
+        maps = np.asarray(_numpy(probability), dtype=np.float32)
         img = np.asarray(_numpy(image), dtype=np.float32)
-        prob = prob[0] if prob.ndim in (3, 4) and prob.shape[0] == 1 else prob
+        if self.learned_pairwise:
+            if maps.ndim not in (3, 4) or maps.shape[0] != 2:
+                raise ValueError(f"a CRF with the learned edge feature needs 2×H×W or 2×X×Y×Z "
+                                 f"input (probabilities, boundary map), got shape "
+                                 f"{tuple(np.shape(probability))}")
+            prob, boundary = maps[0], maps[1]
+        else:
+            prob = maps[0] if maps.ndim in (3, 4) and maps.shape[0] == 1 else maps
+            boundary = None
         if prob.ndim == 2:
             mask = map_labelling(prob, img, self.weights, connectivity=self.connectivity,
-                                 beta=self.beta)
+                                 beta=self.beta, boundary=boundary)
         elif prob.ndim == 3:
-            mask = self._volume(prob, img[0] if img.ndim == 4 else img, probability)
+            mask = self._volume(prob, img[0] if img.ndim == 4 else img, probability, boundary)
         else:
             raise ValueError(f"expected 1×H×W or 1×X×Y×Z probabilities, got shape "
                              f"{tuple(np.shape(probability))}")
@@ -98,7 +123,8 @@ class GraphCutCRF(Transform):
                               applied_operations=probability.applied_operations)
         return out
 
-    def _volume(self, prob: np.ndarray, img: np.ndarray, source) -> np.ndarray:
+    def _volume(self, prob: np.ndarray, img: np.ndarray, source,
+                boundary: np.ndarray | None) -> np.ndarray:
         if img.shape != prob.shape:
             raise ValueError(f"the image's grid {img.shape} is not the probabilities' "
                              f"{prob.shape}")
@@ -112,8 +138,11 @@ class GraphCutCRF(Transform):
             raise ValueError("a volume's CRF needs the view whose slices it cuts (or crf_3d)")
         probs = slice_volume(prob[None], self.view)[:, 0]
         images = slice_volume(img[None], self.view)[:, 0]
+        edges = ([None] * len(probs) if boundary is None
+                 else slice_volume(boundary[None], self.view)[:, 0])
         masks = [map_labelling(p, x, self.weights, connectivity=self.connectivity,
-                               beta=self.beta) for p, x in zip(probs, images, strict=True)]
+                               beta=self.beta, boundary=b)
+                 for p, x, b in zip(probs, images, edges, strict=True)]
         return restack_slices(np.stack(masks)[:, None], self.view)[0]
 
 
@@ -130,7 +159,7 @@ class GraphCutCRFd(MapTransform):
         image_key: the key of the image the contrast term reads.
         allow_missing_keys: skip keys that are absent.
         **kwargs: :class:`GraphCutCRF`'s arguments (``weights`` or ``checkpoint``, ``view``,
-            ``connectivity``, ``beta``, ``crf_3d``).
+            ``connectivity``, ``beta``, ``crf_3d``, ``learned_pairwise``).
     """
 
     def __init__(self, keys: KeysCollection, image_key: str = "image", *,
