@@ -272,6 +272,55 @@ def test_two_gloo_processes_hold_the_same_crf(cnn_run, tmp_path):
     assert payload["crf"] == pytest.approx(r0["w"])
 
 
+def _piecewise_worker(rank: int, world: int, port: int, out: str, init: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # odd counts: a DistributedSampler would pad both sets with a repeated sample
+        train(_config(mode="piecewise"), _samples(11, 0), _samples(5, 100), out, init=init)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _mean_crf_jaccard(checkpoint, samples) -> float:
+    from pipeline.crf import map_labelling
+    from pipeline.metrics import compute_jaccard
+    from pipeline.models import load_run, predict_map_arrays
+
+    model, weights, config = load_run(checkpoint)
+    images = torch.as_tensor(np.stack([s["image"] for s in samples]))
+    probs, _ = predict_map_arrays(model, images)
+    masks = np.stack([map_labelling(p, x, weights, connectivity=config["connectivity"])
+                      for p, x in zip(probs, images.numpy(), strict=True)])
+    truth = np.stack([s["label"][0] for s in samples]).astype(np.uint8)
+    return float(np.nanmean(compute_jaccard(masks, truth)))
+
+
+def test_two_gloo_processes_see_each_sample_once_in_piecewise_and_validation(cnn_run,
+                                                                            tmp_path):
+    init = str(cnn_run.last_checkpoint)
+    mp.spawn(_piecewise_worker, args=(2, _free_port(), str(tmp_path / "ddp"), init),
+             nprocs=2, join=True)
+    ddp = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    alone = train(_config(mode="piecewise"), _samples(11, 0), _samples(5, 100),
+                  tmp_path / "alone", init=init)
+    # the QP had the 11 samples once each, in the order of their ids (so whatever the
+    # shuffle and the ranks), not 12 with one twice
+    repeat = [dict(_samples(1, 0)[0], id="s0 again")]  # what the padding would have added
+    padded = train(_config(mode="piecewise"), _samples(11, 0) + repeat, _samples(5, 100),
+                   tmp_path / "padded", init=init)
+    w_alone = alone.weights.as_array()
+    np.testing.assert_allclose(ddp["crf"], w_alone, rtol=0, atol=1e-9)
+    assert np.abs(padded.weights.as_array() - w_alone).max() > 1e-4
+    # the logged validation Jaccard is the mean over the 5 validation images
+    logged = ddp["history"][-1]["val_jaccard_crf"]
+    assert logged == pytest.approx(_mean_crf_jaccard(tmp_path / "ddp" / "last.pt",
+                                                     _samples(5, 100)), abs=1e-12)
+    with_repeat = _samples(5, 100) + _samples(1, 100)
+    assert abs(logged - _mean_crf_jaccard(tmp_path / "ddp" / "last.pt", with_repeat)) > 1e-6
+
+
 def test_killed_cli_run_resumes_to_the_uninterrupted_result(tmp_path):
     import signal
     import subprocess

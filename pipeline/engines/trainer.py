@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from pipeline import distributed as dist
 from pipeline.crf import CRFWeights, GraphCutPool, MarginQP, MaxMarginLoss, learn_weights
@@ -241,8 +241,31 @@ class _LazyEpochSampler(DistributedSampler):
         yield from super().__iter__()
 
 
+class _ShardSampler(Sampler):
+    """Rank r's share of a dataset in order, indices r, r + R, r + 2R, … (R ranks), without
+    the padding of a DistributedSampler: over all ranks every sample comes exactly once, so
+    that a validation mean is the mean over the validation set, not over a set with some
+    images twice. (Only for loops without collective calls inside, whose ranks may take
+    one batch more or less.)"""
+
+    def __init__(self, n: int, num_replicas: int, rank: int) -> None:
+        self.indices = range(rank, n, num_replicas)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 def _loader(samples, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+    """Training batches (``shuffle``: a DistributedSampler's epoch order, padded to the same
+    count on every rank, as DDP's gradient all-reduce needs), or each rank's share of a set
+    that every sample must visit once (not ``shuffle``: validation, :class:`_ShardSampler`)."""
     dataset = _ListDataset(samples)
+    if not shuffle:
+        return DataLoader(dataset, batch_size=batch_size,
+                          sampler=_ShardSampler(len(dataset), dist.world_size(), dist.rank()))
     sampler = _LazyEpochSampler(dataset, num_replicas=dist.world_size(), rank=dist.rank(),
                                  shuffle=shuffle, seed=seed, drop_last=False)
     # under torchrun the per-rank batch is a share of the global one; a last batch of one
@@ -622,23 +645,30 @@ class _PiecewiseRun(_Run):
         return 1
 
     def _start_epoch(self) -> None:
-        self.piecewise_data: list[tuple[np.ndarray, np.ndarray, np.ndarray,
-                                        np.ndarray | None]] = []
+        # by sample id: under torchrun the training sampler pads the ranks' shares to the
+        # same length with repeated samples, which must not weigh twice in the QP
+        self.piecewise_data: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray,
+                                             np.ndarray | None]] = {}
 
     def step(self, engine: Engine, batch: dict) -> dict:
         images = batch["image"].to(self.device)
         labels = batch["label"].to(self.device)
         probs, edges = predict_map_arrays(self.model, images)
-        for p, x, y, b in zip(probs, images.cpu().numpy(), labels[:, 0].cpu().numpy(), edges,
-                              strict=True):
-            self.piecewise_data.append((p, x, y.astype(np.uint8), b))
+        for i, p, x, y, b in zip(batch["id"], probs, images.cpu().numpy(),
+                                 labels[:, 0].cpu().numpy(), edges, strict=True):
+            self.piecewise_data[str(i)] = (p, x, y.astype(np.uint8), b)
         return {}
 
     def _epoch_gamma(self) -> float:
         gathered = dist.all_gather_objects(self.piecewise_data)
         solution = None
         if dist.is_main():
-            data = [item for part in gathered for item in part]
+            merged: dict = {}
+            for part in gathered:
+                merged.update(part)
+            # each sample once, in the order of their ids: the cutting plane's optimum (to
+            # within its tolerance) does not depend on the shuffle or the number of ranks
+            data = [merged[key] for key in sorted(merged)]
             result = learn_weights([d[0] for d in data], [d[1] for d in data],
                                    [d[2] for d in data], C=self.config.C,
                                    connectivity=self.config.connectivity,
