@@ -14,6 +14,7 @@ from pipeline.data import noisy_blocks
 from pipeline.engines import TrainConfig, train
 from pipeline.evaluation.runs import predict_samples
 from pipeline.inference.images import predict_image
+from pipeline.inference.inferer import SliceResizeInferer
 from pipeline.inference.predictor import TrainedModel
 from pipeline.models import (
     build_model,
@@ -24,7 +25,7 @@ from pipeline.models import (
     save_checkpoint,
 )
 from pipeline.networks import FCN8s, boundary_outputs, load_network_state, split_boundary
-from pipeline.transforms import crf_settings
+from pipeline.transforms import GraphCutCRF, crf_settings
 from tests.test_engines_training import TINY_NET, _samples
 
 LP_NET = {**TINY_NET, "boundary_head": True}
@@ -177,9 +178,16 @@ def test_a_learned_pairwise_model_segments_with_its_boundary_map(lp_runs):
             got = predictor.predict(frames).crf
         for mask, want in zip(got, expected, strict=True):
             np.testing.assert_array_equal(mask, want)
-    # the MONAI transforms do not receive a boundary map: refused, not silently different
-    with pytest.raises(ValueError, match="learned edge feature"):
-        crf_settings(joint.best_checkpoint)
+    # the MONAI transforms: the inferer's second channel is the map, GraphCutCRF cuts with
+    # it; without that channel the model is refused, not cut without its term
+    maps = SliceResizeInferer(checkpoint=joint.best_checkpoint)(images, model)
+    assert maps.shape[1] == 2
+    transform = GraphCutCRF(checkpoint=joint.best_checkpoint)
+    for k, want in enumerate(expected):
+        np.testing.assert_array_equal(transform(maps[k], images[k])[0].numpy(), want)
+    assert crf_settings(joint.best_checkpoint)[0].w4 == weights.w4
+    with pytest.raises(ValueError, match="learned edge feature needs 2×H×W"):
+        transform(maps[0, :1], images[0])
     # an old model (no boundary head) still gives its three-feature masks
     old = TrainedModel.from_checkpoint(piecewise.best_checkpoint)
     assert not old.learned_pairwise
