@@ -316,6 +316,16 @@ def _gathered(values: list) -> list:
     return [v for part in dist.all_gather_objects(values) for v in part]
 
 
+def _in_id_order(parts: Sequence[dict]) -> list:
+    """The values of the ranks' per-sample dicts, each sample id once (padded repeats
+    collapse), in the order of the ids: the same list whatever the shuffle or the number of
+    ranks."""
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return [merged[key] for key in sorted(merged)]
+
+
 def _nanmean(values: Sequence[float]) -> float:
     arr = np.asarray(values, dtype=np.float64)
     return float(np.nanmean(arr)) if np.any(~np.isnan(arr)) else float("nan")
@@ -620,12 +630,11 @@ class _JointRun(_GradientRun):
         gathered = dist.all_gather_objects(self.epoch_constraints)
         solution = None
         if dist.is_main():
-            merged: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-            for part in gathered:
-                merged.update(part)
-            keys = sorted(merged)
-            qp = MarginQP(len(keys), self.config.C, n_features=merged[keys[0]][0].shape[1])
-            solution = qp.solve([merged[k][0] for k in keys], [merged[k][1] for k in keys])
+            constraints = _in_id_order(gathered)  # (Δψ, Δ) per sample
+            qp = MarginQP(len(constraints), self.config.C,
+                          n_features=constraints[0][0].shape[1])
+            solution = qp.solve([dpsi for dpsi, _ in constraints],
+                                [losses for _, losses in constraints])
             solution = (solution.w.tolist(), solution.gamma)
         w, gamma = dist.broadcast_object(solution)
         self.weights = CRFWeights.from_array(w)
@@ -663,12 +672,9 @@ class _PiecewiseRun(_Run):
         gathered = dist.all_gather_objects(self.piecewise_data)
         solution = None
         if dist.is_main():
-            merged: dict = {}
-            for part in gathered:
-                merged.update(part)
             # each sample once, in the order of their ids: the cutting plane's optimum (to
             # within its tolerance) does not depend on the shuffle or the number of ranks
-            data = [merged[key] for key in sorted(merged)]
+            data = _in_id_order(gathered)
             result = learn_weights([d[0] for d in data], [d[1] for d in data],
                                    [d[2] for d in data], C=self.config.C,
                                    connectivity=self.config.connectivity,

@@ -50,13 +50,14 @@ class SliceResizeInferer(Inferer):
         super().__init__()
         flips: tuple[tuple[int, ...], ...] = ((),)
         if checkpoint is not None:
-            config = load_checkpoint(checkpoint).get("config") or {}
+            payload = load_checkpoint(checkpoint)
+            config = payload.get("config") or {}
             data = config.get("data") or {}
             size = data.get("size") if size is None else size
             view = data.get("view") if view is None else view
             flips = tta_flips(training_flips(config), checkpoint, tta)
             if boundary is None:
-                boundary = has_learned_pairwise(checkpoint)
+                boundary = has_learned_pairwise(payload)
         elif tta:
             raise ValueError("tta needs the checkpoint, for the flips the model trained with")
         self.size, self.view, self.batch_size = size, view, int(batch_size)

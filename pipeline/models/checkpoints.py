@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +109,12 @@ def load_network_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_checkpoint(p)["model"]
 
 
-def has_learned_pairwise(path: str | os.PathLike) -> bool:
+def has_learned_pairwise(checkpoint: str | os.PathLike | Mapping[str, Any]) -> bool:
     """Whether a checkpoint's CRF has the learned edge feature: CRF weights and a network
     with a boundary head, whose map the cuts need (``TrainedModel.learned_pairwise`` of the
-    loaded model)."""
-    payload = load_checkpoint(path)
+    loaded model). ``checkpoint``: a path, or a payload :func:`load_checkpoint` returned
+    (so that a caller holding it does not read the file again)."""
+    payload = checkpoint if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
     return (payload.get("crf") is not None
             and bool((payload.get("network") or {}).get("boundary_head")))
 

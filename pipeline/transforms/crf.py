@@ -26,7 +26,11 @@ def crf_settings(checkpoint: str | os.PathLike) -> tuple[CRFWeights, int, float 
     Raises:
         ValueError: the checkpoint holds no CRF weights (a CNN-only model), naming it.
     """
-    payload = load_checkpoint(checkpoint)
+    return _settings(load_checkpoint(checkpoint), checkpoint)
+
+
+def _settings(payload: dict, checkpoint) -> tuple[CRFWeights, int, float | None]:
+    """:func:`crf_settings` of a loaded checkpoint payload."""
     if payload.get("crf") is None:
         raise ValueError(f"{checkpoint}: a CNN-only model, without CRF weights")
     config = payload.get("config") or {}
@@ -82,8 +86,9 @@ class GraphCutCRF(Transform):
             raise ValueError("give the CRF weights or a checkpoint to take them from")
         where = "" if checkpoint is None else f"{checkpoint}: "
         if checkpoint is not None:
-            weights, connectivity, beta = crf_settings(checkpoint)
-            learned_pairwise = has_learned_pairwise(checkpoint)
+            payload = load_checkpoint(checkpoint)  # read once for both
+            weights, connectivity, beta = _settings(payload, checkpoint)
+            learned_pairwise = has_learned_pairwise(payload)
         self.weights = (weights if isinstance(weights, CRFWeights)
                         else CRFWeights.from_array(weights))
         self.learned_pairwise = bool(learned_pairwise)
