@@ -22,7 +22,9 @@ the same batch twice from the same network state:
 
 With ``--learned-pairwise`` each case is also timed with the learned edge feature (a boundary
 head on the network, its map b given to the loss, 4 CRF weights; tag suffix ``_lp``), in the
-same run, with ``lp_vs_plain_joint_step_*`` the ratio of the two joint steps.
+same run, with ``lp_vs_plain_joint_step_*`` the ratio of the two joint steps. The head is
+the one the network's presets use: FCN-8s's decoder again for ``lite`` and ``paper``, HED's
+side outputs for ``vgg16`` (random weights here: the timing does not depend on them).
 
 Goal (issue: joint-training cost): CRF share of the joint step ≤ 25 % for the lite network at
 256², warm (``crf_share_256``; with the learned edge feature ``crf_share_256_lp``). Torch
@@ -31,7 +33,7 @@ PyMaxflow, Clarabel) mostly one, so load from other processes slows the CNN segm
 lowers the share: the 1-minute load average at start and end is recorded.
 Prints a table, then ONE JSON object as the last line.
 
-    python benchmarks/bench_train.py [--quick] [--networks lite paper] [--sizes 128 256]
+    python benchmarks/bench_train.py [--quick] [--networks lite paper vgg16] [--sizes 128 256]
         [--learned-pairwise]
 """
 
@@ -62,9 +64,11 @@ from pipeline.distributed import resolve_device
 from pipeline.metrics import compute_jaccard
 from pipeline.networks import FCN8s, boundary_outputs, count_parameters, split_boundary
 
-NETWORKS = {"lite": FCN8s.lite, "paper": FCN8s.paper}
-#: CE pre-training steps and learning rate per network (paper: no BatchNorm, smaller rate).
-PRETRAIN = {"lite": (20, 1e-3), "paper": (3, 1e-4)}
+NETWORKS = {"lite": FCN8s.lite, "paper": FCN8s.paper, "vgg16": FCN8s.vgg16}
+#: CE pre-training steps and learning rate per network (no BatchNorm: a smaller rate).
+PRETRAIN = {"lite": (20, 1e-3), "paper": (3, 1e-4), "vgg16": (5, 1e-4)}
+#: The boundary head each network gets with the learned edge feature (its presets' kind).
+BOUNDARY_HEADS = {"lite": True, "paper": True, "vgg16": "hed"}
 BATCH = 10
 SHARE_TARGET = 0.25
 
@@ -146,7 +150,8 @@ def bench_case(net: str, size: int, *, warmup: int, repeats: int, C: float, lr: 
                device: torch.device, learned: bool = False,
                connectivity: int = 4) -> tuple[dict, dict]:
     torch.manual_seed(0)
-    model = NETWORKS[net](in_channels=1, boundary_head=learned).to(device).train()
+    head = BOUNDARY_HEADS[net] if learned else False
+    model = NETWORKS[net](in_channels=1, boundary_head=head).to(device).train()
     train_x, train_y, _ = phantom_batch(size, seed=11)
     images, labels, ids = phantom_batch(size, seed=12)
     train_x, train_y = train_x.to(device), train_y.to(device)
@@ -217,7 +222,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[128, 256])
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats, lite network")
     parser.add_argument("--paper-repeats", type=int, default=2,
-                        help="timed repeats, paper network (134M parameters: slow on CPU)")
+                        help="timed repeats, paper and vgg16 networks (slow on CPU)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="CE steps before timing (default: lite 20 at Adam 1e-3, "
@@ -251,7 +256,7 @@ def main() -> None:
     pool = GraphCutPool(args.workers) if args.workers else None
     try:
         for net, size, learned in cases:
-            repeats = 1 if args.quick else (args.paper_repeats if net == "paper"
+            repeats = 1 if args.quick else (args.paper_repeats if net in ("paper", "vgg16")
                                              else args.repeats)
             values, info = bench_case(net, size, warmup=args.warmup, repeats=repeats, C=args.C,
                                       lr=args.lr, pool=pool, pretrain_steps=args.pretrain_steps,

@@ -400,7 +400,11 @@ def test_real_hed_backbone_finds_horse_outlines(shared_data, tmp_path):
     state, _ = read_vgg16_file(out)
     mean = torch.tensor([104.00698793, 116.66876762, 122.67891434]).view(1, 3, 1, 1)
     root = shared_data / "weizmann_horse"
-    ratios = []
+    # the network's HED head at the vgg16 preset's padding (18: its poolings pair pixels
+    # one off HED's), loaded from the same file: b starts as HED's edges, nearly
+    model = FCN8s.vgg16(3, boundary_head="hed").eval()
+    load_pretrained_backbone(model, out)
+    ratios, head_ratios = [], []
     for name in ("horse001", "horse014", "horse068", "horse153", "horse235", "horse312"):
         rgb = Image.open(root / "rgb" / f"{name}.jpg").convert("RGB").resize((256, 256))
         mask = Image.open(root / "figure_ground" / f"{name}.jpg").convert("L")
@@ -412,4 +416,10 @@ def test_real_hed_backbone_finds_horse_outlines(shared_data, tmp_path):
         ratio = edges[boundary].mean() / edges[~boundary].mean()
         assert ratio > 1.0, name
         ratios.append(ratio)
+        with torch.no_grad(), boundary_outputs(model):
+            b = torch.sigmoid(model(torch.from_numpy(np.asarray(rgb, np.float32) / 255.0)
+                                    .permute(2, 0, 1)[None])[0, 1]).numpy()
+        head_ratios.append(b[boundary].mean() / b[~boundary].mean())
+        assert np.corrcoef(b.ravel(), edges.ravel())[0, 1] > 0.8, name
     assert np.mean(ratios) >= 2.0
+    assert np.mean(head_ratios) >= 2.0
