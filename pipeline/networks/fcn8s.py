@@ -169,6 +169,7 @@ class _VGGBlock(nn.Sequential):
             x = layer(x)
         return tap, x
 
+
 class _BoundaryHead(nn.Module):
     """Boundary logits at the input's resolution: FCN-8s's decoder once more (stride 32, 16
     and 8 scores fused), plus side outputs of pool1 and pool2 (strides 2 and 4) for the detail

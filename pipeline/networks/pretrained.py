@@ -327,20 +327,14 @@ def load_pretrained_backbone(model: nn.Module, path: str | os.PathLike) -> dict[
     convs = _backbone_convs(model)
     if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         raise ValueError(f"cannot load {path} into a network with BatchNorm (VGG16 has none)")
-    problems = []
+    wanted = {}
     for (_, index), conv in zip(_HED_CONVS, convs, strict=True):
         for part, param in (("weight", conv.weight), ("bias", conv.bias)):
-            key = f"features.{index}.{part}"
             want = tuple(param.shape)
-            if key == "features.0.weight" and want[1] == 1:
+            if index == 0 and part == "weight" and want[1] == 1:
                 want = (want[0], 3, *want[2:])
-            if key not in state:
-                problems.append(f"{key} missing")
-            elif tuple(state[key].shape) != want:
-                problems.append(f"{key}: {tuple(state[key].shape)} instead of {want}")
-    if problems:
-        raise ValueError(f"{path} does not fit this network's VGG16 convolutions: "
-                         + "; ".join(problems[:4]) + ("…" if len(problems) > 4 else ""))
+            wanted[f"features.{index}.{part}"] = want
+    _check_shapes(state, wanted, f"{path} does not fit this network's VGG16 convolutions")
     with torch.no_grad():
         for (_, index), conv in zip(_HED_CONVS, convs, strict=True):
             weight = state[f"features.{index}.weight"].to(conv.weight.dtype)
@@ -349,8 +343,23 @@ def load_pretrained_backbone(model: nn.Module, path: str | os.PathLike) -> dict[
             conv.weight.copy_(weight)
             conv.bias.copy_(state[f"features.{index}.bias"].to(conv.bias.dtype))
     if getattr(model, "boundary_kind", "") == "hed" and f"hed.{_HED_SIDES[0]}.weight" in state:
-        load_hed_side_outputs(model, path)
+        _copy_hed_side_outputs(model, state, path)
     return {**info, "sha256": sha256_file(path)}
+
+
+def _check_shapes(state: Mapping[str, Tensor], wanted: Mapping[str, tuple[int, ...]],
+                  what: str) -> None:
+    """Raises ValueError (``what``: the message's start, naming the file) listing the keys
+    of ``wanted`` that ``state`` lacks or holds at another shape."""
+    problems = []
+    for key, want in wanted.items():
+        if key not in state:
+            problems.append(f"{key} missing")
+        elif tuple(state[key].shape) != want:
+            problems.append(f"{key}: {tuple(state[key].shape)} instead of {want}")
+    if problems:
+        raise ValueError(f"{what}: " + "; ".join(problems[:4])
+                         + ("…" if len(problems) > 4 else ""))
 
 
 def load_hed_side_outputs(model: nn.Module, path: str | os.PathLike) -> None:
@@ -369,23 +378,22 @@ def load_hed_side_outputs(model: nn.Module, path: str | os.PathLike) -> None:
         ValueError: the network has no HED head, or the file has no side outputs or ones of
             other shapes (the message names the file).
     """
-    head = getattr(model, "boundary", None)
-    if getattr(model, "boundary_kind", "") != "hed" or head is None:
+    if getattr(model, "boundary_kind", "") != "hed" or getattr(model, "boundary", None) is None:
         raise ValueError(f"cannot load the HED side outputs of {path}: the network has no "
                          f"HED boundary head (boundary_head='hed')")
     state, _ = read_vgg16_file(path)
+    _copy_hed_side_outputs(model, state, path)
+
+
+def _copy_hed_side_outputs(model: nn.Module, state: Mapping[str, Tensor],
+                           path: str | os.PathLike) -> None:
+    """The copy of :func:`load_hed_side_outputs`, from a state dict already read."""
+    head = model.boundary
     layers = [*head.dsn, head.fuse]
-    problems = []
-    for name, layer in zip(_HED_SIDES, layers, strict=True):
-        for part in ("weight", "bias"):
-            key, want = f"hed.{name}.{part}", tuple(getattr(layer, part).shape)
-            if key not in state:
-                problems.append(f"{key} missing")
-            elif tuple(state[key].shape) != want:
-                problems.append(f"{key}: {tuple(state[key].shape)} instead of {want}")
-    if problems:
-        raise ValueError(f"{path} does not fit this network's HED boundary head: "
-                         + "; ".join(problems[:4]) + ("…" if len(problems) > 4 else ""))
+    _check_shapes(state, {f"hed.{name}.{part}": tuple(getattr(layer, part).shape)
+                          for name, layer in zip(_HED_SIDES, layers, strict=True)
+                          for part in ("weight", "bias")},
+                  f"{path} does not fit this network's HED boundary head")
     with torch.no_grad():
         for name, layer in zip(_HED_SIDES, layers, strict=True):
             layer.weight.copy_(state[f"hed.{name}.weight"].to(layer.weight.dtype))
