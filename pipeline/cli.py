@@ -220,7 +220,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                               for k, v in row.items() if k != "seconds")
             print(f"  {shown}")
-        crf = "" if result.weights is None else f"; CRF weights {result.weights}"
+        best = result.best_weights
+        crf = "" if best is None else f"; its CRF weights {best}"
         print(f"best validation Jaccard {result.best_metric:.4f} at epoch {result.best_epoch}"
               f"{crf}; checkpoints {result.last_checkpoint}, {result.best_checkpoint}")
     return 0

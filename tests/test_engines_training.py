@@ -144,6 +144,9 @@ def test_joint_training_lowers_gamma_over_epochs(data, cnn_run, tmp_path):
     payload = load_checkpoint(result.last_checkpoint)
     assert payload["crf"] == pytest.approx(result.weights.as_array().tolist())
     assert len(payload["working_sets"]) == 12  # every training image has a working set
+    # the weights reported with the best epoch are best.pt's, not the last epoch's
+    assert load_checkpoint(result.best_checkpoint)["crf"] == pytest.approx(
+        result.best_weights.as_array().tolist())
 
 
 def test_resume_ends_exactly_like_an_uninterrupted_run(data, cnn_run, tmp_path):

@@ -207,7 +207,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run produced."""
+    """What a run produced. ``weights`` are the CRF weights of its last epoch (``last.pt``);
+    :attr:`best_weights` those of the best epoch (``best.pt``)."""
 
     run_dir: Path
     weights: CRFWeights | None
@@ -216,6 +217,15 @@ class TrainResult:
     best_epoch: int
     last_checkpoint: Path
     best_checkpoint: Path
+
+    @property
+    def best_weights(self) -> CRFWeights | None:
+        """The CRF weights ``best.pt`` holds: the best epoch's row of :attr:`history` (a
+        resumed run's history includes the epochs before the interruption)."""
+        for row in self.history:
+            if row.get("epoch") == self.best_epoch and "w1" in row:
+                return CRFWeights(row["w1"], row["w2"], row["w3"], row.get("w4", 0.0))
+        return None
 
 
 class _ListDataset(torch.utils.data.Dataset):
