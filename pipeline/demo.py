@@ -159,9 +159,10 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", *, size: int = 64,
             result = train_stage(cfg, out / "runs" / name / mode, init=init, samples=samples,
                                  progress=progress).result
             view_runs[mode] = runs[f"{name}/{mode}"] = str(result.best_checkpoint)
+            best = result.best_weights
             log(f"  {mode:9s} best validation Jaccard {result.best_metric:.4f} "
-                f"(epoch {result.best_epoch})" + ("" if result.best_weights is None else
-                                                  f", CRF weights {result.best_weights}"))
+                f"(epoch {result.best_epoch})" + ("" if best is None else
+                                                  f", CRF weights {best}"))
         groups.append((view_runs, samples[1]))
     done = evaluate_and_report(
         groups, out, training_log=out / "runs" / sets[0] / "joint" / "log.csv",

@@ -224,7 +224,8 @@ class TrainResult:
         resumed run's history includes the epochs before the interruption)."""
         for row in self.history:
             if row.get("epoch") == self.best_epoch and "w1" in row:
-                return CRFWeights(row["w1"], row["w2"], row["w3"], row.get("w4", 0.0))
+                return CRFWeights.from_array([row[k] for k in ("w1", "w2", "w3", "w4")
+                                              if k in row])
         return None
 
 
