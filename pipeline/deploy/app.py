@@ -23,6 +23,10 @@ __all__ = ["export_model", "run_app"]
 #: The series the app segments: the first CT series of the study.
 SERIES_RULES = '{"selections": [{"name": "CT Series", "conditions": {"Modality": "(?i)CT"}}]}'
 _DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "cta_pericardium_crf"
+#: The stack size Holoscan asks for (its threads recurse deeply; below it, it may crash).
+STACK_BYTES = 32 * 1024 * 1024
+#: Set in the environment of the process :func:`_entry` re-executes with the larger stack.
+_RAISED = "MMCRF_DEPLOY_STACK_RAISED"
 
 
 def export_model(bundle: str | os.PathLike, path: str | os.PathLike) -> Path:
@@ -36,6 +40,37 @@ def export_model(bundle: str | os.PathLike, path: str | os.PathLike) -> Path:
                 meta_file=str(root / "configs" / "metadata.json"),
                 config_file=str(root / "configs" / "inference.json"), bundle_root=str(root))
     return Path(path)
+
+
+def stack_shortfall() -> str | None:
+    """Why this process's stack size limit is below Holoscan's :data:`STACK_BYTES`, or None.
+
+    The limit sizes the stacks of the threads Holoscan starts, and the C library reads it
+    once, at process start: raising it later (``resource.setrlimit``) does not help this
+    process, only the ones it starts (see :func:`_raise_stack_limit`).
+    """
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_STACK)
+    if soft == resource.RLIM_INFINITY or soft >= STACK_BYTES:
+        return None
+    return (f"the stack size limit is {soft / 2**20:.0f} MB, below the {STACK_BYTES // 2**20} "
+            f"MB Holoscan asks for; run 'ulimit -s {STACK_BYTES // 1024}' first (or start "
+            f"the app with 'python -m pipeline.deploy.app', which raises it where it can)")
+
+
+def _raise_stack_limit() -> bool:
+    """Raises the soft stack size limit to :data:`STACK_BYTES` where it is below and the
+    hard limit allows it; True when it did (the caller then re-executes itself)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    if soft == resource.RLIM_INFINITY or soft >= STACK_BYTES:
+        return False
+    if hard != resource.RLIM_INFINITY and hard < STACK_BYTES:
+        return False
+    resource.setrlimit(resource.RLIMIT_STACK, (STACK_BYTES, hard))
+    return True
 
 
 def _application():
@@ -121,6 +156,11 @@ def run_app(dicom_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     Returns:
         The DICOM SEG files written.
     """
+    import warnings
+
+    shortfall = stack_shortfall()
+    if shortfall is not None:
+        warnings.warn(f"MONAI Deploy app: {shortfall}", RuntimeWarning, stacklevel=2)
     dicom_dir, output_dir = Path(dicom_dir).resolve(), Path(output_dir).resolve()
     bundle = Path(bundle).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +180,10 @@ def run_app(dicom_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
 
 
 def _entry() -> None:
+    if os.environ.get(_RAISED) is None and _raise_stack_limit():
+        # the new limit sizes thread stacks only in a new process: start this one again
+        os.environ[_RAISED] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "pipeline.deploy.app", *sys.argv[1:]])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", "-i", required=True, help="DICOM study folder")
     parser.add_argument("--output", "-o", required=True, help="output folder (DICOM SEG)")
