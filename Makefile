@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mmcrf-installed
 PIP_FLAGS ?= --only-binary :all:
 
-.PHONY: install demo test test-realdata test-browser test-dicom test-deploy lint bench clean
+.PHONY: install demo test test-slow test-realdata test-browser test-dicom test-deploy lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ lint: install
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -m "not realdata and not browser and not dciodvfy and not deploy"
+	$(BIN)/python -m pytest -m "not slow and not realdata and not browser and not dciodvfy and not deploy"
+
+# The long end-to-end tests (whole bundles trained and run, the demo, multi-process and Slurm
+# launches): about six minutes more on two cores.
+test-slow: install
+	$(BIN)/python -m pytest -m "slow and not realdata and not browser and not dciodvfy and not deploy"
 
 # The tests on the real data beside the checkout (../shared/data): about a minute more.
 test-realdata: install

@@ -107,6 +107,7 @@ def echo_bundle(tmp_path_factory):
     return _copy("echo_lv_crf", tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_train_all_stages_then_evaluate(cta_bundle):
     tiny = ("--size", "32", "--epochs", "1")
     _monai_bundle(cta_bundle, "run", "--config_file", "configs/train.json", *tiny)
@@ -131,6 +132,7 @@ def test_train_all_stages_then_evaluate(cta_bundle):
     assert (cta_bundle / "runs" / "evaluation.csv").read_text() == table
 
 
+@pytest.mark.slow
 def test_multi_gpu_config_trains_with_two_gloo_processes(cta_bundle):
     proc = _monai_bundle(cta_bundle, "run", "--config_file",
                          "['configs/train.json','configs/multi_gpu_train.json']", "--size", "32",
@@ -262,6 +264,7 @@ def test_echo_bundle_segments_its_demo_cine_loops_out_of_the_box(echo_bundle):
     assert np.mean(ious) > 0.6  # the shipped weights find the cavity, frame by frame
 
 
+@pytest.mark.slow
 def test_echo_bundle_trains_all_stages_then_evaluates(echo_bundle):
     tiny = ("--size", "32", "--epochs", "1")
     for mode in ("cnn", "piecewise", "joint"):
@@ -277,6 +280,7 @@ def test_echo_bundle_trains_all_stages_then_evaluates(echo_bundle):
     assert len(rows) == 3 * 24  # three methods x 2 validation loops x 12 frames
 
 
+@pytest.mark.slow
 def test_echo_multi_gpu_config_trains_with_two_gloo_processes(echo_bundle):
     _monai_bundle(echo_bundle, "run", "--config_file",
                   "['configs/train.json','configs/multi_gpu_train.json']", "--size", "32",
@@ -290,6 +294,7 @@ def horse_bundle(tmp_path_factory):
     return _copy("weizmann_horse_crf", tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_horse_bundle_runs_out_of_the_box(horse_bundle):
     proc = _monai_bundle(horse_bundle, "run", "--config_file", "configs/inference.json")
     assert "images: 16" in proc.stdout

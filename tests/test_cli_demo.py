@@ -43,6 +43,7 @@ def test_crf_demo_reports_bad_settings_clearly():
     assert "mmcrf crf-demo: error: noisy_blocks needs a shape of at least 8×8" in proc.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_the_three_methods_on_three_views_and_echo(tmp_path):
     out = tmp_path / "demo_output"
     proc = subprocess.run([_mmcrf(), "demo", "--output", str(out), "--size", "32",

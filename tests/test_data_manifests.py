@@ -94,6 +94,7 @@ def test_check_reports_every_problem_in_one_run(data_root, tmp_path):
     assert len({(p.split, p.index) for p in problems}) >= 5
 
 
+@pytest.mark.slow
 def test_manifest_cli_build_and_check(data_root, tmp_path):
     out = tmp_path / "m.json"
     proc = _mmcrf("manifest", "build", str(data_root), "--out", str(out), "--group-pattern",

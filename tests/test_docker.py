@@ -49,3 +49,22 @@ def test_dockerignore_keeps_local_artifacts_out():
     ignored = (REPO / ".dockerignore").read_text().split()
     for entry in (".venv", ".git", "demo_output"):
         assert entry in ignored
+
+
+def test_ci_runs_the_readmes_make_targets_and_every_marked_test_set():
+    ci = [line.split()[1] for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.startswith("make ")]
+    readme = (REPO / "README.md").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    assert ci[0] == "test"
+    for target in ci:
+        assert f"`make {target}`" in readme or f"make {target} " in readme, target
+        assert re.search(rf"^{target}:", makefile, re.M), target
+    # each marker a default run leaves out has a target that CI runs
+    left_out = re.search(r'^test: lint\n\t.*pytest -m "([^"]+)"', makefile, re.M).group(1)
+    markers = re.findall(r"not (\w+)", left_out)
+    assert markers
+    for marker in markers:
+        runners = [t for t in ci if re.search(rf"^{t}:.*\n(?:\t.*\n)*?\t.*pytest -m \"?{marker}\b",
+                                              makefile, re.M)]
+        assert runners, f"no CI target runs the {marker} tests"

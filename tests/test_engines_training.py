@@ -324,6 +324,7 @@ def test_two_gloo_processes_see_each_sample_once_in_piecewise_and_validation(cnn
     assert abs(logged - _mean_crf_jaccard(tmp_path / "ddp" / "last.pt", with_repeat)) > 1e-6
 
 
+@pytest.mark.slow
 def test_killed_cli_run_resumes_to_the_uninterrupted_result(tmp_path):
     import signal
     import subprocess
@@ -362,6 +363,7 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert not list((tmp_path / "killed").glob(".*.tmp"))  # the resumed run cleaned up
 
 
+@pytest.mark.slow
 def test_torchrun_cli_trains_on_a_given_data_folder(tmp_path):
     # real (not generated) data under torchrun: no rank may try to generate it
     import subprocess

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline.data import write_cta_phantom
 from pipeline.data.phantoms import write_horse_like_set
 from pipeline.models import load_checkpoint
@@ -49,6 +51,7 @@ def _sbatch(script: str, tmp_path: Path, **variables: str) -> subprocess.Complet
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_the_multi_node_training_script_trains_across_two_nodes(tmp_path):
     root = write_horse_like_set(tmp_path / "photos", n_training=4, n_validation=2, seed=3)
     run = _sbatch("train_multinode.sbatch", tmp_path, MMCRF_MODE="cnn", MMCRF_DATA="horse",
@@ -59,6 +62,7 @@ def test_the_multi_node_training_script_trains_across_two_nodes(tmp_path):
     assert checkpoint["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_the_sharded_inference_script_splits_the_cases_over_the_nodes(tmp_path):
     src = tmp_path / "scans"
     for k, name in enumerate(("a", "b", "c")):
