@@ -152,7 +152,7 @@ def _cmd_phantoms(args: argparse.Namespace) -> int:
 
 def _camus_selection(args: argparse.Namespace) -> dict[str, list]:
     """The CAMUS views, phases and foreground labels of ``--camus-view``, ``--camus-phase``
-    and ``--camus-labels`` (default: label 1)."""
+    and ``--camus-labels`` (default: label 1), and ``--camus-drop-strays``."""
     from pipeline.data.datasets.camus import (
         CAMUS_LABELS,
         CAMUS_PHASES,
@@ -166,9 +166,12 @@ def _camus_selection(args: argparse.Namespace) -> dict[str, list]:
         raise ValueError(f"--camus-labels: CAMUS foreground labels are 1-3 "
                          f"({', '.join(f'{k} {v}' for k, v in CAMUS_LABELS.items() if k)}), "
                          f"got {bad}")
-    return {"views": list(camus_selection(args.camus_view, CAMUS_VIEWS, "view")),
-            "phases": list(camus_selection(args.camus_phase, CAMUS_PHASES, "phase")),
-            "labels": labels}
+    selection = {"views": list(camus_selection(args.camus_view, CAMUS_VIEWS, "view")),
+                 "phases": list(camus_selection(args.camus_phase, CAMUS_PHASES, "phase")),
+                 "labels": labels}
+    if args.camus_drop_strays:  # only when asked: older runs' configs stay as they were
+        selection["drop_strays"] = True
+    return selection
 
 
 def _add_camus_options(parser: argparse.ArgumentParser) -> None:
@@ -180,6 +183,12 @@ def _add_camus_options(parser: argparse.ArgumentParser) -> None:
                         help="--data camus: foreground labels (default 1, the LV cavity; "
                              "e.g. 1 2 for cavity + myocardium; evaluate --images: default "
                              "those the model was trained on)")
+    parser.add_argument("--camus-drop-strays", action="store_true",
+                        help="--data camus: keep each label only in its largest 8-connected "
+                             "region, dropping the stray pixels the shared copy's linear "
+                             "resizing left along label borders (default: labels as given; "
+                             "evaluate --images: the truth scored against, whatever the "
+                             "model was trained on)")
 
 
 def _cmd_camus_check(args: argparse.Namespace) -> int:
@@ -264,6 +273,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             rows = evaluate_camus_folder(runs, args.images, args.out,
                                          views=selection["views"], phases=selection["phases"],
                                          labels=selection["labels"] if given else None,
+                                         drop_strays=args.camus_drop_strays,
                                          split=args.split, progress=args.progress,
                                          device=args.device, tta=args.tta)
         else:
@@ -271,7 +281,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                          split=args.split, progress=args.progress,
                                          device=args.device, tta=args.tta)
         if (Path(args.out) / "evaluation.csv").is_file():
-            write_table_provenance(Path(args.out) / "evaluation.csv", runs)
+            truth = None if not camus else (
+                "CAMUS label maps, stray pixels dropped (each label's largest 8-connected "
+                "region)" if args.camus_drop_strays else "CAMUS label maps as given")
+            write_table_provenance(Path(args.out) / "evaluation.csv", runs, truth)
         for method in runs:
             scores = [r["jaccard"] for r in rows if r["method"] == method and r["status"] == "ok"]
             mean = f"{100 * sum(scores) / len(scores):.2f} %" if scores else "undefined"

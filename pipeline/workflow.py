@@ -32,7 +32,8 @@ def data_settings(kind: str, *, view: str = "axial", size: int = 64, colour: str
         view: the CTA view (``echo`` for the echo phantoms).
         size: side of the square training images.
         colour: horse images in ``rgb`` or ``gray``.
-        camus: the CAMUS selection (``views``, ``phases``, ``labels``), for ``camus``.
+        camus: the CAMUS selection (``views``, ``phases``, ``labels``[, ``drop_strays``]),
+            for ``camus``.
 
     Returns:
         ``{"kind", "view", "size", "colour", "hu_window"[, "camus"]}``.
@@ -40,7 +41,8 @@ def data_settings(kind: str, *, view: str = "axial", size: int = 64, colour: str
     data = {"kind": kind, "view": view, "size": size, "colour": colour,
             "hu_window": list(CTA_HU_WINDOW)}
     if camus is not None:
-        data["camus"] = {k: list(v) for k, v in camus.items()}
+        data["camus"] = {k: list(v) if isinstance(v, (list, tuple)) else v
+                         for k, v in camus.items()}
     return data
 
 

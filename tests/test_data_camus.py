@@ -14,12 +14,13 @@ from pipeline.cli import main
 from pipeline.data.datasets.camus import (
     camus_selection,
     check_camus,
+    drop_stray_labels,
     find_camus_images,
     is_camus_folder,
     load_camus,
 )
 from pipeline.data.samples import split_samples, training_sets
-from pipeline.data.ultrasound import load_ultrasound
+from pipeline.data.ultrasound import load_label_map, load_ultrasound
 from pipeline.engines import TrainConfig, train
 from pipeline.models import export_model, load_checkpoint
 from tests.test_engines_training import TINY_NET
@@ -240,3 +241,81 @@ def test_cli_trains_on_a_camus_folder_with_its_selection(tmp_path, capsys):
     assert main(["train", "--data", "camus", "--root", str(root), "--camus-labels", "0",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "--camus-labels: CAMUS foreground labels are 1-3" in capsys.readouterr().err
+
+
+def _resized_like_the_shared_copy(labels: np.ndarray) -> np.ndarray:
+    """A label map resized as the shared CAMUS copy was: linear interpolation, then rounding
+    (here 3× up and back down), which leaves label 1 between 0 and 2, label 2 between 1
+    and 3, and so on."""
+    from scipy import ndimage
+
+    up = ndimage.zoom(labels.astype(float), 3.0, order=1)
+    return np.rint(ndimage.zoom(up, 1 / 3.0, order=1, grid_mode=True,
+                                mode="grid-constant")).astype(np.uint8)
+
+
+def _flood(mask: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
+    """The 8-connected region of ``mask`` holding ``seed``, by a plain breadth-first fill."""
+    region = np.zeros_like(mask, bool)
+    todo = [seed]
+    while todo:
+        r, c = todo.pop()
+        if not (0 <= r < mask.shape[0] and 0 <= c < mask.shape[1]) or region[r, c] or \
+                not mask[r, c]:
+            continue
+        region[r, c] = True
+        todo.extend((r + dr, c + dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1))
+    return region
+
+
+def test_dropping_strays_keeps_each_structure_and_removes_the_resizing_artefacts():
+    from scipy import ndimage
+
+    for seed in range(4):
+        clean = _frame(seed)[1]
+        resized = _resized_like_the_shared_copy(np.kron(clean, np.ones((2, 2), np.uint8)))
+        strays = ndimage.label(resized == 1, structure=np.ones((3, 3)))[1]
+        assert strays > 1  # the trap is reproduced: label 1 in more than one place
+        dropped = drop_stray_labels(resized)
+        for label in (1, 2, 3):
+            inside = np.argwhere(np.kron(clean, np.ones((2, 2))) == label)
+            centre = tuple(inside[len(inside) // 2])  # a pixel deep inside the structure
+            np.testing.assert_array_equal(dropped == label, _flood(resized == label, centre))
+        changed = dropped != resized
+        assert changed.any() and (dropped[changed] == 0).all()
+        np.testing.assert_array_equal(drop_stray_labels(dropped), dropped)  # nothing left
+
+
+def test_training_and_scoring_can_drop_the_strays(camus_model, tmp_path, capsys):
+    root = _camus(tmp_path / "c", patients=3, split=False)
+    stray = {}
+    for path in root.rglob("*_2CH_*_gt.nii.gz"):  # stray cavity pixels off the structures
+        values = load_label_map(path)
+        values[0, ::5] = 1
+        stray[path.name] = values
+        nib.save(nib.Nifti1Image(values.T.copy(), nib.load(path).affine), path)
+    scores = {}
+    for flag in ([], ["--camus-drop-strays"]):
+        out = tmp_path / ("dropped" if flag else "given")
+        assert main(["evaluate", "--model", str(camus_model), "--images", str(root),
+                     "--out", str(out), "--no-progress", *flag]) == 0
+        rows = [r for r in csv.DictReader((out / "per_image.csv").open()) if r["status"] == "ok"]
+        scores[bool(flag)] = {(r["image"], r["method"]): float(r["jaccard"]) for r in rows}
+        for r in rows:
+            mask = load_ultrasound(out / r["mask_file"])[0].image > 0
+            values = stray[f"{r['image']}_gt.nii.gz"]
+            truth = (drop_stray_labels(values) if flag else values) == 1
+            jaccard = (mask & truth).sum() / (mask | truth).sum()
+            assert jaccard == pytest.approx(float(r["jaccard"]), abs=1e-6)
+        truth_note = json.loads((out / "evaluation.provenance.json").read_text())["truth"]
+        assert ("stray pixels dropped" in truth_note) == bool(flag)
+    assert scores[True].keys() == scores[False].keys()
+    assert all(scores[True][k] > scores[False][k] for k in scores[True])
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(["train", "--data", "camus", "--root", str(_camus(tmp_path / "t", patients=4)),
+                 "--size", "32", "--epochs", "1", "--camus-drop-strays", "--mode", "cnn",
+                 "--out", str(out), "--no-progress"]) == 0
+    data = load_checkpoint(out / "last.pt")["config"]["data"]
+    assert data["camus"] == {"views": ["2CH"], "phases": ["ED", "ES"], "labels": [1],
+                             "drop_strays": True}

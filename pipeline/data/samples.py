@@ -119,8 +119,8 @@ def split_samples(kind: str, split: str, *, root: str | os.PathLike | None = Non
         view: CTA view.
         size: side of the square images, or None for the native size.
         colour: horse images in ``rgb`` or ``gray``.
-        camus: ``views``, ``phases`` and ``labels`` of a CAMUS selection (default 2CH, ED
-            and ES, label 1).
+        camus: ``views``, ``phases``, ``labels`` and ``drop_strays`` of a CAMUS selection
+            (default 2CH, ED and ES, label 1 as given).
 
     Returns:
         The samples.
@@ -147,7 +147,8 @@ def split_samples(kind: str, split: str, *, root: str | os.PathLike | None = Non
         return camus_samples(root, split, size=size,
                              views=tuple(selection.get("views", ("2CH",))),
                              phases=tuple(selection.get("phases", ("ED", "ES"))),
-                             labels=tuple(selection.get("labels", (1,))))
+                             labels=tuple(selection.get("labels", (1,))),
+                             drop_strays=bool(selection.get("drop_strays", False)))
     if kind == "demo":
         if root is None:
             raise ValueError("demo data needs a root folder to write the phantoms to")

@@ -147,7 +147,8 @@ def evaluate_image_folder(models: Mapping[str, str | os.PathLike], images: str |
 def evaluate_camus_folder(models: Mapping[str, str | os.PathLike], images: str | os.PathLike,
                           out_dir: str | os.PathLike, *, views: Sequence[str] = ("2CH",),
                           phases: Sequence[str] = ("ED", "ES"),
-                          labels: Sequence[int] | None = None, split: str | None = None,
+                          labels: Sequence[int] | None = None, drop_strays: bool = False,
+                          split: str | None = None,
                           progress: bool = True, device: str = "cpu",
                           tta: bool = False) -> list[dict]:
     """Scores frame models on every CAMUS image of a folder (``patientNNNN_2CH_ED.nii.gz`` or
@@ -170,6 +171,9 @@ def evaluate_camus_folder(models: Mapping[str, str | os.PathLike], images: str |
         phases: frames to take.
         labels: foreground label values (default: those the first model was trained on, else
             1, the LV cavity).
+        drop_strays: score against the label maps with the stray pixels of the shared
+            copy's resizing dropped (:func:`~pipeline.data.datasets.camus.drop_stray_labels`);
+            default: as given (whatever the models were trained on).
         split: only the patients of this split of the folder's ``split.json``.
         progress: a progress bar.
         device: where the CNN runs (see :func:`pipeline.distributed.resolve_device`).
@@ -203,7 +207,7 @@ def evaluate_camus_folder(models: Mapping[str, str | os.PathLike], images: str |
     try:
         for item in tqdm(items, desc="images", disable=not progress):
             try:
-                image, truth = load_camus(item, labels)
+                image, truth = load_camus(item, labels, drop_strays=drop_strays)
             except (ValueError, OSError) as err:
                 rows.extend({"image": item.name, "method": m, "status": "failed",
                              "error": str(err)} for m in predictors)

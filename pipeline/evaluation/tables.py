@@ -422,34 +422,46 @@ def _sidecar(table: str | os.PathLike) -> Path:
 
 
 def write_table_provenance(table: str | os.PathLike,
-                           runs: Mapping[str, str | os.PathLike]) -> Path:
+                           runs: Mapping[str, str | os.PathLike],
+                           truth: str | None = None) -> Path:
     """Writes ``<table stem>.provenance.json`` beside an evaluation table: each method's
-    checkpoint path and sha256, so a report made from the table names them."""
+    checkpoint path and sha256, and what the ground truth was where that is a choice
+    (``truth``), so a report made from the table names them."""
     import json
 
     from pipeline.data.hashing import sha256_file
 
-    record = {"checkpoints": {m: {"path": str(p), "sha256": sha256_file(p)}
-                              for m, p in runs.items()}}
+    record: dict = {"checkpoints": {m: {"path": str(p), "sha256": sha256_file(p)}
+                                    for m, p in runs.items()}}
+    if truth is not None:
+        record["truth"] = truth
     return atomic_write_text(_sidecar(table), json.dumps(record, indent=2) + "\n")
 
 
 def read_table_provenance(tables: Iterable[str | os.PathLike]) -> dict:
     """The checkpoints recorded beside the given tables (see :func:`write_table_provenance`),
     ``{"checkpoints": {method: {...}}}`` merged (a method named twice with other files is
-    listed once per table as ``method (table)``); empty where none was recorded."""
+    listed once per table as ``method (table)``), with ``"truth"`` where a table recorded
+    one (several joined by "; "); empty where none was recorded."""
     import json
 
     merged: dict[str, dict] = {}
+    truths: list[str] = []
     for table in tables:
         sidecar = _sidecar(table)
         if not sidecar.is_file():
             continue
         try:
-            found = json.loads(sidecar.read_text()).get("checkpoints") or {}
-        except ValueError:
+            record = json.loads(sidecar.read_text())
+            found = record.get("checkpoints") or {}
+        except (ValueError, AttributeError):
             continue
+        if isinstance(record.get("truth"), str) and record["truth"] not in truths:
+            truths.append(record["truth"])
         for method, record in found.items():
             key = method if merged.get(method, record) == record else f"{method} ({table})"
             merged[key] = record
-    return {"checkpoints": merged} if merged else {}
+    out: dict = {"checkpoints": merged} if merged else {}
+    if truths:
+        out["truth"] = "; ".join(truths)
+    return out

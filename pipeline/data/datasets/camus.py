@@ -20,6 +20,7 @@ __all__ = [
     "camus_samples",
     "camus_selection",
     "check_camus",
+    "drop_stray_labels",
     "find_camus_images",
     "is_camus_folder",
     "load_camus",
@@ -151,13 +152,45 @@ def _label_problems(path: Path, values: np.ndarray, shape: tuple[int, ...]) -> l
     return problems
 
 
-def load_camus(item: CamusImage, labels: Sequence[int] = (1,)
+def drop_stray_labels(values: np.ndarray) -> np.ndarray:
+    """A CAMUS label map with each label kept only in its largest 8-connected region.
+
+    The shared copy of CAMUS was resized by its publisher with linear interpolation and then
+    rounded, which leaves stray pixels of the labels in between along the borders of others:
+    label 1 (cavity) where myocardium (2) meets background (0), label 2 where the atrium (3)
+    meets background or the cavity. Each structure is one connected region, so every pixel
+    of a label outside that label's largest 8-connected region is such a stray; it becomes
+    background. Pixels 8-connected to the main region are kept, whatever their origin.
+
+    Args:
+        values: an H×W label map (0–3).
+
+    Returns:
+        A new label map: each label's other regions set to 0.
+    """
+    from scipy import ndimage
+
+    cleaned = values.copy()
+    for label in CAMUS_LABELS:
+        if label == 0:
+            continue
+        regions, count = ndimage.label(values == label, structure=np.ones((3, 3), bool))
+        if count > 1:
+            sizes = np.bincount(regions.ravel())
+            sizes[0] = 0
+            cleaned[(regions > 0) & (regions != int(np.argmax(sizes)))] = 0
+    return cleaned
+
+
+def load_camus(item: CamusImage, labels: Sequence[int] = (1,), *, drop_strays: bool = False
                ) -> tuple[np.ndarray, np.ndarray | None]:
     """An image scaled to [0, 1] as at inference, and its foreground mask.
 
     Args:
         item: the image.
         labels: the label values that are foreground (default: the LV cavity, 1).
+        drop_strays: take the labels through :func:`drop_stray_labels` first (the resizing
+            artefacts of the shared copy); default: the labels as given.
 
     Returns:
         (H×W float32 image, H×W uint8 mask or None where the label file is missing).
@@ -179,13 +212,17 @@ def load_camus(item: CamusImage, labels: Sequence[int] = (1,)
     problems = _label_problems(item.label, values, image.shape)
     if problems:
         raise ValueError(problems[0])
+    if drop_strays:
+        values = drop_stray_labels(values)
     return image, np.isin(values, list(labels)).astype(np.uint8)
 
 
 def camus_samples(root: str | os.PathLike, split: str, *, size: int | None = None,
                   views: Sequence[str] = ("2CH",), phases: Sequence[str] = CAMUS_PHASES,
-                  labels: Sequence[int] = (1,)) -> list[dict]:
+                  labels: Sequence[int] = (1,), drop_strays: bool = False) -> list[dict]:
     """2-D samples of one split (by patient, from ``root/split.json``) of a CAMUS folder.
+
+    ``labels`` and ``drop_strays`` as in :func:`load_camus`.
 
     Raises:
         FileNotFoundError: no folder or no ``split.json``.
@@ -198,7 +235,7 @@ def camus_samples(root: str | os.PathLike, split: str, *, size: int | None = Non
     items = []
     for item in find_camus_images(root, views=views, phases=phases,
                                   patients=split_members(root, split)):
-        image, mask = load_camus(item, labels)
+        image, mask = load_camus(item, labels, drop_strays=drop_strays)
         if mask is None:
             raise ValueError(f"{item.image}: no label file {item.name}_gt.* beside it")
         # case = patient, slice = the image's name: the keys of evaluation tables
