@@ -197,6 +197,13 @@ def _cmd_camus_check(args: argparse.Namespace) -> int:
     report = check_camus(args.root)
     for problem in report["problems"]:
         print(f"  {problem}")
+    strays = report["strays"]
+    if strays["with"]:
+        share = 100 * strays["pixels"] / strays["labelled"]
+        print(f"  note: {strays['with']} of {strays['maps']} label maps have stray pixels "
+              f"outside each label's largest region ({share:.1f} % of their labelled "
+              f"pixels; a resizing artefact, not an error); "
+              f"--camus-drop-strays drops them in train and evaluate")
     print(f"{args.root}: {report['images']} images of {report['patients']} patients, "
           f"{len(report['problems'])} problem(s)")
     return 1 if report["problems"] else 0

@@ -122,8 +122,21 @@ def test_a_patient_in_two_splits_or_without_images_is_refused(tmp_path):
 
 def test_check_reports_every_problem_in_one_run(tmp_path, capsys):
     root = _camus(tmp_path / "c")
-    assert check_camus(root)["problems"] == []
+    report = check_camus(root)
+    assert report["problems"] == [] and report["strays"]["with"] == 0
+    assert report["strays"]["maps"] == 24
     assert main(["manifest", "check-camus", str(root)]) == 0
+    assert "stray pixels" not in capsys.readouterr().out
+    resized = root / "patient0005" / "patient0005_2CH_ED_gt.nii.gz"  # resized as the trap
+    values = _resized_like_the_shared_copy(np.kron(_frame(1)[1], np.ones((2, 2), np.uint8)))
+    values = values[:H, :W]
+    _write(values, resized, "nii")
+    strays = check_camus(root)["strays"]
+    expected = int((values > 0).sum() - (drop_stray_labels(values) > 0).sum())
+    assert strays["with"] == 1 and strays["pixels"] == expected > 0
+    assert check_camus(root)["problems"] == []  # noted, not a problem
+    assert main(["manifest", "check-camus", str(root)]) == 0
+    assert "1 of 24 label maps have stray pixels" in capsys.readouterr().out
     p = root / "patient0001"
     (p / "patient0001_2CH_ED_gt.nii.gz").unlink()  # missing label
     _, labels = _frame(0)

@@ -252,8 +252,14 @@ def check_camus(root: str | os.PathLike) -> dict[str, Any]:
     byte-identical images (the same pixels) under different names, and a malformed
     ``split.json`` or split patients without images.
 
+    Also counts, without calling it a problem, the label maps with stray pixels outside each
+    label's largest region (:func:`drop_stray_labels`; a copy resized with linear
+    interpolation has them in every map).
+
     Returns:
-        ``{"images": n, "patients": n, "problems": [message, ...]}``.
+        ``{"images": n, "patients": n, "problems": [message, ...], "strays": {"maps": label
+        maps read, "with": those with strays, "pixels": stray pixels in them, "labelled":
+        their labelled (non-zero) pixels}}``.
 
     Raises:
         FileNotFoundError: ``root`` is not a folder.
@@ -267,6 +273,7 @@ def check_camus(root: str | os.PathLike) -> dict[str, Any]:
     images, labels = _scan(base)
     problems: list[str] = []
     digests: dict[str, list[str]] = {}
+    strays = {"maps": 0, "with": 0, "pixels": 0, "labelled": 0}
     for key in sorted(set(images) | set(labels)):
         name = "_".join(key)
         twice = [found for found in (images.get(key, []), labels.get(key, [])) if len(found) > 1]
@@ -294,7 +301,16 @@ def check_camus(root: str | os.PathLike) -> dict[str, Any]:
         except (OSError, ValueError) as err:
             problems.append(f"{label_path}: unreadable label map: {err}")
             continue
-        problems.extend(_label_problems(label_path, values, pixels.shape))
+        found = _label_problems(label_path, values, pixels.shape)
+        problems.extend(found)
+        if not found:
+            labelled = int((values > 0).sum())
+            dropped = labelled - int((drop_stray_labels(values) > 0).sum())
+            strays["maps"] += 1
+            if dropped:
+                strays["with"] += 1
+                strays["pixels"] += dropped
+                strays["labelled"] += labelled
     for paths in digests.values():
         if len(paths) > 1:
             problems.append("byte-identical images under different names: " + ", ".join(paths))
@@ -312,4 +328,4 @@ def check_camus(root: str | os.PathLike) -> dict[str, Any]:
                                     f"{len(absent)} patient(s) without images: "
                                     + ", ".join(absent[:8]) + ("…" if len(absent) > 8 else ""))
     return {"images": len(images), "patients": len({k[0] for k in images}),
-            "problems": problems}
+            "problems": problems, "strays": strays}
