@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["export_model", "run_app"]
+__all__ = ["STACK_BYTES", "export_model", "run_app", "stack_shortfall"]
 
 #: The series the app segments: the first CT series of the study.
 SERIES_RULES = '{"selections": [{"name": "CT Series", "conditions": {"Modality": "(?i)CT"}}]}'
