@@ -452,12 +452,12 @@ def read_table_provenance(tables: Iterable[str | os.PathLike]) -> dict:
         if not sidecar.is_file():
             continue
         try:
-            record = json.loads(sidecar.read_text())
-            found = record.get("checkpoints") or {}
+            written = json.loads(sidecar.read_text())
+            found = written.get("checkpoints") or {}
         except (ValueError, AttributeError):
             continue
-        if isinstance(record.get("truth"), str) and record["truth"] not in truths:
-            truths.append(record["truth"])
+        if isinstance(written.get("truth"), str) and written["truth"] not in truths:
+            truths.append(written["truth"])
         for method, record in found.items():
             key = method if merged.get(method, record) == record else f"{method} ({table})"
             merged[key] = record
