@@ -174,6 +174,27 @@ def _camus_selection(args: argparse.Namespace) -> dict[str, list]:
     return selection
 
 
+def _refuse_camus_options(args: argparse.Namespace, data: str) -> None:
+    """ValueError naming the CAMUS-only options set for ``data``, which is not CAMUS (they
+    would otherwise be ignored without a word)."""
+    given = [name for name, value, default in (
+        ("--camus-view", args.camus_view, "2CH"), ("--camus-phase", args.camus_phase, "both"),
+        ("--camus-labels", args.camus_labels, None),
+        ("--camus-drop-strays", args.camus_drop_strays, False)) if value != default]
+    if given:
+        raise ValueError(f"{', '.join(given)}: CAMUS options, but the data is {data}; "
+                         f"drop them or use CAMUS data")
+
+
+def _camus_or_refuse(args: argparse.Namespace) -> dict[str, list] | None:
+    """:func:`_camus_selection` for ``--data camus``; None otherwise, after
+    :func:`_refuse_camus_options`."""
+    if args.data == "camus":
+        return _camus_selection(args)
+    _refuse_camus_options(args, f"--data {args.data}")
+    return None
+
+
 def _add_camus_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--camus-view", choices=["2CH", "4CH", "both"], default="2CH",
                         help="--data camus: apical view(s) (default 2CH)")
@@ -223,7 +244,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                  "device": args.device, "learned_pairwise": args.learned_pairwise,
                  "boundary_lr": args.boundary_lr, "boundary_weight": args.boundary_weight}
     data = data_settings(args.data, view=args.view, size=args.size, colour=args.colour,
-                         camus=_camus_selection(args) if args.data == "camus" else None)
+                         camus=_camus_or_refuse(args))
     config = stage_config(args.config, data=data, weights=args.weights, **overrides)
     out = Path(args.out)
     stage = train_stage(config, out, root=args.root or _default_root(args.data, out.parent),
@@ -268,10 +289,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         if bool(args.model) == bool(args.run):
             raise ValueError("--images needs --model (a checkpoint or a bundle folder) or "
                              "--run METHOD=CHECKPOINT (repeatable), not both")
-        runs = model_files(args.model) if args.model else _parse_runs(args.run)
         from pipeline.data.datasets.camus import is_camus_folder
 
         camus = is_camus_folder(args.images)
+        if not camus:
+            _refuse_camus_options(args, f"{args.images} (not a CAMUS folder)")
+        runs = model_files(args.model) if args.model else _parse_runs(args.run)
         if camus:
             from pipeline.evaluation.folders import evaluate_camus_folder
 
@@ -348,7 +371,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     samples = evaluation_samples(args.data, root=root, manifest=args.manifest,
                                  split=args.split or "validation", views=views,
                                  size=args.size, colour=args.colour,
-                                 camus=_camus_selection(args) if args.data == "camus" else None)
+                                 camus=_camus_or_refuse(args))
     if args.examples:
         evaluation = evaluate_runs_with_examples(runs, samples, method=args.examples_method,
                                                  empty=args.empty, progress=args.progress,

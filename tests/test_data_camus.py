@@ -332,3 +332,23 @@ def test_training_and_scoring_can_drop_the_strays(camus_model, tmp_path, capsys)
     data = load_checkpoint(out / "last.pt")["config"]["data"]
     assert data["camus"] == {"views": ["2CH"], "phases": ["ED", "ES"], "labels": [1],
                              "drop_strays": True}
+
+
+def test_cli_refuses_camus_options_for_other_data(tmp_path, capsys):
+    """A CAMUS-only option given for other data is an error that names it, not ignored."""
+    assert main(["train", "--data", "horse_demo", "--camus-drop-strays", "--epochs", "1",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--camus-drop-strays: CAMUS options, but the data is --data horse_demo" in err
+    assert not (tmp_path / "run").exists()
+    assert main(["evaluate", "--data", "horse_demo", "--run", f"m={tmp_path / 'm.pt'}",
+                 "--camus-view", "4CH", "--camus-labels", "2",
+                 "--out", str(tmp_path / "eval")]) == 2
+    assert ("--camus-view, --camus-labels: CAMUS options, but the data is --data horse_demo"
+            in capsys.readouterr().err)
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    assert main(["evaluate", "--images", str(pictures), "--run", f"m={tmp_path / 'm.pt'}",
+                 "--camus-phase", "ES", "--out", str(tmp_path / "eval2")]) == 2
+    assert f"--camus-phase: CAMUS options, but the data is {pictures} (not a CAMUS folder)" \
+        in capsys.readouterr().err
