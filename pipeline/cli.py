@@ -174,13 +174,17 @@ def _camus_selection(args: argparse.Namespace) -> dict[str, list]:
     return selection
 
 
+#: The CAMUS-only options' defaults, by argparse ``dest``: what :func:`_add_camus_options`
+#: sets and what :func:`_refuse_camus_options` takes as "not given".
+_CAMUS_DEFAULTS = {"camus_view": "2CH", "camus_phase": "both", "camus_labels": None,
+                   "camus_drop_strays": False}
+
+
 def _refuse_camus_options(args: argparse.Namespace, data: str) -> None:
     """ValueError naming the CAMUS-only options set for ``data``, which is not CAMUS (they
     would otherwise be ignored without a word)."""
-    given = [name for name, value, default in (
-        ("--camus-view", args.camus_view, "2CH"), ("--camus-phase", args.camus_phase, "both"),
-        ("--camus-labels", args.camus_labels, None),
-        ("--camus-drop-strays", args.camus_drop_strays, False)) if value != default]
+    given = ["--" + dest.replace("_", "-") for dest, default in _CAMUS_DEFAULTS.items()
+             if getattr(args, dest) != default]
     if given:
         raise ValueError(f"{', '.join(given)}: CAMUS options, but the data is {data}; "
                          f"drop them or use CAMUS data")
@@ -196,15 +200,20 @@ def _camus_or_refuse(args: argparse.Namespace) -> dict[str, list] | None:
 
 
 def _add_camus_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--camus-view", choices=["2CH", "4CH", "both"], default="2CH",
+    defaults = _CAMUS_DEFAULTS
+    parser.add_argument("--camus-view", choices=["2CH", "4CH", "both"],
+                        default=defaults["camus_view"],
                         help="--data camus: apical view(s) (default 2CH)")
-    parser.add_argument("--camus-phase", choices=["ED", "ES", "both"], default="both",
+    parser.add_argument("--camus-phase", choices=["ED", "ES", "both"],
+                        default=defaults["camus_phase"],
                         help="--data camus: frames (default both ED and ES)")
-    parser.add_argument("--camus-labels", type=int, nargs="+", default=None, metavar="LABEL",
+    parser.add_argument("--camus-labels", type=int, nargs="+",
+                        default=defaults["camus_labels"], metavar="LABEL",
                         help="--data camus: foreground labels (default 1, the LV cavity; "
                              "e.g. 1 2 for cavity + myocardium; evaluate --images: default "
                              "those the model was trained on)")
     parser.add_argument("--camus-drop-strays", action="store_true",
+                        default=defaults["camus_drop_strays"],
                         help="--data camus: keep each label only in its largest 8-connected "
                              "region, dropping the stray pixels the shared copy's linear "
                              "resizing left along label borders (default: labels as given; "
