@@ -206,3 +206,44 @@ def test_deciding_on_probabilities_leaves_near_ties_to_the_cut(no_persistency):
     no_persistency()
     for prob, weights, reduced in cases:
         np.testing.assert_array_equal(reduced, map_labelling(prob, np.zeros(prob.shape), weights))
+
+
+def _grid_call_cut(diff, edges, w2, w3, w4):
+    """The cut with every direction's edges added by PyMaxflow's own ``add_grid_edges``
+    (one structure per offset, symmetric): the graph ``_grid_cut`` must build arc for arc."""
+    import maxflow
+
+    g = maxflow.Graph[float]()
+    ids = g.add_grid_nodes(diff.shape)
+    g.add_grid_tedges(ids, np.maximum(diff, 0.0), np.maximum(-diff, 0.0))
+    for offset, contrast, learned in edges:
+        structure = np.zeros((3,) * diff.ndim)
+        structure[tuple(1 + d for d in offset)] = 1.0
+        capacity = w2 + w3 * contrast + (0.0 if learned is None else w4 * learned)
+        g.add_grid_edges(ids, weights=capacity, structure=structure, symmetric=True)
+    g.maxflow()
+    return g.get_grid_segments(ids).astype(np.uint8)
+
+
+@pytest.mark.parametrize("offsets", [((0, 1), (1, 0)), ((0, 1), (1, 0), (1, 1), (1, -1)),
+                                     ((1, 0, 0), (0, 1, 0), (0, 0, 1))],
+                         ids=["4-connected", "8-connected", "volume"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_edges_build_the_graph_of_pymaxflows_grid_call(rng, offsets, ties):
+    # the edges go in by add_edges on the slices' node ids; the labels must be the grid
+    # call's, also where many labellings share the minimum (ties: unaries and capacities from
+    # a few values), so that a mask made before the change is made again
+    shape = (5, 6, 7) if len(offsets[0]) == 3 else (23, 31)
+    for w2, w3, w4 in [(0.3, 0.7, 0.5), (0.4, 0.0, 0.0), (0.0, 0.9, 0.0), (0.0, 0.0, 0.6)]:
+        if ties:
+            diff = rng.choice([-1.0, -0.5, 0.0, 0.5, 1.0], shape)
+            edges = [(o, rng.choice([0.0, 0.5, 1.0], shape), rng.choice([0.0, 1.0], shape))
+                     for o in offsets]
+        else:
+            diff = rng.normal(0.0, 1.0, shape)
+            edges = [(o, rng.random(shape), rng.random(shape)) for o in offsets]
+        expected = _grid_call_cut(diff, edges, w2, w3, w4)
+        labels = graphcut._grid_cut(diff.copy(), edges, w2, w3, w4)
+        np.testing.assert_array_equal(labels, expected)
+        if not ties and w2 + w3 + w4 > 0:  # the pairwise terms matter here
+            assert not np.array_equal(labels, (diff < 0).astype(np.uint8))
