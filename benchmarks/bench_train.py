@@ -32,7 +32,11 @@ Goal (issue: joint-training cost): CRF share of the joint step ≤ 25 % for the 
 256², warm (``crf_share_256``; with the learned edge feature ``crf_share_256_lp``). Torch
 keeps its default thread count. The CNN uses every core through OpenMP and the CRF (NumPy,
 PyMaxflow, Clarabel) mostly one, so load from other processes slows the CNN segment more and
-lowers the share: the 1-minute load average at start and end is recorded.
+lowers the share: the 1-minute load average at start and end is recorded. Beside each
+median share, the smallest and largest share of a single repeat (``_min``/``_max``;
+``crf_share_256[_lp]_range`` for the targets, whose verdict says "at the edge" where that
+range straddles 25 %): the CNN step moves by ±15 % from one run to the next on a shared
+machine, as much as a change to the CRF may.
 Prints a table, then ONE JSON object as the last line.
 
     python benchmarks/bench_train.py [--quick] [--networks lite paper vgg16] [--sizes 128 256]
@@ -210,6 +214,11 @@ def bench_case(net: str, size: int, *, warmup: int, repeats: int, C: float, lr: 
         crf = med(kind, "crf")
         out[f"crf_step_{tag}_{kind}_s"] = crf
         out[f"crf_share_{tag}_{kind}"] = crf / (cnn + crf)
+        # each repeat's own share (its CRF over its CNN + CRF): how far one repeat's machine
+        # state moves the ratio, so that a median near the target can be read as such
+        shares = [row["crf"] / (row["cnn"] + row["crf"]) for row in rows[kind]]
+        out[f"crf_share_{tag}_{kind}_min"] = min(shares)
+        out[f"crf_share_{tag}_{kind}_max"] = max(shares)
         out[f"joint_step_{tag}_{kind}_s"] = med(kind, "total")
         out[f"cp_passes_{tag}_{kind}"] = med(kind, "passes")
         out[f"joint_vs_cnn_only_{tag}_{kind}"] = med(kind, "total") / out[f"cnn_only_step_{tag}_s"]
@@ -282,10 +291,12 @@ def main() -> None:
     finally:
         if pool is not None:
             pool.close()
-    if ("lite", 256, False) in cases:
-        out["crf_share_256"] = out["crf_share_lite_256_warm"]
-    if ("lite", 256, True) in cases:
-        out["crf_share_256_lp"] = out["crf_share_lite_256_lp_warm"]
+    for key, tag, learned in (("crf_share_256", "lite_256", False),
+                              ("crf_share_256_lp", "lite_256_lp", True)):
+        if ("lite", 256, learned) in cases:
+            out[key] = out[f"crf_share_{tag}_warm"]
+            out[f"{key}_range"] = [out[f"crf_share_{tag}_warm_min"],
+                                   out[f"crf_share_{tag}_warm_max"]]
     for net, size, learned in cases:
         if learned:
             tag = f"{net}_{size}"
@@ -317,8 +328,11 @@ def main() -> None:
     for key in ("crf_share_256", "crf_share_256_lp"):
         if key in out:
             ok = out[key] <= SHARE_TARGET
+            low, high = out[f"{key}_range"]
+            edge = "" if (high <= SHARE_TARGET or low > SHARE_TARGET) else ", at the edge"
             print(f"target {key} (lite, 256², warm) <= {SHARE_TARGET}: "
-                  f"{'met' if ok else 'MISSED'} ({out[key]:.4g})")
+                  f"{'met' if ok else 'MISSED'} ({out[key]:.4g}; repeats {low:.4g} to "
+                  f"{high:.4g}{edge})")
     if "crf_share_256" not in out:
         print("target crf_share_256: not measured (needs --networks lite and --sizes 256)")
     for info in infos:
