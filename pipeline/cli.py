@@ -827,7 +827,9 @@ def _parser() -> argparse.ArgumentParser:
     inf.add_argument("--crf-3d", action="store_true",
                      help="replace the slice-by-slice CRF by one exact 6-connected 3-D graph "
                           "cut over the (fused) probability volume, with the same learned "
-                          "weights (pairwise weights scaled by min(spacing)/spacing per axis); "
+                          "weights (pairwise weights scaled by min(spacing)/spacing per axis; "
+                          "a model with the learned edge feature gives it its boundary maps "
+                          "stacked, fused over the views); "
                           "couples neighbouring slices; its graph covers the box of voxels the "
                           "network is unsure of (at worst the volume, about 0.3 kB per voxel) "
                           "and runs in one process")

@@ -150,19 +150,92 @@ def test_bad_weights_or_labelling_are_refused():
         volume_energy(np.full((2, 3, 4), 2), PROB, IMAGE, W)
 
 
-def test_a_confident_volume_is_cut_only_where_it_is_uncertain(rng, graph_sizes, no_persistency):
+@pytest.mark.parametrize("learned", [False, True])
+def test_a_confident_volume_is_cut_only_where_it_is_uncertain(rng, graph_sizes, no_persistency,
+                                                              learned):
     # persistency on the 3-D cut: the voxels the unaries decide stay out of the graph, and
-    # the labelling is the whole volume's cut (persistency switched off as the oracle)
+    # the labelling is the whole volume's cut (persistency switched off as the oracle); with
+    # a boundary volume, the learned edges' capacities count in the bound too
     shape = (6, 40, 50)
     truth = np.zeros(shape, dtype=np.uint8)
     truth[1:5, 10:30, 12:40] = 1
     logit = 12.0 * (2.0 * truth - 1.0) + 0.5 * rng.standard_normal(shape)
     logit[2:4, 8:16, 10:22] = 1.5 * rng.standard_normal((2, 8, 12))
     prob, image = 1.0 / (1.0 + np.exp(-logit)), truth + 0.3 * rng.standard_normal(shape)
-    weights, spacing = CRFWeights(0.5, 0.1, 0.2), (2.5, 0.8, 0.8)
-    reduced = volume_map_labelling(prob, image, weights, spacing=spacing)
+    boundary = rng.random(shape) if learned else None
+    weights = CRFWeights(0.5, 0.05, 0.1, 0.4) if learned else CRFWeights(0.5, 0.1, 0.2)
+    spacing = (2.5, 0.8, 0.8)
+    reduced = volume_map_labelling(prob, image, weights, spacing=spacing, boundary=boundary)
     assert 0 < graph_sizes[-1] <= 4 * 10 * 14  # the uncertain block grown by one voxel
     no_persistency()
-    whole = volume_map_labelling(prob, image, weights, spacing=spacing)
+    whole = volume_map_labelling(prob, image, weights, spacing=spacing, boundary=boundary)
     assert graph_sizes[-1] == prob.size
     np.testing.assert_array_equal(reduced, whole)
+    if learned:  # the learned edges did something
+        plain = volume_map_labelling(prob, image, weights, spacing=spacing)
+        assert np.count_nonzero(whole != plain) > 0
+
+
+def _learned_case(rng, shape):
+    """A random case with a boundary volume and a w4 large enough to matter (sometimes 0)."""
+    prob, image, weights = _random_case(rng, shape, 0)
+    w4 = float(rng.uniform(0.3, 2.5)) if rng.random() > 0.2 else 0.0
+    return prob, image, CRFWeights(*weights.as_array(), w4), rng.random(shape)
+
+
+@pytest.mark.parametrize("spacing", [None, (0.7, 0.7, 2.5)])
+def test_the_learned_edge_feature_cut_is_the_brute_force_minimum(rng, spacing):
+    for _ in range(3):
+        prob, image, weights, boundary = _learned_case(rng, SHAPE)
+        beta = float(rng.uniform(0.5, 8.0))
+        w = weights.as_array(learned=True)
+        y = volume_map_labelling(prob, image, weights, spacing=spacing, beta=beta,
+                                 boundary=boundary)
+        found = volume_energy_loop(*_costs(prob), image, y, w, beta, spacing, boundary)
+        best = volume_brute_minimum(*_costs(prob), image, w, beta, spacing, boundary)
+        assert found == pytest.approx(best, abs=1e-12)
+        assert volume_energy(y, prob, image, weights, spacing=spacing, beta=beta,
+                             boundary=boundary) == pytest.approx(found, rel=1e-12)
+
+
+def test_the_boundary_volume_moves_the_cut_across_slices():
+    """A weak middle slice follows the slices above and below where the boundary map says
+    no outline lies between them, and keeps its own vote where it says one does."""
+    prob = np.full((3, 1, 1), 0.9)
+    prob[1] = 0.3
+    image = np.zeros((3, 1, 1))
+    weights = CRFWeights(1.0, 0.0, 0.0, 1.0)
+    smooth = volume_map_labelling(prob, image, weights, boundary=np.zeros((3, 1, 1)))
+    assert smooth.ravel().tolist() == [1, 1, 1]
+    outline = volume_map_labelling(prob, image, weights, boundary=np.ones((3, 1, 1)))
+    assert outline.ravel().tolist() == [1, 0, 1]
+    # without a boundary volume, w4 weighs nothing: the unaries alone
+    assert volume_map_labelling(prob, image, weights).ravel().tolist() == [1, 0, 1]
+
+
+@pytest.mark.parametrize("spacing", [None, (4.0, 0.8, 0.8)])
+def test_a_volume_of_depth_one_with_a_boundary_map_is_the_2d_cut(rng, spacing):
+    for _ in range(4):
+        weights = CRFWeights(1.0, *rng.uniform(0.0, 0.3, 2), rng.uniform(0.3, 0.9))
+        prob = rng.uniform(0.0, 1.0, (23, 17))
+        image, boundary = rng.random((23, 17)), rng.random((23, 17))
+        flat = map_labelling(prob, image, weights, connectivity=4, boundary=boundary)
+        deep = volume_map_labelling(prob[None], image[None], weights, spacing=spacing,
+                                    boundary=boundary[None])
+        np.testing.assert_array_equal(deep[0], flat)
+        plain = map_labelling(prob, image, weights, connectivity=4)
+        assert np.count_nonzero(flat != plain) > 0  # the learned edges did something
+
+
+@pytest.mark.parametrize(("boundary", "message"), [
+    (np.zeros((2, 3, 5)), r"boundary must have shape \(2, 3, 4\)"),
+    (np.full((2, 3, 4), 1.5), r"boundary strengths must be finite and lie in \[0, 1\]"),
+    (np.full((2, 3, 4), np.nan), r"boundary strengths must be finite"),
+])
+def test_a_bad_boundary_volume_is_refused(boundary, message):
+    weights = CRFWeights(1.0, 0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match=message):
+        volume_map_labelling(PROB, IMAGE, weights, boundary=boundary)
+    with pytest.raises(ValueError, match=message):
+        volume_energy(np.zeros((2, 3, 4), dtype=np.uint8), PROB, IMAGE, weights,
+                      boundary=boundary)

@@ -4,12 +4,20 @@ training of it from γ's gradient, and inference that feeds its map to the graph
 from __future__ import annotations
 
 import csv
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.crf import CRFWeights, GraphCutPool, GridCRF, graph_cut, map_labelling
+from pipeline.crf import (
+    CRFWeights,
+    GraphCutPool,
+    GridCRF,
+    graph_cut,
+    map_labelling,
+    volume_map_labelling,
+)
 from pipeline.data import noisy_blocks
 from pipeline.engines import TrainConfig, train
 from pipeline.evaluation.runs import predict_samples
@@ -223,10 +231,10 @@ def test_a_mode_that_does_not_train_the_head_freezes_it(tmp_path):
     assert len(payload["optimizer"]["param_groups"]) == 1
 
 
-def test_a_volume_is_cut_slice_by_slice_with_the_boundary_map(lp_runs, tmp_path):
+def test_a_volume_is_cut_with_the_boundary_map_per_slice_in_3d_and_fused(lp_runs, tmp_path):
     """Volume inference with a learned-pairwise model: each slice of its view is cut with the
     head's map of that slice, in this process or in the workers while the network goes on;
-    fused views and the 3-D cut, which have no such map, refuse it by name."""
+    the 3-D cut takes the maps stacked into a volume, fused views their average."""
     from monai.data import MetaTensor
 
     from pipeline.data import CTA_HU_WINDOW
@@ -244,14 +252,15 @@ def test_a_volume_is_cut_slice_by_slice_with_the_boundary_map(lp_runs, tmp_path)
     # on the HU scale its window maps back to them
     low, high = CTA_HU_WINDOW
     images = np.stack([noisy_blocks((36, 40), rng=200 + k, n_blocks=2, image_noise=0.3).image
-                       for k in range(16)]).astype(np.float32)
+                       for k in range(32)]).astype(np.float32)
     hu = low + restack_slices(images[:, None], "axial")[0] * (high - low)
     volume = MetaTensor(torch.as_tensor(hu), affine=torch.eye(4))  # RAS: no reorientation
     serial = VolumePredictor(checkpoint, batch_size=5).predict(volume)
     with VolumePredictor(checkpoint, batch_size=5, workers=1,
                          pipeline=True) as pooled:
         pending = pooled.start(volume)
-        assert pending.cut_batches == 4  # 16 slices in batches of 5
+        assert pending.cut_batches == 7  # 32 slices in batches of 5 (32: a coronal slice's
+        # height must fit one stride-32 cell, below)
         piped = pending.result()
     np.testing.assert_array_equal(piped.crf, serial.crf)
     # the oracle: windowed axial slices, the model's maps, one cut per slice
@@ -264,9 +273,37 @@ def test_a_volume_is_cut_slice_by_slice_with_the_boundary_map(lp_runs, tmp_path)
     without = np.stack([map_labelling(p, x, vm.weights) for p, x in zip(probs, slices,
                                                                         strict=True)])
     assert not np.array_equal(masks, without)  # the map changed the cut
-    for kwargs in ({"crf_3d": True}, {"views": ["axial", "coronal"], "any_view": True}):
-        with pytest.raises(ValueError, match="learned edge feature"):
-            VolumePredictor(checkpoint, **kwargs)
+    # the 3-D cut: the slices' maps stacked into a boundary volume, on every axis's edges
+    windowed = np.clip((hu - low) / (high - low), 0, 1)
+    prob_volume = restack_slices(probs[:, None], "axial")[0]
+    edge_volume = restack_slices(edges[:, None], "axial")[0]
+    cut3d = VolumePredictor(checkpoint, batch_size=5, crf_3d=True).predict(volume)
+    oracle3d = volume_map_labelling(prob_volume, windowed, vm.weights, spacing=np.ones(3),
+                                    boundary=edge_volume)
+    np.testing.assert_array_equal(cut3d.crf, oracle3d)
+    assert not np.array_equal(oracle3d, volume_map_labelling(prob_volume, windowed, vm.weights))
+    # fused views: the views' maps averaged as the probabilities are, then cut slice by slice
+    # along the first view, in this process or in the workers
+    views = {"axial": checkpoint, "coronal": checkpoint}
+    fused = VolumePredictor(views, batch_size=5, any_view=True).predict(volume)
+    with VolumePredictor(views, batch_size=5, any_view=True, workers=1,
+                         pipeline=True) as pooled:
+        np.testing.assert_array_equal(pooled.predict(volume).crf, fused.crf)
+    prob_views, edge_views = [], []
+    for view in views:
+        p, b = vm.maps(slice_volume(windowed[None], view)[:, 0], batch_size=5)
+        prob_views.append(restack_slices(p[:, None], view)[0])
+        edge_views.append(restack_slices(b[:, None], view)[0])
+    fused_prob = slice_volume(np.mean(prob_views, axis=0)[None], "axial")[:, 0]
+    fused_edges = slice_volume(np.mean(edge_views, axis=0)[None], "axial")[:, 0]
+    oracle = np.stack([map_labelling(p, x, vm.weights, boundary=b)
+                       for p, x, b in zip(fused_prob, slices, fused_edges, strict=True)])
+    np.testing.assert_array_equal(fused.crf, restack_slices(oracle[:, None], "axial")[0])
+    # every fused view needs a boundary map: a model without a head is refused by name
+    plain = os.fspath(lp_runs[1].best_checkpoint)
+    with pytest.raises(ValueError, match=r"learned edge feature.*the coronal model has no "
+                                         r"boundary head"):
+        VolumePredictor({"axial": checkpoint, "coronal": plain}, any_view=True)
 
 
 def test_resuming_a_run_with_the_head_switched_on_is_refused(tmp_path):

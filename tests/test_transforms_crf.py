@@ -171,14 +171,19 @@ def test_a_learned_pairwise_model_runs_through_the_inferer_and_the_crf_transform
                                      connectivity=8, boundary=axial[1, :, :, z])
                        for z in range(12)], axis=2)  # a plane's cut ignores its display
     np.testing.assert_array_equal(mask[0].numpy(), oracle)
+    # the 3-D cut reads the boundary channel as a volume, on the edges of all three axes
+    rng = np.random.default_rng(6)
+    prob, edges = rng.random((2, 20, 18, 12)).astype(np.float32)
+    cut3d = GraphCutCRF(LP_WEIGHTS, learned_pairwise=True, crf_3d=True)
+    mask = cut3d(np.stack([prob, edges]), volume[0])[0].numpy()
+    oracle3d = volume_map_labelling(prob, volume[0, 0], LP_WEIGHTS, boundary=edges)
+    np.testing.assert_array_equal(mask, oracle3d)
+    assert not np.array_equal(oracle3d, volume_map_labelling(prob, volume[0, 0], LP_WEIGHTS))
 
 
 def test_a_learned_pairwise_crf_refuses_what_it_cannot_cut(tmp_path):
     ckpt = _lp_checkpoint(tmp_path)
     sample = noisy_blocks((20, 20), rng=5, noise=1.5)
-    with pytest.raises(ValueError, match=r"lp\.pt: the CRF has the learned edge feature.*"
-                                         r"slice by slice"):
-        GraphCutCRF(checkpoint=ckpt, crf_3d=True)
     with pytest.raises(ValueError, match=r"2×H×W or 2×X×Y×Z input \(probabilities, boundary"):
         GraphCutCRF(checkpoint=ckpt)(sample.prob[None], sample.image[None])
     with pytest.raises(ValueError, match=r"w4 = 1\.5 weighs the learned edge feature"):

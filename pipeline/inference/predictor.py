@@ -242,9 +242,11 @@ class VolumePredictor(_GraphCutWorkers):
         models: one checkpoint for every view, or view → checkpoint.
         views: the views to run; with several, their probabilities are averaged (on the RAS
             grid) before the CRF, which then runs slice by slice along the first view with
-            that view's CRF weights. Default: the view each checkpoint records it was trained
-            on (``axial`` where it records none); with view → checkpoint, the views given,
-            in axial, coronal, sagittal order.
+            that view's CRF weights. When that CRF has the learned edge feature, the views'
+            boundary maps are averaged the same way (every view's model then needs one).
+            Default: the view each checkpoint records it was trained on (``axial`` where it
+            records none); with view → checkpoint, the views given, in axial, coronal,
+            sagittal order.
         batch_size: slices per CNN forward pass.
         workers: graph-cut worker processes (0: in this process). With workers, the
             per-slice graph cuts can run in them while the network goes on (``pipeline``,
@@ -260,7 +262,9 @@ class VolumePredictor(_GraphCutWorkers):
             whatever the run's 2-D connectivity, with the first view's learned weights (see
             :func:`pipeline.crf.volume_map_labelling`: pairwise weights scaled by
             min(spacing)/spacing per axis; β data-driven over the volume unless the run fixed
-            one). It is one graph over the box of voxels the network is unsure of (the
+            one; with the learned edge feature, every edge gets w4·(1 − max(b_i, b_j)) of
+            the boundary volume, the view's maps stacked or the views' fused). It is one
+            graph over the box of voxels the network is unsure of (the
             voxels whose unary outweighs their edges are decided without it), at worst the
             whole volume at about 0.3 kB per voxel, and it runs in this process
             (``workers`` only serve the per-slice CRF).
@@ -277,8 +281,9 @@ class VolumePredictor(_GraphCutWorkers):
             unsure network alike: the network's threads and the cut workers share the cores.
 
     Raises:
-        ValueError: unknown view, no model for a requested view, or a model asked to run on
-            another view than its own (unless ``any_view``).
+        ValueError: unknown view, no model for a requested view, a model asked to run on
+            another view than its own (unless ``any_view``), or views fused under a CRF with
+            the learned edge feature where one view's model has no boundary head.
     """
 
     def __init__(self, models: str | os.PathLike | Mapping[str, str | os.PathLike],
@@ -318,11 +323,15 @@ class VolumePredictor(_GraphCutWorkers):
         self.models: dict[str, TrainedModel] = {view: load(path) for view, path in paths.items()}
         for vm in self.models.values():
             vm.flips_for(self.tta)  # refuses --tta for a model trained without flips
-            if vm.learned_pairwise and (self.crf_3d or len(self.views) > 1):
-                raise ValueError(f"{vm.path}: its CRF has the learned edge feature, whose "
-                                 f"boundary map exists per slice of its own view: run it on "
-                                 f"one view, slice by slice (not with --crf-3d or several "
-                                 f"views)")
+        if self.models[self.views[0]].learned_pairwise:  # the CRF's model: every view's map
+            for view, vm in self.models.items():
+                if not vm.learned_pairwise:
+                    raise ValueError(
+                        f"{vm.path}: the CRF ({self.models[self.views[0]].path}, the "
+                        f"{self.views[0]} model) has the learned edge feature, whose boundary "
+                        f"map is fused over the views, but the {view} model has no boundary "
+                        f"head with CRF weights: give every view a model trained with "
+                        f"learned_pairwise, or run that model on one view")
         for view, vm in self.models.items():
             if not any_view and vm.view is not None and vm.view != view:
                 raise ValueError(f"{vm.path}: trained on {vm.view} slices, but asked to segment "
@@ -355,25 +364,28 @@ class VolumePredictor(_GraphCutWorkers):
             boundaries=None if boundaries is None else list(boundaries))
 
     def _crf(self, probability: np.ndarray, windowed: np.ndarray, spacing: np.ndarray,
-             stack: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None
-             ) -> np.ndarray | None:
+             stack: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None,
+             boundary: np.ndarray | None = None) -> np.ndarray | None:
         """The CRF mask on the RAS grid, in this process (or the workers, waited for);
         ``stack`` holds the first view's (slices, probabilities, boundary maps or None) when
         they are exactly what slicing ``windowed`` and ``probability`` would give (one view),
-        which saves slicing both volumes again."""
+        which saves slicing both volumes again; otherwise ``boundary`` is the (fused)
+        boundary volume of a CRF with the learned edge feature."""
         view = self.views[0]
         vm = self.models[view]
         if vm.weights is None:
             return None
         if self.crf_3d:
             return volume_map_labelling(probability, windowed, vm.weights, spacing=spacing,
-                                        beta=vm.beta)
+                                        beta=vm.beta, boundary=boundary)
         edges = None
         if stack is not None:
             images, probs, edges = stack
         else:
             probs = slice_volume(probability[None], view)[:, 0]
             images = slice_volume(windowed[None], view)[:, 0]
+            if boundary is not None:
+                edges = slice_volume(boundary[None], view)[:, 0]
         return restack_slices(self._labellings(probs, images, vm, edges)[:, None], view)[0]
 
     @property
@@ -414,8 +426,13 @@ class VolumePredictor(_GraphCutWorkers):
         crf_slices = windowed.shape[slice_axis(self.views[0])] if not self.crf_3d else 1
         bar = tqdm(total=sum(windowed.shape[slice_axis(v)] for v in self.views) + crf_slices,
                    desc="slices", unit="slice", disable=not progress, leave=False)
-        volumes, cuts = [], []
+        volumes, cuts, boundaries = [], [], []
         stack = None  # with one view, its slices and probabilities are kept for the CRF
+        # the CRF's learned edge feature takes the views' boundary maps, fused as the
+        # probabilities are, on the volume (3-D cut, several views); one view slice by slice
+        # takes its own maps as they come
+        fuse_boundary = (self.models[self.views[0]].learned_pairwise
+                         and (self.crf_3d or not one_view))
         for view in self.views:
             bar.set_postfix_str(f"CNN {view}")
             slices = slice_volume(windowed[None], view)[:, 0]
@@ -431,19 +448,24 @@ class VolumePredictor(_GraphCutWorkers):
                                                 edges))
             probs = np.concatenate(chunks)
             volumes.append(restack_slices(probs[:, None], view)[0])
+            edges = None if edge_chunks[0] is None else np.concatenate(edge_chunks)
+            if fuse_boundary:
+                boundaries.append(restack_slices(edges[:, None], view)[0])
             if one_view:
-                stack = (slices, probs,
-                         None if edge_chunks[0] is None else np.concatenate(edge_chunks))
+                stack = (slices, probs, edges)
         probability = np.mean(volumes, axis=0)
-        del volumes
+        boundary = np.mean(boundaries, axis=0) if boundaries else None
+        del volumes, boundaries
         if self.pipelined and not one_view:  # the fused slices, cut while the caller goes on
             view = self.views[0]
-            cuts.append(self._cut_async(slice_volume(probability[None], view)[:, 0],
-                                        slice_volume(windowed[None], view)[:, 0]))
+            cuts.append(self._cut_async(
+                slice_volume(probability[None], view)[:, 0],
+                slice_volume(windowed[None], view)[:, 0],
+                None if boundary is None else slice_volume(boundary[None], view)[:, 0]))
             stack = None
         return PendingPrediction(self, ras, np.asarray(volume.affine, dtype=np.float64),
                                  tuple(volume.shape), windowed, probability, stack, cuts,
-                                 bar, crf_slices, time.perf_counter() - begun)
+                                 bar, crf_slices, time.perf_counter() - begun, boundary)
 
 
 class PendingPrediction:
@@ -454,11 +476,11 @@ class PendingPrediction:
                  shape: tuple[int, ...], windowed: np.ndarray, probability: np.ndarray,
                  stack: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None,
                  cuts: Sequence[PendingLabellings], bar, crf_slices: int,
-                 cnn_seconds: float) -> None:
+                 cnn_seconds: float, boundary: np.ndarray | None = None) -> None:
         self._predictor, self._ras, self._affine, self._shape = predictor, ras, affine, shape
         self._windowed, self._probability, self._stack = windowed, probability, stack
         self._cuts, self._bar, self._crf_slices = list(cuts), bar, crf_slices
-        self._cnn_seconds = cnn_seconds
+        self._cnn_seconds, self._boundary = cnn_seconds, boundary
 
     @property
     def cut_batches(self) -> int:
@@ -485,7 +507,8 @@ class PendingPrediction:
             crf = restack_slices(masks.astype(np.uint8)[:, None], view)[0]
         else:
             spacing = np.linalg.norm(ras_affine[:3, :3], axis=0)  # mm per voxel per axis
-            crf = predictor._crf(self._probability, self._windowed, spacing, self._stack)
+            crf = predictor._crf(self._probability, self._windowed, spacing, self._stack,
+                                 self._boundary)
         bar.update(self._crf_slices)
         bar.close()
         crf_s = time.perf_counter() - start

@@ -53,7 +53,8 @@ class GraphCutCRF(Transform):
     With ``learned_pairwise`` (a CRF with the learned edge feature) the input has a second
     channel, the boundary strengths b of the network's boundary head (2×H×W or 2×X×Y×Z, as
     :class:`~pipeline.inference.inferer.SliceResizeInferer` gives for such a model), and
-    each cut takes the edge feature 1 − max(b_i, b_j) with weight w4.
+    each cut takes the edge feature 1 − max(b_i, b_j) with weight w4 (with ``crf_3d``, on
+    the edges of all three axes of the stacked maps).
 
     Args:
         weights: the CRF weights (w1, w2, w3 and, with ``learned_pairwise``, w4); None with
@@ -72,8 +73,7 @@ class GraphCutCRF(Transform):
 
     Raises:
         ValueError: neither or both of ``weights`` and ``checkpoint``; weights with w4 > 0
-            but no ``learned_pairwise``; ``crf_3d`` with the learned edge feature (its map
-            exists per slice of one view); at call time, shapes that do not fit (a volume
+            but no ``learned_pairwise``; at call time, shapes that do not fit (a volume
             without a view, image and probabilities of different grids, no boundary
             channel).
     """
@@ -97,10 +97,6 @@ class GraphCutCRF(Transform):
                              f"whose boundary map only comes with learned_pairwise=True")
         self.view, self.connectivity, self.beta = view, int(connectivity), beta
         self.crf_3d = bool(crf_3d)
-        if self.crf_3d and self.learned_pairwise:
-            raise ValueError(f"{where}the CRF has the learned edge feature, whose boundary map "
-                             f"exists per slice of the model's view: cut slice by slice "
-                             f"(crf_3d=False)")
 
     def __call__(self, probability, image):
         maps = np.asarray(_numpy(probability), dtype=np.float32)
@@ -138,7 +134,7 @@ class GraphCutCRF(Transform):
             if isinstance(source, MetaTensor):
                 spacing = np.linalg.norm(np.asarray(source.affine, np.float64)[:3, :3], axis=0)
             return volume_map_labelling(prob, img, self.weights, spacing=spacing,
-                                        beta=self.beta)
+                                        beta=self.beta, boundary=boundary)
         if self.view is None:
             raise ValueError("a volume's CRF needs the view whose slices it cuts (or crf_3d)")
         probs = slice_volume(prob[None], self.view)[:, 0]

@@ -84,25 +84,32 @@ def volume_beta_loop(image: np.ndarray, shape) -> float:
     return 0.0 if mean == 0 else 1.0 / (2.0 * mean)
 
 
-def volume_energy_loop(cost0, cost1, image, y, weights, beta, spacing=None) -> float:
-    """w·ψ(y)/P on a volume by loops; an edge along axis k counts min(spacing)/spacing[k]."""
+def volume_energy_loop(cost0, cost1, image, y, weights, beta, spacing=None,
+                       boundary=None) -> float:
+    """w·ψ(y)/P on a volume by loops; an edge along axis k counts min(spacing)/spacing[k].
+    With a ``boundary`` volume, ``weights`` has a fourth entry, for 1 − max(b_p, b_q)."""
     shape = y.shape
     factor = [1.0] * 3 if spacing is None else [min(spacing) / s for s in spacing]
     unary = sum(cost1[p] if y[p] else cost0[p] for p in itertools.product(*map(range, shape)))
-    potts = contrast = 0.0
+    potts = contrast = learned = 0.0
     for p, q, axis in volume_neighbours(tuple(shape)):
         if y[p] != y[q]:
             potts += factor[axis]
             diff = _voxel(image, p) - _voxel(image, q)
             contrast += factor[axis] * np.exp(-beta * np.sum(diff ** 2))
-    w1, w2, w3 = weights
-    return (w1 * unary + w2 * potts + w3 * contrast) / y.size
+            if boundary is not None:
+                learned += factor[axis] * (1.0 - max(boundary[p], boundary[q]))
+    w1, w2, w3 = weights[:3]
+    w4 = weights[3] if boundary is not None else 0.0
+    return (w1 * unary + w2 * potts + w3 * contrast + w4 * learned) / y.size
 
 
-def volume_brute_minimum(cost0, cost1, image, weights, beta, spacing=None) -> float:
+def volume_brute_minimum(cost0, cost1, image, weights, beta, spacing=None,
+                         boundary=None) -> float:
     """min_y of :func:`volume_energy_loop` over all 2^P labellings of the volume."""
     best = np.inf
     for bits in itertools.product((0, 1), repeat=cost0.size):
         y = np.array(bits, dtype=np.uint8).reshape(cost0.shape)
-        best = min(best, volume_energy_loop(cost0, cost1, image, y, weights, beta, spacing))
+        best = min(best, volume_energy_loop(cost0, cost1, image, y, weights, beta, spacing,
+                                            boundary))
     return best
