@@ -61,6 +61,13 @@ def test_non_binary_or_misshapen_truth_is_refused():
         loss_augmented_labelling(PROB, IMAGE, W, np.zeros((5, 4)))
     with pytest.raises(ValueError, match="labelling must be binary"):
         energy(np.full((4, 5), 0.5), PROB, IMAGE, W)
+    # uint8, the cuts' own dtype, is checked on its own (shorter) path
+    bad = np.zeros((4, 5), dtype=np.uint8)
+    bad[3, 4] = 2
+    with pytest.raises(ValueError, match="truth must be binary"):
+        loss_augmented_labelling(PROB, IMAGE, W, bad)
+    with pytest.raises(ValueError, match="labelling must be binary"):
+        energy(bad, PROB, IMAGE, W)
 
 
 def test_learn_weights_rejects_empty_and_mismatched_batches():
