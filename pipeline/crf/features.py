@@ -419,17 +419,18 @@ class GridCRF:
         return float(weights.as_array(self.n_features == 4) @ self.features(y))
 
 
-def _check_boundary(boundary: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The boundary map as float64 of ``shape`` in [0, 1]; ValueError otherwise."""
+def _check_boundary(boundary: np.ndarray, shape: tuple[int, ...], *,
+                    convert: bool = True) -> np.ndarray:
+    """The boundary map as float64 of ``shape`` in [0, 1] (as given, checked, with
+    ``convert=False``: a volume's cut converts only the box it cuts); ValueError otherwise."""
     b = np.asarray(boundary)
     if b.shape != tuple(shape):
         raise ValueError(f"boundary must have shape {tuple(shape)}, got {b.shape}")
     if not np.issubdtype(b.dtype, np.number) or np.issubdtype(b.dtype, np.complexfloating):
         raise ValueError(f"boundary must be real-valued, got dtype {b.dtype}")
-    b = b.astype(np.float64)
-    if not np.all(np.isfinite(b)) or b.min() < 0 or b.max() > 1:
+    if b.size and (not np.all(np.isfinite(b)) or b.min() < 0 or b.max() > 1):
         raise ValueError("boundary strengths must be finite and lie in [0, 1]")
-    return b
+    return b.astype(np.float64) if convert else b
 
 
 def hamming_loss(truth: np.ndarray, y: np.ndarray) -> float:

@@ -209,7 +209,7 @@ def _map_plan(prob: np.ndarray, image: np.ndarray, weights: CRFWeights, connecti
     offsets = _check_connectivity(connectivity)
     z = _clamped_probabilities(prob, 2)
     img = _as_channels(image, z.shape)
-    bound = None if boundary is None else _check_boundary(boundary, z.shape)
+    bound = None if boundary is None else _check_boundary(boundary, z.shape, convert=False)
     # the box's crops go out as given (float32 maps travel at half the size): the crop's
     # CRF converts and clamps them exactly as z and img were
     given, raw = np.asarray(prob), np.asarray(image)
@@ -224,7 +224,7 @@ def _map_plan(prob: np.ndarray, image: np.ndarray, weights: CRFWeights, connecti
         return _Plan(labels)
     args = (given[box], raw[(slice(None), *box)], w, connectivity, beta_value)
     if bound is not None:
-        args += (np.asarray(boundary)[box],)
+        args += (bound[box],)
     return _Plan(labels, box, _crop_map, args)
 
 

@@ -126,7 +126,7 @@ def volume_map_labelling(prob: np.ndarray, image: np.ndarray, weights: CRFWeight
     w = _require_weights(weights)
     z = _clamped_probabilities(prob, 3)
     img = _as_channels(image, z.shape)
-    bound = None if boundary is None else _check_boundary(boundary, z.shape)
+    bound = None if boundary is None else _check_boundary(boundary, z.shape, convert=False)
     factors = spacing_factors(spacing)
     beta_value = _check_beta(beta)
     if beta_value is None:  # over the whole volume
