@@ -102,6 +102,28 @@ def _batch(seed: int, n: int = 3, shape=(12, 12)):
     return crfs, truths
 
 
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_features_of_a_working_set_match_the_loop_oracle_on_an_oblong_grid(connectivity):
+    """The pairwise sums gather the cut edges' values by flat node index: on a grid that is
+    not square (so that rows and columns cannot be swapped unnoticed), for smooth outlines,
+    speckle, the empty and the full labelling, one by one and as a stack."""
+    prob, image, boundary = _small(7, shape=(7, 11))
+    crf = GridCRF.from_probabilities(prob, image, connectivity=connectivity,
+                                     boundary=boundary)
+    beta = beta_loop(image, connectivity)
+    cost0, cost1 = -np.log1p(-prob), -np.log(prob)
+    rows, cols = np.mgrid[:7, :11]
+    ys = [np.zeros((7, 11), np.uint8), np.ones((7, 11), np.uint8),
+          ((rows - 3) ** 2 + (cols - 6) ** 2 < 9).astype(np.uint8),  # a disc
+          (cols > rows).astype(np.uint8),                              # a diagonal outline
+          (np.random.default_rng(3).random((7, 11)) < 0.5).astype(np.uint8)]
+    expected = np.array([np.append(features_loop(cost0, cost1, image, y, connectivity, beta),
+                                   _learned_loop(boundary, y, connectivity)) for y in ys])
+    np.testing.assert_allclose(crf.features_of(ys), expected, rtol=1e-12, atol=1e-15)
+    for y, row in zip(ys, expected, strict=True):
+        np.testing.assert_allclose(crf.features(y), row, rtol=1e-12, atol=1e-15)
+
+
 def test_the_edge_feature_gradient_is_the_finite_difference_of_gamma():
     crfs, truths = _batch(30)
     result = cutting_plane(crfs, truths, C=10.0, tol=0.0)

@@ -24,6 +24,7 @@ from pipeline.crf.features import (
     _check_boundary,
     _check_connectivity,
     _clamped_probabilities,
+    _edge_nodes,
     _edge_slices,
     _Edges,
     _require_weights,
@@ -122,18 +123,22 @@ def _grid_cut(diff: np.ndarray, edges: Sequence[tuple], w2: float, w3: float,
     graph = _empty_graph(diff.size, diff.size * len(edges))
     ids = graph.add_grid_nodes(diff.shape)
     graph.add_grid_tedges(ids, source, diff)
+    first = int(ids.flat[0])  # 0 in a fresh or reset graph
     if w2 > 0 or w3 > 0 or w4 > 0:
         for offset, contrast, learned in edges:
-            src, dst = _edge_slices(diff.shape, offset)
+            src, _ = _edge_slices(diff.shape, offset)
+            sources, destinations = _edge_nodes(diff.shape, offset)  # cached per shape
+            if first:
+                sources, destinations = sources + first, destinations + first
             if w3 > 0:
-                capacity = contrast[src] * w3
+                capacity = np.multiply(contrast[src], w3)
                 capacity += w2
             else:
-                capacity = np.full(ids[src].shape, w2)
+                capacity = np.full(contrast[src].shape, w2)
             if w4 > 0 and learned is not None:
-                capacity = capacity + w4 * learned[src]
-            capacity = capacity.ravel()
-            graph.add_edges(ids[src].ravel(), ids[dst].ravel(), capacity, capacity)
+                capacity += np.multiply(learned[src], w4)
+            capacity = capacity.reshape(-1)
+            graph.add_edges(sources, destinations, capacity, capacity)
     graph.maxflow()
     return graph.get_grid_segments(ids).astype(np.uint8)
 
